@@ -1,0 +1,70 @@
+# Ephemera: `make help` lists the targets. The two that matter to a newcomer:
+#   make demo   bring up the local test bed and walk through it
+#   make test   everything CI runs: format, lint, unit and end-to-end tests
+
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+DEV_ENV := .ephemera/dev.env
+
+##@ General
+
+.PHONY: help
+help: ## Show this help.
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make \033[36m<target>\033[0m\n"} \
+	  /^[a-zA-Z_0-9-]+:.*?##/ { printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2 } \
+	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Development
+
+.PHONY: build
+build: ## Build the ephemera binary (debug).
+	$(CARGO) build
+
+.PHONY: fmt
+fmt: ## Format the Rust code.
+	$(CARGO) fmt
+
+.PHONY: lint
+lint: ## Check formatting and run clippy with warnings as errors.
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets --features e2e -- -D warnings
+
+.PHONY: unit
+unit: ## Run the unit tests (no cluster needed).
+	$(CARGO) test
+
+##@ Test bed (local Kubernetes + MiniStack, all on 127.0.0.1)
+
+.PHONY: tools
+tools: ## Build the control plane, etcd, kwok, helm and the MiniStack venv (cached in ~/.cache/ephemera).
+	e2e/scripts/tools.sh
+
+.PHONY: cluster-up
+cluster-up: ## Start the test bed (idempotent); writes .ephemera/dev.env, logs in .ephemera/logs/.
+	e2e/scripts/cluster.sh up
+
+.PHONY: cluster-down
+cluster-down: ## Stop every test bed process and wipe its data.
+	e2e/scripts/cluster.sh down
+
+.PHONY: cluster-status
+cluster-status: ## Show which test bed processes run.
+	e2e/scripts/cluster.sh status
+
+##@ Testing
+
+.PHONY: test
+test: lint unit e2e ## Everything CI runs: fmt, clippy, unit and e2e tests.
+
+.PHONY: e2e
+e2e: cluster-up ## End-to-end tests against the test bed (starts it if needed; leaves it running).
+	source $(DEV_ENV) && $(CARGO) test --features e2e --test e2e -- --test-threads 2
+
+##@ Demo
+
+.PHONY: demo
+demo: cluster-up ## Bring up the test bed and walk through what it can do.
+	e2e/scripts/demo.sh

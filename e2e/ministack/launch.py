@@ -1,0 +1,35 @@
+"""Start MiniStack (IAM/STS emulator) for ephemera's e2e tests.
+
+Run as `python launch.py` with AUTH=true, BIND_HOST and GATEWAY_PORT in the
+environment (e2e/scripts/cluster.sh does this).
+
+Why a wrapper and not the `ministack` command: Kubernetes ServiceAccount
+tokens carry `aud` as a JSON array (`["sts.amazonaws.com"]`). Real AWS STS
+matches a trust policy's `StringEquals <issuer>:aud` against such a token (IRSA
+trust policies rely on it), but MiniStack 1.5.33 compares the whole list and
+denies. Ephemera's trust policies must stay AWS-correct, so the test bed closes
+that fidelity gap here: a one-element `aud` list is turned into its string
+before the trust evaluation. A wrong audience is still denied.
+"""
+
+import sys
+
+from ministack import app
+from ministack.services import sts
+
+_original_principal = sts._web_identity_principal
+
+
+def _principal_with_scalar_aud(token, provider_id, role_arn):
+    principal, keys = _original_principal(token, provider_id, role_arn)
+    for key, value in list(keys.items()):
+        if key.endswith(":aud") and isinstance(value, list) and len(value) == 1:
+            keys[key] = value[0]
+    return principal, keys
+
+
+sts._web_identity_principal = _principal_with_scalar_aud
+
+if __name__ == "__main__":
+    sys.argv = [sys.argv[0]]
+    app.main()

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# `make demo`: a narrated tour of the local test bed. It shows the pieces the
+# identity lifecycle is built from: a pod scheduled onto a fake node, a
+# short-lived ServiceAccount token, an IAM role that trusts exactly that
+# ServiceAccount, and what happens to access when the role is deleted.
+# (The full ephemera lifecycle joins this tour as the controller lands.)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=/dev/null
+source "$STATE/dev.env"
+
+NS=ephemera-demo
+STEPS=6
+n=0
+say() {
+  n=$((n + 1))
+  printf '\n%s[%d/%d] %s%s\n' "$_bold" "$n" "$STEPS" "$*" "$_reset"
+}
+run() {
+  printf '%s$ %s%s\n' "$_dim" "$*" "$_reset"
+  "$@"
+}
+
+say "The control plane: a real kube-apiserver $KUBERNETES_VERSION with one kwok node"
+run kubectl get nodes -o wide
+kubectl delete namespace "$NS" --ignore-not-found --wait=true >/dev/null
+kubectl create namespace "$NS" >/dev/null
+until kubectl -n "$NS" get serviceaccount default >/dev/null 2>&1; do sleep 0.2; done
+
+say "A Job's pod is scheduled onto the kwok node and runs (no containers really run)"
+kubectl -n "$NS" create serviceaccount report-writer >/dev/null
+kubectl -n "$NS" apply -f - >/dev/null <<'JOB'
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: nightly-report
+spec:
+  template:
+    metadata:
+      labels: {app: nightly-report}
+    spec:
+      serviceAccountName: report-writer
+      restartPolicy: Never
+      containers:
+      - name: report
+        image: registry.invalid/report:1
+JOB
+run kubectl -n "$NS" wait --for=jsonpath='{.status.phase}'=Running pod -l app=nightly-report --timeout=60s
+run kubectl -n "$NS" get pods -o wide
+
+say "Today that pod holds a standing credential: the default token mounted at admission"
+run kubectl -n "$NS" get pod -l app=nightly-report \
+  -o jsonpath='{range .items[0].spec.volumes[*]}{.name}{"\n"}{end}'
+info "(kube-api-access-* is the token ephemera will strip from every governed pod)"
+
+say "A short-lived token for the Job's ServiceAccount, audience sts.amazonaws.com, 10 minutes"
+TOKEN=$(kubectl -n "$NS" create token report-writer --audience sts.amazonaws.com --duration 10m)
+run python - "$TOKEN" <<'PY'
+import base64, json, sys
+payload = sys.argv[1].split(".")[1]
+claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+print(json.dumps({k: claims[k] for k in ("iss", "sub", "aud", "exp")}, indent=2))
+PY
+
+say "An IAM role in MiniStack that trusts only system:serviceaccount:$NS:report-writer"
+ROLE=demo-report-writer
+python - "$ROLE" "$NS" <<'PY'
+import json, os, sys, boto3
+role, ns = sys.argv[1:]
+host = os.environ["EPHEMERA_OIDC_ISSUER"].removeprefix("https://")
+iam = boto3.client("iam")
+try:
+    iam.delete_role(RoleName=role)
+except iam.exceptions.NoSuchEntityException:
+    pass
+trust = {"Version": "2012-10-17", "Statement": [{
+    "Effect": "Allow",
+    "Principal": {"Federated": os.environ["EPHEMERA_OIDC_PROVIDER_ARN"]},
+    "Action": "sts:AssumeRoleWithWebIdentity",
+    "Condition": {"StringEquals": {f"{host}:sub": f"system:serviceaccount:{ns}:report-writer",
+                                   f"{host}:aud": "sts.amazonaws.com"}}}]}
+arn = iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+print(f"created {arn}")
+PY
+ROLE_ARN=arn:aws:iam::$AWS_ACCOUNT:role/$ROLE
+TOKEN_FILE=$(mktemp)
+trap 'rm -f "$TOKEN_FILE"' EXIT
+printf '%s' "$TOKEN" >"$TOKEN_FILE"
+workload() {
+  env -i PATH="$PATH" AWS_ENDPOINT_URL="$AWS_ENDPOINT_URL" AWS_REGION="$AWS_REGION" AWS_DEFAULT_REGION="$AWS_REGION" \
+    AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null \
+    AWS_ROLE_ARN="$ROLE_ARN" AWS_WEB_IDENTITY_TOKEN_FILE="$TOKEN_FILE" AWS_ROLE_SESSION_NAME=demo \
+    python "$EPHEMERA_ROOT/e2e/workload/assume.py" || true
+}
+info "the workload (boto3, reading AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE) assumes it:"
+workload
+
+say "Delete the role: the same token is refused at once (no ghost identity)"
+python -c "import boto3; boto3.client('iam').delete_role(RoleName='$ROLE'); print('deleted $ROLE')"
+workload
+
+kubectl delete namespace "$NS" --wait=false >/dev/null
+printf '\n%sDone.%s The test bed keeps running: source .ephemera/dev.env to use kubectl; make cluster-down stops it.\n' "$_green" "$_reset"

@@ -1,0 +1,76 @@
+# Shared by the e2e scripts: paths, ports, versions and small helpers.
+# Sourced, never run.
+
+EPHEMERA_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# shellcheck source=../versions.env
+source "$EPHEMERA_ROOT/e2e/versions.env"
+
+# Tools are built once per version and kept outside the repository.
+CACHE=${EPHEMERA_CACHE:-$HOME/.cache/ephemera}
+KUBE_DIR=$CACHE/kubernetes-$KUBERNETES_VERSION
+ETCD_DIR=$CACHE/etcd-$ETCD_VERSION
+KWOK_DIR=$CACHE/kwok-$KWOK_VERSION
+HELM_DIR=$CACHE/helm-$HELM_VERSION
+VENV_DIR=$CACHE/venv-ministack-$MINISTACK_VERSION
+BUILD_LOGS=$CACHE/logs
+
+# Per-checkout state of the running cluster (git-ignored).
+STATE=$EPHEMERA_ROOT/.ephemera
+PKI=$STATE/pki
+LOGS=$STATE/logs
+PIDS=$STATE/pids
+BIN=$STATE/bin
+
+# Loopback ports; override any of them from the environment.
+ETCD_PORT=${EPHEMERA_ETCD_PORT:-23790}
+ETCD_PEER_PORT=${EPHEMERA_ETCD_PEER_PORT:-23800}
+APISERVER_PORT=${EPHEMERA_APISERVER_PORT:-16443}
+CONTROLLER_MANAGER_PORT=${EPHEMERA_CONTROLLER_MANAGER_PORT:-16257}
+SCHEDULER_PORT=${EPHEMERA_SCHEDULER_PORT:-16259}
+KWOK_PORT=${EPHEMERA_KWOK_PORT:-16250}
+MINISTACK_PORT=${EPHEMERA_MINISTACK_PORT:-14566}
+
+# The service-account issuer. Only its host matters to IAM: it names the
+# OIDC provider (arn:aws:iam::<account>:oidc-provider/<host>) and the trust
+# policy condition keys (<host>:sub, <host>:aud).
+ISSUER_HOST=oidc.ephemera.test
+ISSUER=https://$ISSUER_HOST
+AWS_ACCOUNT=000000000000
+AWS_TEST_REGION=us-east-1
+
+if [[ -t 1 ]]; then
+  _bold=$'\e[1m' _red=$'\e[31m' _green=$'\e[32m' _dim=$'\e[2m' _reset=$'\e[0m'
+else
+  _bold='' _red='' _green='' _dim='' _reset=''
+fi
+
+step() { printf '%s==>%s %s\n' "$_bold" "$_reset" "$*"; }
+info() { printf '    %s\n' "$*"; }
+ok() { printf '    %sok%s %s\n' "$_green" "$_reset" "$*"; }
+die() {
+  printf '%serror:%s %s\n' "$_red" "$_reset" "$*" >&2
+  exit 1
+}
+
+# elapsed SECONDS -> "4m05s"
+fmt_duration() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+
+# port_in_use PORT: true when something listens on 127.0.0.1:PORT.
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# pid_alive PIDFILE: true when the pid file names a live process.
+pid_alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# wait_for DESCRIPTION TIMEOUT LOG CMD...: retry CMD until it succeeds; on
+# timeout print where to look.
+wait_for() {
+  local what=$1 timeout=$2 log=$3
+  shift 3
+  local start=$SECONDS
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS - start >= timeout)); then
+      die "$what not ready after ${timeout}s; see $log"
+    fi
+    sleep 0.3
+  done
+}

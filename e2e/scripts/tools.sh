@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Builds (once) and links every tool the e2e test bed needs:
+#   kube    kube-apiserver + kube-controller-manager + kube-scheduler + kubectl
+#           (one multi-call binary from e2e/tools/kube, Kubernetes $KUBERNETES_VERSION)
+#   etcd    from e2e/tools/etcd
+#   kwok    fake nodes (go install)
+#   helm    v4 (go install)
+#   venv    MiniStack + boto3 (pip)
+# Binaries are cached per version under ~/.cache/ephemera, so only the first
+# run pays. No registry but the Go module proxy and PyPI is used.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+export GOTOOLCHAIN=local
+export GOFLAGS="${GOFLAGS:-} -trimpath"
+mkdir -p "$BUILD_LOGS" "$BIN"
+TOTAL_STEPS=5
+step_no=0
+
+next() {
+  step_no=$((step_no + 1))
+  step "[$step_no/$TOTAL_STEPS] $*"
+}
+
+# go_build NAME OUT LOG TYPICAL -- go build args...: runs a Go build in the
+# background and reports progress every 30 s: elapsed time and how many
+# packages have been compiled (`-v` prints each one), against the typical
+# cold figure, so a long first build never looks hung.
+go_build() {
+  local name=$1 out=$2 log=$3 typical=$4
+  shift 5
+  local tmp=$out.tmp.$$
+  info "first build on this machine; typical cold time: $typical; log: $log"
+  local start=$SECONDS
+  (cd "${GO_BUILD_DIR:-.}" && exec go "$@" -v -o "$tmp") >"$log" 2>&1 &
+  local pid=$! last=$SECONDS
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    if ((SECONDS - last >= 30)); then
+      last=$SECONDS
+      info "$name: $(fmt_duration $((SECONDS - start))) elapsed, $(grep -c . "$log" || true) packages compiled"
+    fi
+  done
+  if ! wait "$pid"; then
+    tail -n 15 "$log" >&2
+    rm -f "$tmp"
+    die "building $name failed; full log: $log"
+  fi
+  mv "$tmp" "$out"
+  ok "$name built in $(fmt_duration $((SECONDS - start)))"
+}
+
+# --- Kubernetes control plane -------------------------------------------------
+next "Kubernetes $KUBERNETES_VERSION (apiserver, controller-manager, scheduler, kubectl)"
+mkdir -p "$KUBE_DIR"
+if [[ -x $KUBE_DIR/kube ]]; then
+  ok "cached: $KUBE_DIR/kube"
+else
+  ldflags="-s -w"
+  ldflags+=" -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION"
+  ldflags+=" -X k8s.io/component-base/version.gitMajor=$(cut -d. -f1 <<<"${KUBERNETES_VERSION#v}")"
+  ldflags+=" -X k8s.io/component-base/version.gitMinor=$(cut -d. -f2 <<<"$KUBERNETES_VERSION")"
+  ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$KUBERNETES_VERSION"
+  GO_BUILD_DIR=$EPHEMERA_ROOT/e2e/tools/kube go_build kube "$KUBE_DIR/kube" "$BUILD_LOGS/kube-$KUBERNETES_VERSION.log" \
+    "25-35 min on 2 cores (~2,300 packages)" -- build -ldflags "$ldflags" .
+fi
+for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  ln -sfn "$KUBE_DIR/kube" "$BIN/$c"
+done
+
+# --- etcd ----------------------------------------------------------------------
+next "etcd $ETCD_VERSION"
+mkdir -p "$ETCD_DIR"
+if [[ -x $ETCD_DIR/etcd ]]; then
+  ok "cached: $ETCD_DIR/etcd"
+else
+  GO_BUILD_DIR=$EPHEMERA_ROOT/e2e/tools/etcd go_build etcd "$ETCD_DIR/etcd" "$BUILD_LOGS/etcd-$ETCD_VERSION.log" \
+    "2-4 min (~400 packages)" -- build -ldflags "-s -w" .
+fi
+ln -sfn "$ETCD_DIR/etcd" "$BIN/etcd"
+
+# --- kwok ----------------------------------------------------------------------
+next "kwok $KWOK_VERSION (fake nodes)"
+mkdir -p "$KWOK_DIR"
+if [[ -x $KWOK_DIR/kwok ]]; then
+  ok "cached: $KWOK_DIR/kwok"
+else
+  # `go build pkg@version` is not a thing; `go install` with GOBIN is.
+  GOBIN=$KWOK_DIR go_build kwok "$KWOK_DIR/kwok" "$BUILD_LOGS/kwok-$KWOK_VERSION.log" \
+    "4-8 min (~900 packages)" -- install -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+fi
+ln -sfn "$KWOK_DIR/kwok" "$BIN/kwok"
+
+# --- helm ----------------------------------------------------------------------
+next "helm $HELM_VERSION"
+mkdir -p "$HELM_DIR"
+if [[ -x $HELM_DIR/helm ]]; then
+  ok "cached: $HELM_DIR/helm"
+else
+  GOBIN=$HELM_DIR go_build helm "$HELM_DIR/helm" "$BUILD_LOGS/helm-$HELM_VERSION.log" \
+    "4-8 min (~900 packages)" -- install -ldflags "-s -w" "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+fi
+ln -sfn "$HELM_DIR/helm" "$BIN/helm"
+
+# --- Python: MiniStack and boto3 -------------------------------------------------
+next "MiniStack $MINISTACK_VERSION and boto3 (Python venv)"
+requirements=$EPHEMERA_ROOT/e2e/ministack/requirements.txt
+stamp=$(sha256sum "$requirements" | cut -c1-16)
+if [[ -x $VENV_DIR/bin/python && "$(cat "$VENV_DIR/.stamp" 2>/dev/null)" == "$stamp" ]]; then
+  ok "cached: $VENV_DIR"
+else
+  info "creating $VENV_DIR (about 30 s); log: $BUILD_LOGS/venv.log"
+  rm -rf "$VENV_DIR"
+  {
+    python3 -m venv "$VENV_DIR" &&
+      "$VENV_DIR/bin/pip" install --disable-pip-version-check -q -r "$requirements"
+  } >"$BUILD_LOGS/venv.log" 2>&1 || {
+    tail -n 15 "$BUILD_LOGS/venv.log" >&2
+    die "installing MiniStack failed; full log: $BUILD_LOGS/venv.log"
+  }
+  echo "$stamp" >"$VENV_DIR/.stamp"
+  ok "venv ready"
+fi
+ln -sfn "$VENV_DIR/bin/python" "$BIN/python"

@@ -1,0 +1,48 @@
+//! Every label, annotation, finalizer, gate and condition type ephemera reads
+//! or writes. They are a public API: renaming one needs a migration note.
+
+/// Pod label that opts a pod into a `WorkloadIdentity` by name.
+pub const LABEL_IDENTITY: &str = "ephemera.dev/identity";
+/// Label on every object ephemera creates (ServiceAccounts, Roles, leases),
+/// so the sweep can find them.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Value of [`LABEL_MANAGED_BY`] on ephemera's objects.
+pub const MANAGED_BY: &str = "ephemera";
+/// Label tying a per-pod object to its `IdentityLease`.
+pub const LABEL_LEASE: &str = "ephemera.dev/lease";
+
+/// Pod annotation asking to keep the default ServiceAccount token
+/// (value `keep`); honoured only where the boundary allows it.
+pub const ANNOTATION_DEFAULT_TOKEN: &str = "ephemera.dev/default-token";
+/// Pod annotation listing injected env vars that were left alone because the
+/// user had set them.
+pub const ANNOTATION_ENV_KEPT: &str = "ephemera.dev/env-kept";
+/// Pod annotations copied into the lease for the inventory.
+pub const ANNOTATION_PURPOSE: &str = "ephemera.dev/purpose";
+/// See [`ANNOTATION_PURPOSE`].
+pub const ANNOTATION_OWNER: &str = "ephemera.dev/owner";
+
+/// Finalizer on `IdentityLease`: cloud and RBAC cleanup runs before the lease
+/// may disappear.
+pub const FINALIZER_REAPER: &str = "ephemera.dev/reaper";
+/// Scheduling gate that holds a pod until its cloud role is verified usable.
+pub const SCHEDULING_GATE: &str = "ephemera.dev/identity-ready";
+
+/// Where the projected STS-audience token is mounted in every container.
+pub const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/ephemera.dev/token";
+/// Default audience of the projected token (AWS STS).
+pub const DEFAULT_AUDIENCE: &str = "sts.amazonaws.com";
+/// Smallest token lifetime the kubelet accepts for a projected token.
+pub const MIN_TOKEN_TTL_SECONDS: i64 = 600;
+/// Token lifetime when the identity does not set one.
+pub const DEFAULT_TOKEN_TTL_SECONDS: i64 = 900;
+
+/// Condition types.
+pub mod condition {
+    /// The object is reconciled and usable.
+    pub const READY: &str = "Ready";
+    /// The identity asks for more than its boundary allows.
+    pub const BOUNDARY_VIOLATION: &str = "BoundaryViolation";
+    /// Reconciliation is failing or partial.
+    pub const DEGRADED: &str = "Degraded";
+}

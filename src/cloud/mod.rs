@@ -1,0 +1,5 @@
+//! Cloud identity providers. AWS IAM/STS is the first; the provider trait
+//! (provision, verify, revoke, delete, list owned) arrives with the lease
+//! controller.
+
+pub mod aws;

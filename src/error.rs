@@ -1,0 +1,89 @@
+//! The crate's error type. Every variant says which object or call failed and
+//! maps to a short, stable label for the `*_errors_total` metrics.
+
+/// Errors raised by ephemera's controllers, webhook and cloud providers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("kubernetes API call failed while {context}: {source}")]
+    Kube {
+        context: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// The Kubernetes client could not be configured (no kubeconfig, bad credentials).
+    #[error("cannot configure the Kubernetes client: {0}")]
+    KubeConfig(#[source] kube::Error),
+
+    /// A cloud provider call failed.
+    #[error("cloud call {operation} failed: {message}")]
+    Cloud { operation: &'static str, message: String },
+
+    /// Invalid configuration given on the command line or in the environment.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// Serialising or parsing YAML/JSON failed.
+    #[error("cannot serialise {what}: {message}")]
+    Serialization { what: &'static str, message: String },
+
+    /// A local I/O operation (files, sockets) failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The subcommand exists in the CLI but its feature has not landed yet.
+    #[error("`ephemera {command}` is not implemented yet (tracked in issue #{issue})")]
+    NotImplemented { command: &'static str, issue: u32 },
+}
+
+impl Error {
+    /// A short, stable label for metrics (`reason` label of error counters).
+    #[must_use]
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "kube",
+            Error::KubeConfig(_) => "kube_config",
+            Error::Cloud { .. } => "cloud",
+            Error::Config(_) => "config",
+            Error::Serialization { .. } => "serialization",
+            Error::Io { .. } => "io",
+            Error::NotImplemented { .. } => "not_implemented",
+        }
+    }
+
+    /// Wraps a Kubernetes error with what ephemera was doing at the time.
+    pub fn kube(context: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Kube { context, source }
+    }
+
+    /// Wraps an I/O error with the path or socket it concerned.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+}
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_stable_and_messages_name_the_context() {
+        let err = Error::io("reading /etc/ephemera/tls.crt")(std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert_eq!(err.metric_label(), "io");
+        assert!(err.to_string().starts_with("reading /etc/ephemera/tls.crt: "));
+
+        let err = Error::NotImplemented { command: "webhook", issue: 5 };
+        assert_eq!(err.metric_label(), "not_implemented");
+        assert_eq!(err.to_string(), "`ephemera webhook` is not implemented yet (tracked in issue #5)");
+    }
+}

@@ -1,0 +1,26 @@
+//! Ephemera gives every Kubernetes workload its own short-lived, narrowly
+//! scoped identity and destroys it the moment the workload ends.
+//!
+//! The binary (`src/main.rs`) only parses flags; everything lives here:
+//! - [`api`]: the `ephemera.dev` custom resources and well-known names,
+//! - [`webhook`]: admission (pod mutation, CR validation),
+//! - [`controller`]: provisioning and reaping,
+//! - [`cloud`]: cloud identity providers (AWS IAM/STS),
+//! - [`telemetry`]: logging and metrics.
+
+pub mod api;
+pub mod cloud;
+pub mod controller;
+pub mod error;
+pub mod telemetry;
+pub mod webhook;
+
+pub use error::{Error, Result};
+
+/// Version of this build, as reported by `ephemera version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The Kubernetes minor release the API types are compiled against
+/// (the `k8s-openapi` feature in `Cargo.toml`), and the one the e2e
+/// control plane runs.
+pub const KUBERNETES_API: &str = "1.36";

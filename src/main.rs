@@ -1,0 +1,70 @@
+//! `ephemera`: the CLI. Parses flags and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ephemera::telemetry::{self, LogFormat};
+
+/// Ephemera gives every Kubernetes workload its own short-lived, narrowly
+/// scoped identity (a ServiceAccount, a projected token, an IAM role) and
+/// destroys it the moment the workload ends.
+#[derive(Debug, Parser)]
+#[command(name = "ephemera", version, propagate_version = true)]
+struct Cli {
+    /// Log format: `text` for terminals, `json` for log collectors.
+    #[arg(long, global = true, value_enum, default_value_t, env = "EPHEMERA_LOG_FORMAT")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controllers: clamp identities to their boundaries, provision a
+    /// cloud role per workload, and reap it when the workload ends.
+    Controller,
+    /// Run the admission webhook: strip default tokens and inject per-pod
+    /// identities into pods; validate ephemera's own resources.
+    Webhook,
+    /// Run the controllers and the webhook in one process (local development).
+    Run,
+    /// Print the CustomResourceDefinitions as YAML, or write one file per CRD.
+    Crdgen,
+    /// Print the version of this build and the Kubernetes API it targets.
+    Version,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(err) = telemetry::init(cli.log_format, "info,ephemera=info") {
+        eprintln!("error: {err}");
+        return ExitCode::FAILURE;
+    }
+    let result = match cli.command {
+        Command::Controller => ephemera::controller::run().await,
+        Command::Webhook => ephemera::webhook::run().await,
+        Command::Run => run_all().await,
+        Command::Crdgen => Err(ephemera::Error::NotImplemented { command: "crdgen", issue: 4 }),
+        Command::Version => {
+            println!("ephemera {} (Kubernetes API {})", ephemera::VERSION, ephemera::KUBERNETES_API);
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Controllers and webhook side by side; the first one to stop ends both.
+async fn run_all() -> ephemera::Result<()> {
+    tokio::select! {
+        res = ephemera::controller::run() => res,
+        res = ephemera::webhook::run() => res,
+    }
+}

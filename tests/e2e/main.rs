@@ -1,0 +1,8 @@
+//! End-to-end tests against the local test bed: a real kube-apiserver with
+//! controller-manager, scheduler and kwok nodes, and MiniStack for IAM/STS.
+//!
+//! Run with `make e2e` (it starts the test bed and sources `.ephemera/dev.env`).
+//! Each test makes its own namespace and removes it when done.
+
+mod support;
+mod testbed;

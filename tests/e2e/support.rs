@@ -1,0 +1,199 @@
+//! Shared e2e plumbing: the test bed's coordinates, clients, namespaces that
+//! clean up after themselves, bounded waits.
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    core::v1::{Namespace, ServiceAccount},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ObjectMeta, PostParams},
+};
+
+/// Where the test bed is, read from `.ephemera/dev.env` (exported by `make e2e`).
+pub struct TestBed {
+    pub client: Client,
+    /// Host of the cluster's service-account issuer (the IAM OIDC provider's name).
+    pub issuer_host: String,
+    /// ARN of the IAM OIDC provider registered for the issuer.
+    pub oidc_provider_arn: String,
+    /// Python of the test bed's venv (boto3 installed).
+    pub python: PathBuf,
+    pub iam: aws_sdk_iam::Client,
+    pub sts: aws_sdk_sts::Client,
+}
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: the e2e tests need the local test bed; run them with `make e2e` (or `make cluster-up && source .ephemera/dev.env`)")
+    })
+}
+
+impl TestBed {
+    pub async fn connect() -> TestBed {
+        let issuer = required_env("EPHEMERA_OIDC_ISSUER");
+        let client = Client::try_default().await.expect("a Kubernetes client from KUBECONFIG");
+        let sdk = ephemera::cloud::aws::sdk_config().await;
+        TestBed {
+            client,
+            issuer_host: issuer.trim_start_matches("https://").trim_end_matches('/').to_owned(),
+            oidc_provider_arn: required_env("EPHEMERA_OIDC_PROVIDER_ARN"),
+            python: required_env("EPHEMERA_E2E_PYTHON").into(),
+            iam: aws_sdk_iam::Client::new(&sdk),
+            sts: aws_sdk_sts::Client::new(&sdk),
+        }
+    }
+
+    /// A fresh namespace, deleted when the returned guard drops.
+    pub async fn namespace(&self, prefix: &str) -> TestNamespace {
+        let name = unique_name(prefix);
+        let ns = Namespace {
+            metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() },
+            ..Namespace::default()
+        };
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+        // The ServiceAccount admission plugin refuses pods until the
+        // controller-manager has made the namespace's `default` ServiceAccount.
+        let sas = Api::<ServiceAccount>::namespaced(self.client.clone(), &name);
+        wait_until(&format!("ServiceAccount {name}/default"), Duration::from_secs(30), || async {
+            sas.get_opt("default").await.ok().flatten()
+        })
+        .await;
+        TestNamespace { name, client: self.client.clone() }
+    }
+
+    /// Creates a ServiceAccount and returns its name.
+    pub async fn service_account(&self, namespace: &str, name: &str) -> String {
+        let sa = ServiceAccount {
+            metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+            ..ServiceAccount::default()
+        };
+        Api::<ServiceAccount>::namespaced(self.client.clone(), namespace)
+            .create(&PostParams::default(), &sa)
+            .await
+            .unwrap_or_else(|e| panic!("creating ServiceAccount {namespace}/{name}: {e}"))
+            .name_any()
+    }
+
+    /// A token for a ServiceAccount from the TokenRequest API, as the kubelet
+    /// would mint it for a projected volume.
+    pub async fn token(&self, namespace: &str, service_account: &str, audience: &str, ttl_seconds: i64) -> String {
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: Some(vec![audience.to_owned()]),
+                expiration_seconds: Some(ttl_seconds),
+                ..TokenRequestSpec::default()
+            }),
+            ..TokenRequest::default()
+        };
+        Api::<ServiceAccount>::namespaced(self.client.clone(), namespace)
+            .create_token_request(service_account, &PostParams::default(), &request)
+            .await
+            .unwrap_or_else(|e| panic!("TokenRequest for {namespace}/{service_account}: {e}"))
+            .status
+            .and_then(|s| s.token)
+            .expect("TokenRequest returns a token")
+    }
+
+    /// Runs `e2e/workload/assume.py` as an application pod would: with only the
+    /// env an injected pod has, and the token in a file.
+    pub fn assume_with_boto3(&self, role_arn: &str, token: &str) -> WorkloadResult {
+        let dir = std::env::temp_dir().join(unique_name("ephemera-token"));
+        std::fs::create_dir_all(&dir).expect("temp dir for the token file");
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token).expect("writing the token file");
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("e2e/workload/assume.py");
+        let output = Command::new(&self.python)
+            .arg(script)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("AWS_ROLE_ARN", role_arn)
+            .env("AWS_WEB_IDENTITY_TOKEN_FILE", &token_file)
+            .env("AWS_ROLE_SESSION_NAME", "e2e-boto3")
+            .env("AWS_REGION", required_env("AWS_REGION"))
+            .env("AWS_DEFAULT_REGION", required_env("AWS_REGION"))
+            .env("AWS_ENDPOINT_URL", required_env("AWS_ENDPOINT_URL"))
+            // No other credential source may answer for the web identity.
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .expect("running the boto3 workload");
+        let _ = std::fs::remove_dir_all(&dir);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout.lines().last().unwrap_or_default();
+        let parsed: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!(
+                "the boto3 workload printed no JSON ({e}); stdout: {stdout}; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        WorkloadResult {
+            ok: output.status.success() && parsed["ok"] == true,
+            arn: parsed["arn"].as_str().map(str::to_owned),
+            error: parsed["error"].as_str().map(str::to_owned),
+        }
+    }
+}
+
+/// What the boto3 workload saw.
+#[derive(Debug)]
+pub struct WorkloadResult {
+    pub ok: bool,
+    pub arn: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A namespace that deletes itself (and so everything in it) when dropped.
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let (name, client) = (self.name.clone(), self.client.clone());
+        // Drop cannot await; a short-lived runtime on its own thread can.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("cleanup runtime");
+            rt.block_on(async {
+                let _ = Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// `prefix-<suffix>`: unique across tests and runs, a valid DNS label.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").subsec_nanos();
+    format!("{prefix}-{:x}{:x}", nanos ^ std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Polls `probe` until it returns `Some`, at most `timeout`; panics naming `what`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

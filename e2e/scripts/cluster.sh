@@ -249,7 +249,7 @@ cmd_up() {
     wait_for etcd 30 "$LOGS/etcd.log" curl -sf "http://127.0.0.1:$ETCD_PORT/health"
   fi
   if start ministack; then
-    wait_for MiniStack 60 "$LOGS/ministack.log" curl -sf "http://127.0.0.1:$MINISTACK_PORT/_ministack/health"
+    wait_for ministack 60 "$LOGS/ministack.log" curl -sf "http://127.0.0.1:$MINISTACK_PORT/_ministack/health"
   fi
   register_oidc_provider || die "registering the OIDC provider in MiniStack failed; see $LOGS/ministack.log"
   ok "MiniStack: IAM OIDC provider $ISSUER_HOST registered"

@@ -62,12 +62,17 @@ port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 pid_alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 # wait_for DESCRIPTION TIMEOUT LOG CMD...: retry CMD until it succeeds; on
-# timeout print where to look.
+# timeout, or as soon as the process behind DESCRIPTION exits (when it has a
+# pid file), print where to look.
 wait_for() {
   local what=$1 timeout=$2 log=$3
   shift 3
-  local start=$SECONDS
+  local start=$SECONDS pidfile=${PIDS:-}/$what.pid
   until "$@" >/dev/null 2>&1; do
+    if [[ -e $pidfile ]] && ! pid_alive "$pidfile"; then
+      tail -n 5 "$log" >&2 || true
+      die "$what exited while starting; see $log"
+    fi
     if ((SECONDS - start >= timeout)); then
       die "$what not ready after ${timeout}s; see $log"
     fi

@@ -22,17 +22,24 @@ next() {
   step "[$step_no/$TOTAL_STEPS] $*"
 }
 
-# go_build NAME OUT LOG TYPICAL -- go build args...: runs a Go build in the
-# background and reports progress every 30 s: elapsed time and how many
-# packages have been compiled (`-v` prints each one), against the typical
-# cold figure, so a long first build never looks hung.
+# go_build NAME OUT LOG TYPICAL -- build|install ARGS...: runs a Go build in
+# the background and reports progress every 30 s: elapsed time and how many
+# packages have been compiled (`-v` prints each one), against the typical cold
+# figure, so a long first build never looks hung. The binary lands in OUT only
+# when the build succeeded.
 go_build() {
-  local name=$1 out=$2 log=$3 typical=$4
-  shift 5
+  local name=$1 out=$2 log=$3 typical=$4 verb=$6
+  shift 6
   local tmp=$out.tmp.$$
+  mkdir -p "$tmp"
   info "first build on this machine; typical cold time: $typical; log: $log"
   local start=$SECONDS
-  (cd "${GO_BUILD_DIR:-.}" && exec go "$@" -v -o "$tmp") >"$log" 2>&1 &
+  if [[ $verb == install ]]; then
+    # `go install pkg@version` has no -o; GOBIN picks the directory.
+    (GOBIN=$tmp exec go install -v "$@") >"$log" 2>&1 &
+  else
+    (cd "$GO_BUILD_DIR" && exec go build -v -o "$tmp/$name" "$@") >"$log" 2>&1 &
+  fi
   local pid=$! last=$SECONDS
   while kill -0 "$pid" 2>/dev/null; do
     sleep 1
@@ -43,10 +50,11 @@ go_build() {
   done
   if ! wait "$pid"; then
     tail -n 15 "$log" >&2
-    rm -f "$tmp"
+    rm -rf "$tmp"
     die "building $name failed; full log: $log"
   fi
-  mv "$tmp" "$out"
+  mv "$tmp/$name" "$out"
+  rm -rf "$tmp"
   ok "$name built in $(fmt_duration $((SECONDS - start)))"
 }
 
@@ -62,7 +70,7 @@ else
   ldflags+=" -X k8s.io/component-base/version.gitMinor=$(cut -d. -f2 <<<"$KUBERNETES_VERSION")"
   ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$KUBERNETES_VERSION"
   GO_BUILD_DIR=$EPHEMERA_ROOT/e2e/tools/kube go_build kube "$KUBE_DIR/kube" "$BUILD_LOGS/kube-$KUBERNETES_VERSION.log" \
-    "25-35 min on 2 cores (~2,300 packages)" -- build -ldflags "$ldflags" .
+    "15-35 min on 2 cores (~2,300 packages)" -- build -ldflags "$ldflags" .
 fi
 for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   ln -sfn "$KUBE_DIR/kube" "$BIN/$c"
@@ -85,8 +93,7 @@ mkdir -p "$KWOK_DIR"
 if [[ -x $KWOK_DIR/kwok ]]; then
   ok "cached: $KWOK_DIR/kwok"
 else
-  # `go build pkg@version` is not a thing; `go install` with GOBIN is.
-  GOBIN=$KWOK_DIR go_build kwok "$KWOK_DIR/kwok" "$BUILD_LOGS/kwok-$KWOK_VERSION.log" \
+  go_build kwok "$KWOK_DIR/kwok" "$BUILD_LOGS/kwok-$KWOK_VERSION.log" \
     "4-8 min (~900 packages)" -- install -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 fi
 ln -sfn "$KWOK_DIR/kwok" "$BIN/kwok"
@@ -97,7 +104,7 @@ mkdir -p "$HELM_DIR"
 if [[ -x $HELM_DIR/helm ]]; then
   ok "cached: $HELM_DIR/helm"
 else
-  GOBIN=$HELM_DIR go_build helm "$HELM_DIR/helm" "$BUILD_LOGS/helm-$HELM_VERSION.log" \
+  go_build helm "$HELM_DIR/helm" "$BUILD_LOGS/helm-$HELM_VERSION.log" \
     "4-8 min (~900 packages)" -- install -ldflags "-s -w" "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
 fi
 ln -sfn "$HELM_DIR/helm" "$BIN/helm"
@@ -121,4 +128,9 @@ else
   echo "$stamp" >"$VENV_DIR/.stamp"
   ok "venv ready"
 fi
-ln -sfn "$VENV_DIR/bin/python" "$BIN/python"
+# A wrapper, not a symlink: Python finds its venv (pyvenv.cfg) next to the path
+# it was started from, which for a symlink in .ephemera/bin is the wrong place.
+# Remove first: writing through an old symlink would overwrite its target.
+rm -f "$BIN/python"
+printf '#!/bin/sh\nexec "%s" "$@"\n' "$VENV_DIR/bin/python" >"$BIN/python"
+chmod +x "$BIN/python"

@@ -70,7 +70,7 @@ impl TestBed {
             sas.get_opt("default").await.ok().flatten()
         })
         .await;
-        TestNamespace { name, client: self.client.clone() }
+        TestNamespace { name }
     }
 
     /// Creates a ServiceAccount and returns its name.
@@ -155,20 +155,24 @@ pub struct WorkloadResult {
     pub error: Option<String>,
 }
 
-/// A namespace that deletes itself (and so everything in it) when dropped.
+/// A namespace that deletes itself (and so everything in it) when dropped,
+/// also when the test failed.
 pub struct TestNamespace {
     pub name: String,
-    client: Client,
 }
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let (name, client) = (self.name.clone(), self.client.clone());
-        // Drop cannot await; a short-lived runtime on its own thread can.
+        let name = self.name.clone();
+        // Drop cannot await, and blocking here stalls the test's runtime. A
+        // client made on its own thread and runtime does not depend on it
+        // (a kube Client's request buffer runs on the runtime that built it).
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("cleanup runtime");
             rt.block_on(async {
-                let _ = Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await;
+                if let Ok(client) = Client::try_default().await {
+                    let _ = Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await;
+                }
             });
         })
         .join();

@@ -170,6 +170,18 @@ command_of() {
   esac
 }
 
+# check_port_free NAME: die with the holder and the variable that moves the
+# port when someone else listens on NAME's port.
+check_port_free() {
+  local port
+  port=$(port_of "$1")
+  if port_in_use "$port"; then
+    local holder
+    holder=$(ss -ltnpH "sport = :$port" 2>/dev/null | grep -o 'users:.*' || true)
+    die "port $port for $1 is already in use ${holder:+by $holder }and not by this test bed; stop that process or pick another port with $(port_env_of "$1")=<port>"
+  fi
+}
+
 # start NAME: start NAME unless ours is running; refuse a port someone else holds.
 start() {
   local name=$1 pidfile=$PIDS/$1.pid port
@@ -182,11 +194,7 @@ start() {
     info "stale pid file $pidfile (process $(cat "$pidfile") is gone); starting $name again"
     rm -f "$pidfile"
   fi
-  if port_in_use "$port"; then
-    local holder
-    holder=$(ss -ltnpH "sport = :$port" 2>/dev/null | grep -o 'users:.*' || true)
-    die "port $port for $name is already in use ${holder:+by $holder }and not by this test bed; stop that process or pick another port with $(port_env_of "$name")=<port>"
-  fi
+  check_port_free "$name"
   local log=$LOGS/$name.log
   [[ -s $log ]] && mv -f "$log" "$log.1"
   # shellcheck disable=SC2046 # command_of prints a word list without spaces inside words
@@ -245,6 +253,10 @@ cmd_up() {
   ensure_pki
 
   step "starting the control plane and MiniStack on 127.0.0.1"
+  # Refuse before starting anything, not halfway through.
+  for name in "${COMPONENTS[@]}"; do
+    ours "$name" || check_port_free "$name"
+  done
   if start etcd; then
     wait_for etcd 30 "$LOGS/etcd.log" curl -sf "http://127.0.0.1:$ETCD_PORT/health"
   fi

@@ -54,13 +54,14 @@ run kubectl -n "$NS" get pod -l app=nightly-report \
 info "(kube-api-access-* is the token ephemera will strip from every governed pod)"
 
 say "A short-lived token for the Job's ServiceAccount, audience sts.amazonaws.com, 10 minutes"
+printf '%s$ kubectl -n %s create token report-writer --audience sts.amazonaws.com --duration 10m%s\n' "$_dim" "$NS" "$_reset"
 TOKEN=$(kubectl -n "$NS" create token report-writer --audience sts.amazonaws.com --duration 10m)
-run python - "$TOKEN" <<'PY'
+info "its claims (the token itself is a credential and is not printed):"
+printf '%s' "$TOKEN" | python -c '
 import base64, json, sys
-payload = sys.argv[1].split(".")[1]
+payload = sys.stdin.read().split(".")[1]
 claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-print(json.dumps({k: claims[k] for k in ("iss", "sub", "aud", "exp")}, indent=2))
-PY
+print(json.dumps({k: claims[k] for k in ("iss", "sub", "aud", "exp")}, indent=2))'
 
 say "An IAM role in MiniStack that trusts only system:serviceaccount:$NS:report-writer"
 ROLE=demo-report-writer

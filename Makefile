@@ -32,6 +32,10 @@ lint: ## Check formatting and run clippy with warnings as errors.
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets --features e2e -- -D warnings
 
+.PHONY: crds
+crds: ## Regenerate crds/*.yaml from the Rust types (a unit test fails when they drift).
+	$(CARGO) run --quiet -- crdgen --output-dir crds
+
 .PHONY: unit
 unit: ## Run the unit tests (no cluster needed).
 	$(CARGO) test

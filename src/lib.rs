@@ -11,6 +11,7 @@
 pub mod api;
 pub mod cloud;
 pub mod controller;
+pub mod crdgen;
 pub mod error;
 pub mod telemetry;
 pub mod webhook;

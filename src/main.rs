@@ -30,7 +30,11 @@ enum Command {
     /// Run the controllers and the webhook in one process (local development).
     Run,
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD.
-    Crdgen,
+    Crdgen {
+        /// Write `<crd-name>.yaml` files into this directory instead of printing.
+        #[arg(long, value_name = "DIR")]
+        output_dir: Option<std::path::PathBuf>,
+    },
     /// Print the version of this build and the Kubernetes API it targets.
     Version,
 }
@@ -46,7 +50,7 @@ async fn main() -> ExitCode {
         Command::Controller => ephemera::controller::run().await,
         Command::Webhook => ephemera::webhook::run().await,
         Command::Run => run_all().await,
-        Command::Crdgen => Err(ephemera::Error::NotImplemented { command: "crdgen", issue: 4 }),
+        Command::Crdgen { output_dir } => ephemera::crdgen::run(output_dir.as_deref()),
         Command::Version => {
             println!("ephemera {} (Kubernetes API {})", ephemera::VERSION, ephemera::KUBERNETES_API);
             Ok(())

@@ -4,5 +4,6 @@
 //! Run with `make e2e` (it starts the test bed and sources `.ephemera/dev.env`).
 //! Each test makes its own namespace and removes it when done.
 
+mod crds;
 mod support;
 mod testbed;

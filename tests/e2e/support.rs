@@ -201,3 +201,24 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Installs (server-side apply) ephemera's CRDs from the Rust types and waits
+/// until the apiserver serves them.
+pub async fn ensure_crds(client: &Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::runtime::wait::{await_condition, conditions};
+    let api = Api::<CustomResourceDefinition>::all(client.clone());
+    for crd in ephemera::api::crds() {
+        let name = crd.name_any();
+        api.patch(&name, &kube::api::PatchParams::apply("ephemera-e2e").force(), &kube::api::Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("installing CRD {name}: {e}"));
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(api.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("CRD {name} not established after 30s"))
+        .expect("watching the CRD");
+    }
+}

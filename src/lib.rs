@@ -13,6 +13,7 @@ pub mod cloud;
 pub mod controller;
 pub mod crdgen;
 pub mod error;
+pub mod policy;
 pub mod telemetry;
 pub mod webhook;
 

@@ -23,12 +23,12 @@ struct Cli {
 enum Command {
     /// Run the controllers: clamp identities to their boundaries, provision a
     /// cloud role per workload, and reap it when the workload ends.
-    Controller,
+    Controller(ControllerArgs),
     /// Run the admission webhook: strip default tokens and inject per-pod
     /// identities into pods; validate ephemera's own resources.
     Webhook,
     /// Run the controllers and the webhook in one process (local development).
-    Run,
+    Run(ControllerArgs),
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD.
     Crdgen {
         /// Write `<crd-name>.yaml` files into this directory instead of printing.
@@ -39,6 +39,38 @@ enum Command {
     Version,
 }
 
+#[derive(Debug, clap::Args)]
+struct ControllerArgs {
+    /// Address of the admin server (`/livez`, `/readyz`, `/metrics`).
+    #[arg(long, env = "EPHEMERA_ADMIN_ADDR", default_value = "127.0.0.1:8080")]
+    admin_addr: std::net::SocketAddr,
+    /// Hold the `ephemera-controller` coordination Lease, so that of several
+    /// replicas only one reconciles. Off for a single local process.
+    #[arg(long, env = "EPHEMERA_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader-election Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "ephemera-system")]
+    namespace: String,
+    /// This replica's name in the leader election.
+    #[arg(long, env = "POD_NAME", default_value_t = default_identity())]
+    identity: String,
+}
+
+impl From<ControllerArgs> for ephemera::controller::Settings {
+    fn from(args: ControllerArgs) -> Self {
+        ephemera::controller::Settings {
+            admin_addr: args.admin_addr,
+            leader_election: args.leader_elect,
+            namespace: args.namespace,
+            identity: args.identity,
+        }
+    }
+}
+
+fn default_identity() -> String {
+    format!("ephemera-{}", std::process::id())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -47,9 +79,9 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
-        Command::Controller => ephemera::controller::run().await,
+        Command::Controller(args) => ephemera::controller::run(args.into()).await,
         Command::Webhook => ephemera::webhook::run().await,
-        Command::Run => run_all().await,
+        Command::Run(args) => run_all(args.into()).await,
         Command::Crdgen { output_dir } => ephemera::crdgen::run(output_dir.as_deref()),
         Command::Version => {
             println!("ephemera {} (Kubernetes API {})", ephemera::VERSION, ephemera::KUBERNETES_API);
@@ -66,9 +98,9 @@ async fn main() -> ExitCode {
 }
 
 /// Controllers and webhook side by side; the first one to stop ends both.
-async fn run_all() -> ephemera::Result<()> {
+async fn run_all(settings: ephemera::controller::Settings) -> ephemera::Result<()> {
     tokio::select! {
-        res = ephemera::controller::run() => res,
+        res = ephemera::controller::run(settings) => res,
         res = ephemera::webhook::run() => res,
     }
 }

@@ -33,3 +33,132 @@ pub fn init(format: LogFormat, default_filter: &str) -> crate::Result<()> {
     };
     installed.map_err(|e| crate::Error::Config(format!("cannot install the log subscriber: {e}")))
 }
+
+// === Metrics ===
+
+use std::{net::SocketAddr, sync::Arc};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Labels of the per-controller metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    /// `workload_identity`, `boundary`, ...
+    pub controller: &'static str,
+}
+
+/// Labels of the error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// The controller that failed.
+    pub controller: &'static str,
+    /// [`crate::Error::metric_label`].
+    pub reason: &'static str,
+}
+
+/// Every metric ephemera exports, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    /// `ephemera_reconciles_total{controller}`.
+    pub reconciles: Family<ControllerLabels, Counter>,
+    /// `ephemera_reconcile_errors_total{controller,reason}`.
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    /// `ephemera_reconcile_duration_seconds{controller}`.
+    pub reconcile_duration: Family<ControllerLabels, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("ephemera");
+        let reconciles = Family::<ControllerLabels, Counter>::default();
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        let reconcile_duration = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+        });
+        registry.register("reconciles", "Reconciliations run, by controller", reconciles.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciliations that failed, by controller and reason",
+            reconcile_errors.clone(),
+        );
+        registry.register("reconcile_duration_seconds", "Time spent in one reconciliation", reconcile_duration.clone());
+        Metrics { registry, reconciles, reconcile_errors, reconcile_duration }
+    }
+}
+
+impl Metrics {
+    /// Counts one reconciliation of `controller` and returns a guard that
+    /// records its duration when dropped.
+    #[must_use]
+    pub fn reconcile_started(&self, controller: &'static str) -> ReconcileTimer<'_> {
+        self.reconciles.get_or_create(&ControllerLabels { controller }).inc();
+        ReconcileTimer { metrics: self, controller, start: std::time::Instant::now() }
+    }
+
+    /// Counts one failed reconciliation.
+    pub fn reconcile_failed(&self, controller: &'static str, error: &crate::Error) {
+        self.reconcile_errors.get_or_create(&ErrorLabels { controller, reason: error.metric_label() }).inc();
+    }
+
+    /// The registry in the OpenMetrics text format.
+    ///
+    /// # Errors
+    /// Only if formatting into a `String` fails, which it does not.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Records a reconciliation's duration when dropped.
+pub struct ReconcileTimer<'a> {
+    metrics: &'a Metrics,
+    controller: &'static str,
+    start: std::time::Instant,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        let labels = ControllerLabels { controller: self.controller };
+        self.metrics.reconcile_duration.get_or_create(&labels).observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+// === Admin server ===
+
+/// Serves `/livez`, `/readyz` and `/metrics` on `addr` (plain HTTP on a port
+/// separate from the webhook, for kubelet probes and Prometheus).
+///
+/// # Errors
+/// Fails when the address cannot be bound.
+pub async fn serve_admin(addr: SocketAddr, metrics: Arc<Metrics>) -> crate::Result<()> {
+    use axum::{Router, http::StatusCode, http::header, routing::get};
+    let app = Router::new().route("/livez", get(|| async { "ok" })).route("/readyz", get(|| async { "ok" })).route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                match metrics.encode() {
+                    Ok(body) => (
+                        StatusCode::OK,
+                        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        body,
+                    ),
+                    Err(_) => {
+                        (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], String::new())
+                    }
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(crate::Error::io(format!("binding the admin server to {addr}")))?;
+    tracing::info!(%addr, "admin server listening (/livez /readyz /metrics)");
+    axum::serve(listener, app).await.map_err(crate::Error::io("serving the admin endpoints"))
+}

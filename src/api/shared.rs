@@ -27,7 +27,7 @@ pub const POLICY_ARN_PATTERN: &str = r"^arn:(aws|aws-cn|aws-us-gov):iam::([0-9]{
 
 /// A duration written as whole hours, minutes and seconds: `15m`, `1h`,
 /// `1h30m`, `900s`. Serialised as that string; compared by length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Duration(std::time::Duration);
 
 impl Duration {

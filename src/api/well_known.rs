@@ -41,8 +41,30 @@ pub const DEFAULT_TOKEN_TTL_SECONDS: i64 = 900;
 pub mod condition {
     /// The object is reconciled and usable.
     pub const READY: &str = "Ready";
-    /// The identity asks for more than its boundary allows.
+    /// The identity asks for more than its boundaries allow.
     pub const BOUNDARY_VIOLATION: &str = "BoundaryViolation";
     /// Reconciliation is failing or partial.
     pub const DEGRADED: &str = "Degraded";
+}
+
+/// Finalizer on `IdentityBoundary`: what it enforces (the metadata
+/// NetworkPolicies) is withdrawn before it disappears.
+pub const FINALIZER_BOUNDARY: &str = "ephemera.dev/boundary-cleanup";
+/// Name of the NetworkPolicy that blocks the instance metadata service.
+pub const NETWORK_POLICY_BLOCK_IMDS: &str = "ephemera-block-instance-metadata";
+/// Field manager of every server-side apply ephemera makes.
+pub const FIELD_MANAGER: &str = "ephemera";
+
+/// Condition reasons.
+pub mod reason {
+    /// Everything the identity asks for is within its boundaries.
+    pub const WITHIN_BOUNDARY: &str = "WithinBoundary";
+    /// Part of what the identity asks for was narrowed or refused.
+    pub const BOUNDARY_VIOLATION: &str = "BoundaryViolation";
+    /// No `IdentityBoundary` governs the namespace: ephemera does not admit it.
+    pub const NOT_GOVERNED: &str = "NotGoverned";
+    /// A boundary's namespace selector cannot be evaluated.
+    pub const INVALID_SELECTOR: &str = "InvalidSelector";
+    /// Reconciled.
+    pub const RECONCILED: &str = "Reconciled";
 }

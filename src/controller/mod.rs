@@ -1,11 +1,163 @@
-//! Controllers: identity (boundary clamping), lease (provision and reap),
-//! reaper (pod and Job watchers) and the orphan sweep (issues #4 and #6).
+//! Controllers. `run` starts them under leader election:
+//! - [`workload_identity`]: clamps each `WorkloadIdentity` to the boundaries
+//!   of its namespace and publishes the effective identity in its status;
+//! - [`boundary`]: boundary status and the instance-metadata NetworkPolicies.
+//!
+//! The lease controller (provision and reap) joins them with issue #6.
 
-/// Runs the controllers.
+pub mod boundary;
+pub mod workload_identity;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Client,
+    runtime::{
+        controller::Action,
+        events::{Recorder, Reporter},
+    },
+};
+
+use crate::{Error, Result, telemetry::Metrics};
+
+/// Settings of the controller process.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Where `/livez`, `/readyz` and `/metrics` are served.
+    pub admin_addr: SocketAddr,
+    /// Hold a coordination Lease so only one replica reconciles at a time.
+    pub leader_election: bool,
+    /// Namespace of the leader-election Lease (the operator's own).
+    pub namespace: String,
+    /// Identity of this replica in the leader election (the pod name).
+    pub identity: String,
+}
+
+/// Shared by every reconciliation.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Publishes Events on the objects users look at.
+    pub recorder: Recorder,
+    /// Reconcile counters and timings.
+    pub metrics: Arc<Metrics>,
+}
+
+/// How long a failed reconciliation waits before it is retried.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(15);
+/// Level-triggered safety net: everything is looked at again this often.
+const RESYNC: Duration = Duration::from_mins(5);
+const LEASE_NAME: &str = "ephemera-controller";
+
+/// Runs the controllers until SIGTERM/SIGINT, or until leadership is lost.
 ///
 /// # Errors
-/// Always, until the controllers land.
-#[allow(clippy::unused_async)] // becomes the controller loop with issue #4
-pub async fn run() -> crate::Result<()> {
-    Err(crate::Error::NotImplemented { command: "controller", issue: 4 })
+/// Fails when the Kubernetes client cannot be built, the admin port cannot be
+/// bound, or leader election fails.
+pub async fn run(settings: Settings) -> Result<()> {
+    let client = Client::try_default().await.map_err(Error::KubeConfig)?;
+    let metrics = Arc::new(Metrics::default());
+    let admin = tokio::spawn(crate::telemetry::serve_admin(settings.admin_addr, metrics.clone()));
+    let reporter = Reporter { controller: "ephemera-controller".into(), instance: Some(settings.identity.clone()) };
+    let ctx = Arc::new(Context { client: client.clone(), recorder: Recorder::new(client.clone(), reporter), metrics });
+
+    let mut leadership =
+        if settings.leader_election { Some(acquire_leadership(&client, &settings).await?) } else { None };
+
+    let controllers = async {
+        tokio::join!(workload_identity::run(ctx.clone()), boundary::run(ctx.clone()));
+    };
+    tokio::select! {
+        () = controllers => Ok(()),
+        res = admin => match res {
+            Ok(res) => res,
+            Err(join) => Err(Error::Config(format!("admin server stopped: {join}"))),
+        },
+        () = async {
+            match leadership.as_mut() {
+                Some(rx) => while rx.changed().await.is_ok() && *rx.borrow() {},
+                None => std::future::pending().await,
+            }
+        } => Err(Error::Config("lost the leader-election lease; exiting so a new leader takes over".into())),
+    }
+}
+
+/// Blocks until this replica holds the `ephemera-controller` Lease; the
+/// returned channel turns `false` if it is lost.
+async fn acquire_leadership(client: &Client, settings: &Settings) -> Result<tokio::sync::watch::Receiver<bool>> {
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
+        .with_namespace(&settings.namespace)
+        .with_identity(&settings.identity)
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await
+        .map_err(|e| Error::Config(format!("leader election: {e}")))?;
+    let (mut rx, _task) = manager.watch().await;
+    tracing::info!(lease = LEASE_NAME, namespace = %settings.namespace, "waiting for leadership");
+    while !*rx.borrow_and_update() {
+        rx.changed().await.map_err(|_| Error::Config("leader election stopped".into()))?;
+    }
+    tracing::info!(identity = %settings.identity, "became leader");
+    Ok(rx)
+}
+
+/// Drives a kube-runtime controller stream to the end, logging each result.
+async fn drain<S, T, E>(name: &'static str, stream: S)
+where
+    S: futures::Stream<Item = Result<T, E>>,
+    T: std::fmt::Debug,
+    E: std::fmt::Display,
+{
+    stream
+        .for_each(|res| async move {
+            match res {
+                Ok(obj) => tracing::debug!(controller = name, ?obj, "reconciled"),
+                Err(e) => tracing::warn!(controller = name, error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+}
+
+/// The `Action` after a failed reconciliation, with the error counted.
+fn retry(ctx: &Context, controller: &'static str, error: &Error) -> Action {
+    ctx.metrics.reconcile_failed(controller, error);
+    Action::requeue(RETRY_AFTER_ERROR)
+}
+
+/// A condition, keeping the previous transition time when its status did not
+/// change (so `kubectl describe` shows when it really changed).
+#[must_use]
+pub fn condition(
+    previous: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_owned();
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| Time(Timestamp::now()), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_owned(),
+        status,
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Whether a condition of `type_` is `True` in `conditions`.
+#[must_use]
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
 }

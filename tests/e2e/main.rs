@@ -5,5 +5,6 @@
 //! Each test makes its own namespace and removes it when done.
 
 mod crds;
+mod identity;
 mod support;
 mod testbed;

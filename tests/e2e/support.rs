@@ -222,3 +222,29 @@ pub async fn ensure_crds(client: &Client) {
         .expect("watching the CRD");
     }
 }
+
+/// The `ephemera controller` binary of this build, running against the test
+/// bed for the duration of a test; killed when dropped.
+pub struct ControllerProcess(std::process::Child);
+
+impl ControllerProcess {
+    pub fn start() -> ControllerProcess {
+        let log = std::env::temp_dir().join(unique_name("ephemera-controller") + ".log");
+        let child = Command::new(env!("CARGO_BIN_EXE_ephemera"))
+            .args(["controller", "--admin-addr", "127.0.0.1:0"])
+            .env("RUST_LOG", "info,ephemera=debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("controller log file"))
+            .spawn()
+            .expect("starting `ephemera controller`");
+        eprintln!("ephemera controller pid {} logs to {}", child.id(), log.display());
+        ControllerProcess(child)
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -1,0 +1,407 @@
+//! The identity controller: clamps each `WorkloadIdentity` to the
+//! `IdentityBoundary`s governing its namespace and publishes the result
+//! (effective TTL, permissions boundaries, policy digest, conditions) in its
+//! status. Any boundary change, or a namespace's labels changing, re-evaluates
+//! the identities it may affect.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    core::{Selector, SelectorExt},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::{Context, RESYNC, condition, drain, is_true, retry};
+use crate::{
+    Error, Result,
+    api::{
+        AwsStatement, Duration, EffectiveIdentity, IdentityBoundary, IdentityLease, WorkloadIdentity,
+        WorkloadIdentitySpec, WorkloadIdentityStatus,
+        well_known::{FIELD_MANAGER, condition as cond, reason},
+    },
+    policy::{self, Violation},
+};
+
+const CONTROLLER: &str = "workload_identity";
+
+/// Runs the identity controller until shutdown.
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let identities = Api::<WorkloadIdentity>::all(client.clone());
+    let controller = Controller::new(identities, watcher::Config::default());
+    let store = controller.store();
+    let by_boundary = store.clone();
+    let by_namespace = store.clone();
+    let stream = controller
+        // A boundary change may affect any identity (its selector can match any namespace).
+        .watches(Api::<IdentityBoundary>::all(client.clone()), watcher::Config::default(), move |_| {
+            by_boundary.state().iter().map(|wi| ObjectRef::from_obj(&**wi)).collect::<Vec<_>>()
+        })
+        // A namespace's labels decide which boundaries govern its identities.
+        .watches(Api::<Namespace>::all(client.clone()), watcher::Config::default(), move |ns| {
+            let name = ns.name_any();
+            by_namespace
+                .state()
+                .iter()
+                .filter(|wi| wi.namespace().as_deref() == Some(name.as_str()))
+                .map(|wi| ObjectRef::from_obj(&**wi))
+                .collect::<Vec<_>>()
+        })
+        .shutdown_on_signal()
+        .run(reconcile, |_, err, ctx| retry(&ctx, CONTROLLER, err), ctx);
+    drain(CONTROLLER, stream).await;
+}
+
+async fn reconcile(identity: Arc<WorkloadIdentity>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(CONTROLLER);
+    let namespace = identity.namespace().unwrap_or_default();
+    let name = identity.name_any();
+    let client = &ctx.client;
+
+    let labels = Api::<Namespace>::all(client.clone())
+        .get(&namespace)
+        .await
+        .map_err(Error::kube(format!("reading namespace {namespace}")))?
+        .labels()
+        .clone();
+    let boundaries = Api::<IdentityBoundary>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("listing IdentityBoundaries"))?
+        .items;
+    let leases = Api::<IdentityLease>::namespaced(client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube(format!("listing IdentityLeases in {namespace}")))?
+        .items;
+    let active_leases = leases.iter().filter(|l| l.spec.workload_identity == name).count();
+
+    let evaluation = evaluate(&identity.spec, &labels, &boundaries);
+    let previous = identity.status.clone().unwrap_or_default();
+    let status = status_for(&evaluation, &previous, identity.meta().generation, active_leases);
+
+    publish_transitions(&ctx, &identity, &previous, &status, &evaluation).await;
+    Api::<WorkloadIdentity>::namespaced(client.clone(), &namespace)
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "ephemera.dev/v1alpha1",
+                "kind": "WorkloadIdentity",
+                "status": status,
+            })),
+        )
+        .await
+        .map_err(Error::kube(format!("writing the status of WorkloadIdentity {namespace}/{name}")))?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Events for what a user should notice: a violation appearing or going
+/// away, the namespace becoming (un)governed.
+async fn publish_transitions(
+    ctx: &Context,
+    identity: &WorkloadIdentity,
+    previous: &WorkloadIdentityStatus,
+    next: &WorkloadIdentityStatus,
+    evaluation: &Evaluation,
+) {
+    let was_violating = is_true(&previous.conditions, cond::BOUNDARY_VIOLATION);
+    let is_violating = is_true(&next.conditions, cond::BOUNDARY_VIOLATION);
+    let was_ready = is_true(&previous.conditions, cond::READY);
+    let is_ready = is_true(&next.conditions, cond::READY);
+    let event = if is_violating && (!was_violating || previous.effective != next.effective) {
+        Some((EventType::Warning, reason::BOUNDARY_VIOLATION, violation_message(&evaluation.violations)))
+    } else if was_violating && !is_violating {
+        Some((EventType::Normal, reason::WITHIN_BOUNDARY, "everything requested is within the boundaries".to_owned()))
+    } else if !is_ready && (was_ready || previous.conditions.is_empty()) {
+        Some((EventType::Warning, reason::NOT_GOVERNED, not_governed_message()))
+    } else if is_ready && !was_ready {
+        Some((EventType::Normal, reason::WITHIN_BOUNDARY, format!("governed by {}", evaluation.governing.join(", "))))
+    } else {
+        None
+    };
+    if let Some((type_, reason, note)) = event {
+        let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Evaluate".into(), secondary: None };
+        if let Err(e) = ctx.recorder.publish(&ev, &identity.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish an Event");
+        }
+    }
+}
+
+/// What a `WorkloadIdentity` really gets in its namespace.
+#[derive(Debug, Default, PartialEq)]
+pub struct Evaluation {
+    /// Names of the boundaries governing the namespace, sorted.
+    pub governing: Vec<String>,
+    /// Boundaries whose selector is invalid (skipped).
+    pub invalid_selectors: Vec<String>,
+    /// The AWS statements after clamping to every governing boundary.
+    pub statements: Vec<AwsStatement>,
+    /// Managed policies every governing boundary allows.
+    pub managed_policy_arns: Vec<String>,
+    /// Token lifetime after every boundary's cap.
+    pub token_ttl: Duration,
+    /// Permissions boundaries to attach (one per governing boundary that sets one).
+    pub permissions_boundary_arns: Vec<String>,
+    /// Everything asked for that some boundary refused.
+    pub violations: Vec<Violation>,
+}
+
+/// Clamps `spec` to the boundaries among `boundaries` that govern a namespace
+/// with `labels`. Several boundaries: the identity gets what all of them allow.
+#[must_use]
+pub fn evaluate(
+    spec: &WorkloadIdentitySpec,
+    labels: &BTreeMap<String, String>,
+    boundaries: &[IdentityBoundary],
+) -> Evaluation {
+    let mut eval = Evaluation { token_ttl: spec.token.ttl, ..Evaluation::default() };
+    let requested = spec.aws.as_ref().map(|a| a.statements.clone()).unwrap_or_default();
+    eval.statements.clone_from(&requested);
+    eval.managed_policy_arns = spec.aws.as_ref().map(|a| a.managed_policy_arns.clone()).unwrap_or_default();
+    let rules = spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default();
+
+    let mut governing: Vec<&IdentityBoundary> = Vec::new();
+    for boundary in boundaries.iter().filter(|b| b.meta().deletion_timestamp.is_none()) {
+        match Selector::try_from(boundary.spec.namespace_selector.clone()) {
+            Ok(selector) if selector.matches(labels) => governing.push(boundary),
+            Ok(_) => {}
+            Err(_) => eval.invalid_selectors.push(boundary.name_any()),
+        }
+    }
+    governing.sort_by_key(|b| b.name_any());
+
+    for boundary in &governing {
+        let name = boundary.name_any();
+        let (allowed_actions, allowed_resources, allowed_managed) =
+            boundary.spec.aws.as_ref().map_or_else(Default::default, |a| {
+                (a.allowed_actions.clone(), a.allowed_resources.clone(), a.allowed_managed_policy_arns.clone())
+            });
+        // Violations are reported against the statements as written, so the
+        // field paths match the user's YAML; the effective set narrows in turn.
+        let (_, violations) = policy::clamp_statements(&requested, &name, &allowed_actions, &allowed_resources);
+        eval.violations.extend(violations);
+        eval.statements = policy::clamp_statements(&eval.statements, &name, &allowed_actions, &allowed_resources).0;
+
+        let requested_managed = spec.aws.as_ref().map(|a| a.managed_policy_arns.as_slice()).unwrap_or_default();
+        for (i, arn) in requested_managed.iter().enumerate() {
+            if !allowed_managed.contains(arn) {
+                eval.violations.push(Violation {
+                    field: format!("spec.aws.managedPolicyArns[{i}]"),
+                    value: arn.clone(),
+                    boundary: name.clone(),
+                });
+            }
+        }
+        eval.managed_policy_arns.retain(|arn| allowed_managed.contains(arn));
+
+        let allowed_rules = boundary.spec.kubernetes.as_ref().map(|k| k.allowed_rules.as_slice()).unwrap_or_default();
+        for (i, rule) in rules.iter().enumerate() {
+            if !policy::rule_admitted(rule, allowed_rules) {
+                eval.violations.push(Violation {
+                    field: format!("spec.kubernetes.rules[{i}]"),
+                    value: format!(
+                        "{} {} ({})",
+                        rule.verbs.join(","),
+                        rule.resources.join(","),
+                        rule.api_groups.join(",")
+                    ),
+                    boundary: name.clone(),
+                });
+            }
+        }
+
+        eval.token_ttl = eval.token_ttl.min(boundary.spec.max_token_ttl);
+        if let Some(arn) = boundary.spec.aws.as_ref().and_then(|a| a.permissions_boundary_arn.clone())
+            && !eval.permissions_boundary_arns.contains(&arn)
+        {
+            eval.permissions_boundary_arns.push(arn);
+        }
+        eval.governing.push(name);
+    }
+    eval
+}
+
+/// The status for an evaluation.
+fn status_for(
+    eval: &Evaluation,
+    previous: &WorkloadIdentityStatus,
+    generation: Option<i64>,
+    active_leases: usize,
+) -> WorkloadIdentityStatus {
+    let governed = !eval.governing.is_empty();
+    let ready = if governed {
+        condition(
+            &previous.conditions,
+            cond::READY,
+            true,
+            reason::WITHIN_BOUNDARY,
+            format!("governed by {}", eval.governing.join(", ")),
+            generation,
+        )
+    } else {
+        condition(&previous.conditions, cond::READY, false, reason::NOT_GOVERNED, not_governed_message(), generation)
+    };
+    let violation = if eval.violations.is_empty() {
+        condition(
+            &previous.conditions,
+            cond::BOUNDARY_VIOLATION,
+            false,
+            reason::WITHIN_BOUNDARY,
+            String::new(),
+            generation,
+        )
+    } else {
+        condition(
+            &previous.conditions,
+            cond::BOUNDARY_VIOLATION,
+            true,
+            reason::BOUNDARY_VIOLATION,
+            violation_message(&eval.violations),
+            generation,
+        )
+    };
+    let degraded = if eval.invalid_selectors.is_empty() {
+        condition(&previous.conditions, cond::DEGRADED, false, reason::RECONCILED, String::new(), generation)
+    } else {
+        let message =
+            format!("skipped IdentityBoundary {} (invalid namespaceSelector)", eval.invalid_selectors.join(", "));
+        condition(&previous.conditions, cond::DEGRADED, true, reason::INVALID_SELECTOR, message, generation)
+    };
+    WorkloadIdentityStatus {
+        observed_generation: generation,
+        conditions: vec![ready, violation, degraded],
+        active_leases: Some(i32::try_from(active_leases).unwrap_or(i32::MAX)),
+        effective: governed.then(|| EffectiveIdentity {
+            boundaries: eval.governing.clone(),
+            token_ttl: Some(eval.token_ttl),
+            permissions_boundary_arns: eval.permissions_boundary_arns.clone(),
+            policy_digest: Some(policy_digest(&eval.statements, &eval.managed_policy_arns)),
+        }),
+    }
+}
+
+fn not_governed_message() -> String {
+    "no IdentityBoundary governs this namespace: ephemera gives its pods no identity".to_owned()
+}
+
+fn violation_message(violations: &[Violation]) -> String {
+    let shown: Vec<String> = violations.iter().map(ToString::to_string).collect();
+    format!("narrowed to what the boundaries allow: {}", shown.join("; "))
+}
+
+/// SHA-256 of the effective policy, hex: a short way to see it changed.
+fn policy_digest(statements: &[AwsStatement], managed: &[String]) -> String {
+    let document = json!({ "statements": statements, "managedPolicyArns": managed });
+    let digest = Sha256::digest(document.to_string().as_bytes());
+    digest.iter().fold(String::with_capacity(64), |mut hex, b| {
+        use std::fmt::Write;
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    use super::*;
+
+    fn boundary(name: &str, team: &str, actions: &[&str], resources: &[&str], max_ttl: &str) -> IdentityBoundary {
+        serde_json::from_value(json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityBoundary",
+            "metadata": {"name": name},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"team": team}},
+                "aws": {"allowedActions": actions, "allowedResources": resources},
+                "maxTokenTTL": max_ttl,
+            }
+        }))
+        .unwrap()
+    }
+
+    fn identity(actions: &[&str], resources: &[&str], ttl: &str) -> WorkloadIdentitySpec {
+        serde_json::from_value(json!({
+            "aws": {"statements": [{"actions": actions, "resources": resources}]},
+            "token": {"ttl": ttl},
+        }))
+        .unwrap()
+    }
+
+    fn labels(team: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([("team".to_owned(), team.to_owned())])
+    }
+
+    #[test]
+    fn an_identity_within_its_boundary_gets_what_it_asks_for_with_the_ttl_capped() {
+        let b = boundary("a", "a", &["s3:Get*"], &["arn:aws:s3:::team-a-*"], "30m");
+        let eval = evaluate(&identity(&["s3:GetObject"], &["arn:aws:s3:::team-a-raw/*"], "1h"), &labels("a"), &[b]);
+        assert_eq!(eval.governing, ["a"]);
+        assert!(eval.violations.is_empty(), "{:?}", eval.violations);
+        assert_eq!(eval.statements[0].actions, ["s3:GetObject"]);
+        assert_eq!(eval.token_ttl.to_string(), "30m");
+    }
+
+    #[test]
+    fn several_boundaries_intersect_and_unmatched_namespaces_are_not_governed() {
+        let wide = boundary("wide", "a", &["s3:*"], &["*"], "1h");
+        let narrow = boundary("narrow", "a", &["s3:GetObject"], &["arn:aws:s3:::team-a-raw/*"], "20m");
+        let other = boundary("other", "b", &["*"], &["*"], "12h");
+        let spec = identity(&["s3:GetObject", "s3:PutObject"], &["arn:aws:s3:::team-a-raw/*"], "1h");
+        let eval = evaluate(&spec, &labels("a"), &[wide, narrow, other]);
+        assert_eq!(eval.governing, ["narrow", "wide"]);
+        assert_eq!(eval.statements[0].actions, ["s3:GetObject"]);
+        assert_eq!(eval.token_ttl.to_string(), "20m");
+        assert_eq!(eval.violations.len(), 1);
+        assert_eq!(
+            eval.violations[0].to_string(),
+            r#"spec.aws.statements[0].actions: "s3:PutObject" is not allowed by IdentityBoundary narrow"#
+        );
+
+        let eval = evaluate(&spec, &labels("c"), &[]);
+        assert!(eval.governing.is_empty());
+        let status = status_for(&eval, &WorkloadIdentityStatus::default(), Some(1), 0);
+        assert!(!is_true(&status.conditions, cond::READY));
+        assert_eq!(status.conditions[0].reason, reason::NOT_GOVERNED);
+        assert!(status.effective.is_none());
+    }
+
+    #[test]
+    fn an_invalid_boundary_selector_is_reported_not_fatal() {
+        let mut bad = boundary("bad", "a", &["*"], &["*"], "1h");
+        bad.spec.namespace_selector = serde_json::from_value::<LabelSelector>(
+            json!({"matchExpressions": [{"key": "team", "operator": "Near", "values": ["a"]}]}),
+        )
+        .unwrap();
+        let eval = evaluate(&identity(&["s3:GetObject"], &["*"], "15m"), &labels("a"), &[bad]);
+        assert_eq!(eval.invalid_selectors, ["bad"]);
+        let status = status_for(&eval, &WorkloadIdentityStatus::default(), Some(1), 0);
+        assert!(is_true(&status.conditions, cond::DEGRADED));
+    }
+
+    #[test]
+    fn transition_times_only_move_when_a_condition_changes() {
+        let b = boundary("a", "a", &["s3:Get*"], &["*"], "1h");
+        let eval = evaluate(&identity(&["s3:GetObject"], &["*"], "15m"), &labels("a"), &[b]);
+        let first = status_for(&eval, &WorkloadIdentityStatus::default(), Some(1), 2);
+        let mut aged = first.clone();
+        aged.conditions[0].last_transition_time = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap(),
+        );
+        let second = status_for(&eval, &aged, Some(2), 2);
+        assert_eq!(second.conditions[0].last_transition_time, aged.conditions[0].last_transition_time);
+        assert_eq!(second.observed_generation, Some(2));
+        assert_eq!(second.active_leases, Some(2));
+    }
+}

@@ -3,14 +3,16 @@
 # identity lifecycle is built from: a pod scheduled onto a fake node, a
 # short-lived ServiceAccount token, an IAM role that trusts exactly that
 # ServiceAccount, and what happens to access when the role is deleted.
-# (The full ephemera lifecycle joins this tour as the controller lands.)
+# Then ephemera's own API: the CRDs, a boundary and identities, and the
+# controller clamping an identity that asks for too much.
+# (The webhook and the per-pod role lifecycle join this tour as they land.)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # shellcheck source=/dev/null
 source "$STATE/dev.env"
 
 NS=ephemera-demo
-STEPS=6
+STEPS=9
 n=0
 say() {
   n=$((n + 1))
@@ -101,4 +103,34 @@ python -c "import boto3; boto3.client('iam').delete_role(RoleName='$ROLE'); prin
 workload
 
 kubectl delete namespace "$NS" --wait=false >/dev/null
+
+say "Ephemera's API: install the CRDs and start the controller"
+info "building ephemera (first time on a machine: 5-10 min; then seconds)"
+(cd "$EPHEMERA_ROOT" && cargo build --quiet) || die "cargo build failed"
+run kubectl apply --server-side -f "$EPHEMERA_ROOT/crds/"
+kubectl wait --for=condition=Established crd --all --timeout=30s >/dev/null
+CONTROLLER_LOG=$LOGS/controller-demo.log
+"$EPHEMERA_ROOT/target/debug/ephemera" controller --admin-addr 127.0.0.1:0 >"$CONTROLLER_LOG" 2>&1 &
+CONTROLLER_PID=$!
+trap 'rm -f "$TOKEN_FILE"; kill $CONTROLLER_PID 2>/dev/null || true' EXIT
+info "controller running (pid $CONTROLLER_PID, log $CONTROLLER_LOG)"
+
+say "A boundary, two identities and their workloads (examples/)"
+kubectl delete namespace team-a --ignore-not-found --wait=true --timeout=60s >/dev/null # a previous demo's
+run kubectl apply -f "$EPHEMERA_ROOT/examples/"
+for wi in nightly-report orders-api; do
+  kubectl -n team-a wait --for=condition=Ready "workloadidentity/$wi" --timeout=30s >/dev/null
+done
+run kubectl get ephemera -A
+
+say "An identity asks for more than its boundary allows: it is narrowed, and says so"
+run kubectl -n team-a patch workloadidentity orders-api --type merge \
+  -p '{"spec":{"aws":{"statements":[{"actions":["sqs:SendMessage","iam:PassRole"],"resources":["arn:aws:sqs:eu-west-1:123456789012:team-a-orders"]}]}}}'
+kubectl -n team-a wait --for=condition=BoundaryViolation workloadidentity/orders-api --timeout=30s >/dev/null
+run kubectl -n team-a get workloadidentity orders-api \
+  -o jsonpath='{range .status.conditions[*]}{.type}={.status}: {.message}{"\n"}{end}'
+# While the controller still runs: the boundary's finalizer withdraws its NetworkPolicy.
+kubectl delete identityboundary team-a --timeout=60s >/dev/null
+kubectl delete namespace team-a --wait=false >/dev/null
+
 printf '\n%sDone.%s The test bed keeps running: source .ephemera/dev.env to use kubectl; make cluster-down stops it.\n' "$_green" "$_reset"

@@ -159,6 +159,7 @@ pub async fn serve_admin(addr: SocketAddr, metrics: Arc<Metrics>) -> crate::Resu
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(crate::Error::io(format!("binding the admin server to {addr}")))?;
-    tracing::info!(%addr, "admin server listening (/livez /readyz /metrics)");
+    let bound = listener.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
+    tracing::info!(addr = %bound, "admin server listening (/livez /readyz /metrics)");
     axum::serve(listener, app).await.map_err(crate::Error::io("serving the admin endpoints"))
 }

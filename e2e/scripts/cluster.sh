@@ -233,6 +233,9 @@ write_env() {
   cat >"$STATE/dev.env" <<ENV
 # Written by \`make cluster-up\`: source it to talk to the local test bed.
 export KUBECONFIG=$STATE/admin.kubeconfig
+# kubectl's discovery cache is keyed by host:port only; a cache left by an
+# earlier cluster on the same port would hide this one's resources.
+export KUBECACHEDIR=$STATE/kube-cache
 export PATH=$BIN:\$PATH
 export AWS_ENDPOINT_URL=http://127.0.0.1:$MINISTACK_PORT
 export AWS_REGION=$AWS_TEST_REGION
@@ -320,7 +323,7 @@ cmd_down() {
   done
   # Cluster data goes with the processes: MiniStack keeps IAM in memory, so a
   # kept etcd would describe roles that no longer exist.
-  rm -rf "$STATE/etcd" "$STATE/dev.env"
+  rm -rf "$STATE/etcd" "$STATE/dev.env" "$STATE/kube-cache"
   ((stopped)) || info "nothing was running"
 }
 

@@ -109,6 +109,7 @@ info "building ephemera (first time on a machine: 5-10 min; then seconds)"
 (cd "$EPHEMERA_ROOT" && cargo build --quiet) || die "cargo build failed"
 run kubectl apply --server-side -f "$EPHEMERA_ROOT/crds/"
 kubectl wait --for=condition=Established crd --all --timeout=30s >/dev/null
+kubectl api-resources >/dev/null # refresh kubectl's discovery cache: the new kinds and the `ephemera` category
 CONTROLLER_LOG=$LOGS/controller-demo.log
 "$EPHEMERA_ROOT/target/debug/ephemera" controller --admin-addr 127.0.0.1:0 >"$CONTROLLER_LOG" 2>&1 &
 CONTROLLER_PID=$!

@@ -72,7 +72,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let controllers = async {
         tokio::join!(workload_identity::run(ctx.clone()), boundary::run(ctx.clone()));
     };
-    tokio::select! {
+    let result = tokio::select! {
         () = controllers => Ok(()),
         res = admin => match res {
             Ok(res) => res,
@@ -80,16 +80,40 @@ pub async fn run(settings: Settings) -> Result<()> {
         },
         () = async {
             match leadership.as_mut() {
-                Some(rx) => while rx.changed().await.is_ok() && *rx.borrow() {},
+                Some((rx, _)) => while rx.changed().await.is_ok() && *rx.borrow() {},
                 None => std::future::pending().await,
             }
         } => Err(Error::Config("lost the leader-election lease; exiting so a new leader takes over".into())),
+    };
+    if let Some(leadership) = leadership {
+        release_leadership(leadership).await;
+    }
+    result
+}
+
+type Leadership = (
+    tokio::sync::watch::Receiver<bool>,
+    tokio::task::JoinHandle<Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError>>,
+);
+
+/// Hands the Lease back on shutdown, so the next replica takes over at once
+/// instead of after the lease duration.
+async fn release_leadership((rx, task): Leadership) {
+    // Closing the channel stops the renewal task, which returns the manager.
+    drop(rx);
+    match task.await {
+        Ok(Ok(manager)) => match manager.release().await {
+            Ok(()) => tracing::info!("released the leader-election lease"),
+            Err(e) => tracing::warn!(error = %e, "could not release the leader-election lease"),
+        },
+        Ok(Err(e)) => tracing::warn!(error = %e, "leader election ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "leader election task failed"),
     }
 }
 
 /// Blocks until this replica holds the `ephemera-controller` Lease; the
 /// returned channel turns `false` if it is lost.
-async fn acquire_leadership(client: &Client, settings: &Settings) -> Result<tokio::sync::watch::Receiver<bool>> {
+async fn acquire_leadership(client: &Client, settings: &Settings) -> Result<Leadership> {
     let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
         .with_namespace(&settings.namespace)
         .with_identity(&settings.identity)
@@ -98,13 +122,13 @@ async fn acquire_leadership(client: &Client, settings: &Settings) -> Result<toki
         .build()
         .await
         .map_err(|e| Error::Config(format!("leader election: {e}")))?;
-    let (mut rx, _task) = manager.watch().await;
+    let (mut rx, task) = manager.watch().await;
     tracing::info!(lease = LEASE_NAME, namespace = %settings.namespace, "waiting for leadership");
     while !*rx.borrow_and_update() {
         rx.changed().await.map_err(|_| Error::Config("leader election stopped".into()))?;
     }
     tracing::info!(identity = %settings.identity, "became leader");
-    Ok(rx)
+    Ok((rx, task))
 }
 
 /// Drives a kube-runtime controller stream to the end, logging each result.

@@ -390,6 +390,95 @@ mod tests {
         assert!(is_true(&status.conditions, cond::DEGRADED));
     }
 
+    /// A fake apiserver (tower-test) answering the reconciler's calls in the
+    /// order it must make them, checking each request.
+    mod api_server {
+        use http::{Request, Response};
+        use kube::{Client, client::Body};
+        use tower_test::mock::{Handle, pair};
+
+        pub fn client() -> (Client, Handle<Request<Body>, Response<Body>>) {
+            let (service, handle) = pair::<Request<Body>, Response<Body>>();
+            (Client::new(service, "default"), handle)
+        }
+
+        /// Expects `method path...` next, answers `body`, returns the request body.
+        pub async fn expect(
+            handle: &mut Handle<Request<Body>, Response<Body>>,
+            method: &str,
+            path_prefix: &str,
+            body: serde_json::Value,
+        ) -> serde_json::Value {
+            let (request, responder) = handle.next_request().await.expect("the reconciler made another request");
+            assert_eq!(request.method().as_str(), method, "{}", request.uri());
+            assert!(request.uri().path().starts_with(path_prefix), "expected {path_prefix}, got {}", request.uri());
+            let request_body = request.into_body().collect_bytes().await.unwrap();
+            responder.send_response(Response::builder().body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap());
+            serde_json::from_slice(&request_body).unwrap_or(serde_json::Value::Null)
+        }
+    }
+
+    #[tokio::test]
+    async fn reconcile_publishes_the_violation_in_status_and_an_event() {
+        let (client, mut apiserver) = api_server::client();
+        let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            recorder: kube::runtime::events::Recorder::new(client, reporter),
+            metrics: Arc::default(),
+        });
+        let identity: WorkloadIdentity = serde_json::from_value(json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity",
+            "metadata": {"name": "reader", "namespace": "team-a", "generation": 3, "uid": "u1"},
+            "spec": {"aws": {"statements": [{"actions": ["s3:GetObject", "iam:PassRole"], "resources": ["*"]}]}},
+        }))
+        .unwrap();
+        let b = boundary("team-a", "a", &["s3:Get*"], &["*"], "1h");
+
+        let reconciler = tokio::spawn(reconcile(Arc::new(identity), ctx.clone()));
+        api_server::expect(
+            &mut apiserver,
+            "GET",
+            "/api/v1/namespaces/team-a",
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a", "labels": {"team": "a"}}}),
+        )
+        .await;
+        api_server::expect(&mut apiserver, "GET", "/apis/ephemera.dev/v1alpha1/identityboundaries",
+            json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityBoundaryList", "metadata": {}, "items": [b]})).await;
+        api_server::expect(
+            &mut apiserver,
+            "GET",
+            "/apis/ephemera.dev/v1alpha1/namespaces/team-a/identityleases",
+            json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLeaseList", "metadata": {}, "items": []}),
+        )
+        .await;
+        let event =
+            api_server::expect(&mut apiserver, "POST", "/apis/events.k8s.io/v1/namespaces/team-a/events", json!({}))
+                .await;
+        assert_eq!(event["reason"], "BoundaryViolation");
+        assert_eq!(event["type"], "Warning");
+        let patch = api_server::expect(&mut apiserver, "PATCH", "/apis/ephemera.dev/v1alpha1/namespaces/team-a/workloadidentities/reader/status",
+            json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity", "metadata": {"name": "reader"}, "spec": {}})).await;
+        let conditions = patch["status"]["conditions"].as_array().unwrap();
+        let violation = conditions.iter().find(|c| c["type"] == "BoundaryViolation").unwrap();
+        assert_eq!(violation["status"], "True");
+        assert!(
+            violation["message"]
+                .as_str()
+                .unwrap()
+                .contains(r#""iam:PassRole" is not allowed by IdentityBoundary team-a"#)
+        );
+        assert_eq!(patch["status"]["observedGeneration"], 3);
+        assert_eq!(patch["status"]["effective"]["tokenTTL"], "15m");
+
+        let action = reconciler.await.unwrap().unwrap();
+        assert_eq!(action, Action::requeue(RESYNC));
+        assert_eq!(
+            ctx.metrics.reconciles.get_or_create(&crate::telemetry::ControllerLabels { controller: CONTROLLER }).get(),
+            1
+        );
+    }
+
     #[test]
     fn transition_times_only_move_when_a_condition_changes() {
         let b = boundary("a", "a", &["s3:Get*"], &["*"], "1h");

@@ -78,6 +78,8 @@ async fn the_examples_apply_cleanly_and_kubectl_shows_them() {
         }
     }
 
+    // Discovery cached before the CRDs existed would not know the category.
+    kubectl(&["api-resources"]);
     let get = kubectl(&["get", "ephemera", "-n", &ns.name]);
     for name in ["nightly-report", "orders-api"] {
         assert!(get.contains(name), "`kubectl get ephemera` lists {name}:\n{get}");

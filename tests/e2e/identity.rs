@@ -187,3 +187,39 @@ impl Drop for DeleteOnDrop {
         .join();
     }
 }
+
+#[tokio::test]
+async fn of_two_replicas_one_leads_and_the_other_takes_over_when_it_stops() {
+    use k8s_openapi::api::coordination::v1::Lease;
+
+    use crate::support::ControllerProcess;
+
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let ns = bed.namespace("e2e-leader").await;
+    let start =
+        |id: &str| ControllerProcess::start_with(&["--leader-elect", "--namespace", &ns.name, "--identity", id]);
+    let mut replicas = [start("replica-a"), start("replica-b")];
+    let leases = Api::<Lease>::namespaced(bed.client.clone(), &ns.name);
+    let holder = || async {
+        let lease = leases.get_opt("ephemera-controller").await.ok().flatten()?;
+        lease.spec?.holder_identity
+    };
+    let first = wait_until("a leader", WAIT, || async { holder().await }).await;
+    let (leader, follower) = if first == "replica-a" { (0, "replica-b") } else { (1, "replica-a") };
+    let follower_log = std::fs::read_to_string(&replicas[1 - leader].log).unwrap_or_default();
+    assert!(!follower_log.contains("became leader"), "only one replica leads:\n{follower_log}");
+
+    // SIGTERM: the leader stops and releases the Lease; the follower, which
+    // re-checks when the lease it last saw would expire, takes over within
+    // one lease duration (15 s) plus a retry.
+    let start = std::time::Instant::now();
+    replicas[leader].terminate();
+    let leader_log = std::fs::read_to_string(&replicas[leader].log).unwrap_or_default();
+    assert!(leader_log.contains("released the leader-election lease"), "graceful release:\n{leader_log}");
+    wait_until("the follower to take over", Duration::from_secs(25), || async {
+        (holder().await.as_deref() == Some(follower)).then_some(())
+    })
+    .await;
+    eprintln!("handover took {:?}", start.elapsed());
+}

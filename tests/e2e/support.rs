@@ -225,26 +225,43 @@ pub async fn ensure_crds(client: &Client) {
 
 /// The `ephemera controller` binary of this build, running against the test
 /// bed for the duration of a test; killed when dropped.
-pub struct ControllerProcess(std::process::Child);
+pub struct ControllerProcess {
+    child: std::process::Child,
+    /// Where its log goes.
+    pub log: PathBuf,
+}
 
 impl ControllerProcess {
     pub fn start() -> ControllerProcess {
+        Self::start_with(&[])
+    }
+
+    /// With extra arguments after `ephemera controller`.
+    pub fn start_with(args: &[&str]) -> ControllerProcess {
         let log = std::env::temp_dir().join(unique_name("ephemera-controller") + ".log");
         let child = Command::new(env!("CARGO_BIN_EXE_ephemera"))
             .args(["controller", "--admin-addr", "127.0.0.1:0"])
+            .args(args)
             .env("RUST_LOG", "info,ephemera=debug")
+            .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).expect("controller log file"))
             .spawn()
             .expect("starting `ephemera controller`");
         eprintln!("ephemera controller pid {} logs to {}", child.id(), log.display());
-        ControllerProcess(child)
+        ControllerProcess { child, log }
+    }
+
+    /// Asks it to stop as Kubernetes would (SIGTERM) and waits for it.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
     }
 }
 
 impl Drop for ControllerProcess {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1,0 +1,344 @@
+//! The pod mutation, as a pure function: pod + what admission decided ->
+//! JSON patch. The HTTP layer decodes the AdmissionReview, resolves the
+//! identity (and creates the ServiceAccount and lease), then calls this.
+//!
+//! Why each step:
+//! - The built-in ServiceAccount admission plugin runs before mutating
+//!   webhooks, so the pod already carries the `kube-api-access-*` projected
+//!   volume (the standing default token) and its mounts: we remove them from
+//!   every container kind and turn automounting off. The plugin does not run
+//!   again on reinvocation, so they stay gone.
+//! - A pod with an identity gets its own ServiceAccount, a projected token
+//!   for the identity's audience (kubelet rotates it at 80 % of its life), the
+//!   env every AWS SDK reads for web-identity credentials, and a scheduling
+//!   gate the controller lifts once the role is verified usable.
+//! - `reinvocationPolicy: IfNeeded`: a second call on the mutated pod yields
+//!   an empty patch (nothing is added twice, nothing the user set is replaced).
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::{
+    ConfigMapProjection, Container, DownwardAPIProjection, DownwardAPIVolumeFile, EnvVar, KeyToPath,
+    ObjectFieldSelector, Pod, PodSchedulingGate, PodSpec, ProjectedVolumeSource, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::api::well_known::{
+    ANNOTATION_ENV_KEPT, LABEL_LEASE, MIN_TOKEN_TTL_SECONDS, SCHEDULING_GATE, TOKEN_MOUNT_PATH,
+};
+use crate::{Error, Result};
+
+/// Name of the projected volume holding the STS-audience token.
+pub const TOKEN_VOLUME: &str = "ephemera-token";
+/// Name of the projected volume replacing `kube-api-access-*` for identities
+/// that have Kubernetes rules.
+pub const KUBE_API_VOLUME: &str = "ephemera-kube-api-access";
+/// Where Kubernetes client libraries look for the in-cluster token.
+const KUBE_API_MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Prefix of the volume the ServiceAccount admission plugin injects.
+const DEFAULT_TOKEN_VOLUME_PREFIX: &str = "kube-api-access-";
+
+/// Process-wide settings of the webhook.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    /// `AWS_REGION` / `AWS_DEFAULT_REGION` injected into pods.
+    pub aws_region: String,
+}
+
+/// What admission decided for this pod, resolved before mutating.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Admission {
+    /// The pod opted out (`ephemera.dev/default-token: keep`) and its boundary
+    /// allows it: leave the default token alone.
+    #[serde(default)]
+    pub keep_default_token: bool,
+    /// The identity the pod gets, if it matches a `WorkloadIdentity`.
+    #[serde(default)]
+    pub identity: Option<ResolvedIdentity>,
+}
+
+/// A `WorkloadIdentity` instantiated for one pod (or Job run).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedIdentity {
+    /// The `IdentityLease` made for this pod.
+    pub lease: String,
+    /// The per-pod ServiceAccount.
+    pub service_account: String,
+    /// ARN of the role the lease will provision.
+    pub role_arn: String,
+    /// `AWS_ROLE_SESSION_NAME`.
+    pub session_name: String,
+    /// Token audience.
+    pub audience: String,
+    /// Token lifetime in seconds (raised to the kubelet's minimum of 600).
+    pub ttl_seconds: i64,
+    /// The identity has Kubernetes rules: also project a Kubernetes API token.
+    #[serde(default)]
+    pub kubernetes_token: bool,
+}
+
+/// The JSON patch that turns `pod` into what ephemera admits.
+///
+/// # Errors
+/// Only if the pod cannot be serialised, which a decoded pod always can.
+pub fn mutate(pod: &Pod, admission: &Admission, settings: &Settings) -> Result<json_patch::Patch> {
+    let before = to_value(pod)?;
+    let mut pod = pod.clone();
+    let spec = pod.spec.get_or_insert_with(PodSpec::default);
+
+    if !admission.keep_default_token {
+        strip_default_token(spec);
+    }
+    if let Some(identity) = &admission.identity {
+        spec.service_account_name = Some(identity.service_account.clone());
+        if spec.service_account.is_some() {
+            // Deprecated alias; the apiserver rejects a pod where they differ.
+            spec.service_account = Some(identity.service_account.clone());
+        }
+        add_volume(spec, token_volume(identity));
+        if identity.kubernetes_token {
+            add_volume(spec, kube_api_volume());
+        }
+        let env = aws_env(identity, settings);
+        let mut kept = BTreeSet::new();
+        for_each_container(spec, |kind, c| {
+            add_mount(c, TOKEN_VOLUME, token_dir());
+            if identity.kubernetes_token {
+                add_mount(c, KUBE_API_VOLUME, KUBE_API_MOUNT_PATH);
+            }
+            for var in &env {
+                if !add_env(c, var) {
+                    kept.insert(format!("{kind}/{}:{}", c.name, var.name));
+                }
+            }
+        });
+        let gates = spec.scheduling_gates.get_or_insert_with(Vec::new);
+        if !gates.iter().any(|g| g.name == SCHEDULING_GATE) {
+            gates.push(PodSchedulingGate { name: SCHEDULING_GATE.to_owned() });
+        }
+        pod.metadata.labels.get_or_insert_with(Default::default).insert(LABEL_LEASE.to_owned(), identity.lease.clone());
+        if !kept.is_empty() {
+            let annotations = pod.metadata.annotations.get_or_insert_with(Default::default);
+            annotations.insert(ANNOTATION_ENV_KEPT.to_owned(), kept.into_iter().collect::<Vec<_>>().join(","));
+        }
+    }
+    Ok(json_patch::diff(&before, &to_value(&pod)?))
+}
+
+fn to_value(pod: &Pod) -> Result<serde_json::Value> {
+    serde_json::to_value(pod).map_err(|e| Error::Serialization { what: "Pod", message: e.to_string() })
+}
+
+/// No default token: automount off, the plugin's volume and mounts gone.
+fn strip_default_token(spec: &mut PodSpec) {
+    spec.automount_service_account_token = Some(false);
+    let injected: BTreeSet<String> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| v.name.starts_with(DEFAULT_TOKEN_VOLUME_PREFIX) && v.projected.is_some())
+        .map(|v| v.name.clone())
+        .collect();
+    if injected.is_empty() {
+        return;
+    }
+    if let Some(volumes) = spec.volumes.as_mut() {
+        volumes.retain(|v| !injected.contains(&v.name));
+    }
+    for_each_container(spec, |_, c| {
+        if let Some(mounts) = c.volume_mounts.as_mut() {
+            mounts.retain(|m| !injected.contains(&m.name));
+        }
+    });
+    // Ephemeral containers share the pod's volumes too.
+    for c in spec.ephemeral_containers.iter_mut().flatten() {
+        if let Some(mounts) = c.volume_mounts.as_mut() {
+            mounts.retain(|m| !injected.contains(&m.name));
+        }
+    }
+}
+
+/// Calls `f` with every container and init container (native sidecars are
+/// init containers with `restartPolicy: Always`).
+fn for_each_container(spec: &mut PodSpec, mut f: impl FnMut(&str, &mut Container)) {
+    for c in spec.init_containers.iter_mut().flatten() {
+        f("initContainer", c);
+    }
+    for c in &mut spec.containers {
+        f("container", c);
+    }
+}
+
+/// The directory of the token file: the file is `<dir>/token`.
+fn token_dir() -> &'static str {
+    TOKEN_MOUNT_PATH.rsplit_once('/').map_or(TOKEN_MOUNT_PATH, |(dir, _)| dir)
+}
+
+fn token_volume(identity: &ResolvedIdentity) -> Volume {
+    Volume {
+        name: TOKEN_VOLUME.to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o444),
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(identity.audience.clone()),
+                    expiration_seconds: Some(identity.ttl_seconds.max(MIN_TOKEN_TTL_SECONDS)),
+                    path: "token".to_owned(),
+                }),
+                ..VolumeProjection::default()
+            }]),
+        }),
+        ..Volume::default()
+    }
+}
+
+/// What `kube-api-access-*` holds (API-audience token, cluster CA,
+/// namespace), for identities that are granted Kubernetes rules.
+fn kube_api_volume() -> Volume {
+    Volume {
+        name: KUBE_API_VOLUME.to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o444),
+            sources: Some(vec![
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: None,
+                        expiration_seconds: Some(3607),
+                        path: "token".to_owned(),
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: "kube-root-ca.crt".to_owned(),
+                        items: Some(vec![KeyToPath { key: "ca.crt".into(), path: "ca.crt".into(), mode: None }]),
+                        optional: None,
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
+                    downward_api: Some(DownwardAPIProjection {
+                        items: Some(vec![DownwardAPIVolumeFile {
+                            path: "namespace".into(),
+                            field_ref: Some(ObjectFieldSelector {
+                                api_version: Some("v1".into()),
+                                field_path: "metadata.namespace".into(),
+                            }),
+                            ..DownwardAPIVolumeFile::default()
+                        }]),
+                    }),
+                    ..VolumeProjection::default()
+                },
+            ]),
+        }),
+        ..Volume::default()
+    }
+}
+
+fn add_volume(spec: &mut PodSpec, volume: Volume) {
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    if !volumes.iter().any(|v| v.name == volume.name) {
+        volumes.push(volume);
+    }
+}
+
+fn add_mount(container: &mut Container, volume: &str, path: &str) {
+    let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
+    if !mounts.iter().any(|m| m.name == volume || m.mount_path == path) {
+        mounts.push(VolumeMount {
+            name: volume.to_owned(),
+            mount_path: path.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+}
+
+/// Adds `var` unless the container already sets a variable of that name;
+/// returns whether the container's own value was kept instead.
+fn add_env(container: &mut Container, var: &EnvVar) -> bool {
+    let env = container.env.get_or_insert_with(Vec::new);
+    match env.iter().find(|e| e.name == var.name) {
+        None => {
+            env.push(var.clone());
+            true
+        }
+        // Ours from an earlier call (reinvocation) is not a user's value.
+        Some(existing) => existing == var,
+    }
+}
+
+fn aws_env(identity: &ResolvedIdentity, settings: &Settings) -> Vec<EnvVar> {
+    let var =
+        |name: &str, value: &str| EnvVar { name: name.to_owned(), value: Some(value.to_owned()), value_from: None };
+    vec![
+        var("AWS_ROLE_ARN", &identity.role_arn),
+        var("AWS_WEB_IDENTITY_TOKEN_FILE", TOKEN_MOUNT_PATH),
+        var("AWS_ROLE_SESSION_NAME", &identity.session_name),
+        var("AWS_REGION", &settings.aws_region),
+        var("AWS_DEFAULT_REGION", &settings.aws_region),
+        var("AWS_STS_REGIONAL_ENDPOINTS", "regional"),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+
+    /// One golden case: `tests/fixtures/mutate/<case>/{pod.yaml,admission.yaml}` in,
+    /// `expected-patch.json` (what the apiserver receives) and `expected-pod.yaml`
+    /// (the patched pod, for reviewers) out. `UPDATE_GOLDEN=1 cargo test golden`
+    /// rewrites both outputs: review the diff before committing.
+    fn run_case(dir: &Path) -> std::result::Result<(), String> {
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| format!("{f}: {e}"));
+        let pod: Pod = serde_yaml::from_str(&read("pod.yaml")?).map_err(|e| format!("pod.yaml: {e}"))?;
+        let admission: Admission =
+            serde_yaml::from_str(&read("admission.yaml")?).map_err(|e| format!("admission.yaml: {e}"))?;
+        let settings = Settings { aws_region: "eu-west-1".into() };
+        let patch = mutate(&pod, &admission, &settings).map_err(|e| e.to_string())?;
+        let rendered = serde_json::to_string_pretty(&patch).unwrap() + "\n";
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(dir.join("expected-patch.json"), &rendered).unwrap();
+        }
+        let expected = read("expected-patch.json")?;
+        if rendered != expected {
+            return Err(format!("patch differs from expected-patch.json:\n{rendered}"));
+        }
+        // The patch applies to the pod, and mutating the result again changes
+        // nothing (reinvocation is idempotent).
+        let mut doc = serde_json::to_value(&pod).unwrap();
+        json_patch::patch(&mut doc, &patch).map_err(|e| format!("patch does not apply: {e}"))?;
+        let rendered_pod = serde_yaml::to_string(&doc).unwrap();
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(dir.join("expected-pod.yaml"), &rendered_pod).unwrap();
+        }
+        if rendered_pod != read("expected-pod.yaml")? {
+            return Err(format!("patched pod differs from expected-pod.yaml:\n{rendered_pod}"));
+        }
+        let mutated: Pod = serde_json::from_value(doc).map_err(|e| format!("patched pod: {e}"))?;
+        let again = mutate(&mutated, &admission, &settings).map_err(|e| e.to_string())?;
+        if !again.0.is_empty() {
+            return Err(format!("second call is not a no-op: {}", serde_json::to_string(&again).unwrap()));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn golden_fixtures() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mutate");
+        let mut cases: Vec<PathBuf> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
+        cases.sort();
+        assert!(cases.len() >= 10, "golden cases went missing: {}", cases.len());
+        let failures: Vec<String> = cases
+            .iter()
+            .filter_map(|c| run_case(c).err().map(|e| format!("{}: {e}", c.file_name().unwrap().to_string_lossy())))
+            .collect();
+        assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    }
+}

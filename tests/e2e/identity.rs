@@ -15,7 +15,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::support::{ControllerProcess, TestBed, ensure_crds, unique_name, wait_until};
+use crate::support::{ControllerProcess, DeleteOnDrop, TestBed, ensure_crds, unique_name, wait_until};
 use ephemera::api::{IdentityBoundary, WorkloadIdentity};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -43,7 +43,7 @@ async fn identities_are_clamped_to_their_boundary_and_follow_its_changes() {
     }))
     .unwrap();
     boundaries.create(&PostParams::default(), &boundary).await.expect("create the boundary");
-    let _boundary_guard = DeleteOnDrop::boundary(&boundary_name);
+    let _boundary_guard = DeleteOnDrop::<IdentityBoundary>::new(&boundary_name);
 
     let identities = Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name);
     let identity: WorkloadIdentity = serde_json::from_value(json!({
@@ -164,35 +164,9 @@ async fn label_namespace(client: &Client, name: &str, team: Option<&str>) {
         .expect("label the namespace");
 }
 
-/// Deletes a cluster-scoped test object even when the test fails.
-struct DeleteOnDrop(String);
-
-impl DeleteOnDrop {
-    fn boundary(name: &str) -> Self {
-        DeleteOnDrop(name.to_owned())
-    }
-}
-
-impl Drop for DeleteOnDrop {
-    fn drop(&mut self) {
-        let name = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("cleanup runtime");
-            rt.block_on(async {
-                if let Ok(client) = Client::try_default().await {
-                    let _ = Api::<IdentityBoundary>::all(client).delete(&name, &DeleteParams::default()).await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
 #[tokio::test]
 async fn of_two_replicas_one_leads_and_the_other_takes_over_when_it_stops() {
     use k8s_openapi::api::coordination::v1::Lease;
-
-    use crate::support::ControllerProcess;
 
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;

@@ -70,7 +70,7 @@ impl TestBed {
             sas.get_opt("default").await.ok().flatten()
         })
         .await;
-        TestNamespace { name }
+        TestNamespace { _cleanup: DeleteOnDrop::new(&name), name }
     }
 
     /// Creates a ServiceAccount and returns its name.
@@ -159,9 +159,39 @@ pub struct WorkloadResult {
 /// also when the test failed.
 pub struct TestNamespace {
     pub name: String,
+    _cleanup: DeleteOnDrop<Namespace>,
 }
 
-impl Drop for TestNamespace {
+/// A cluster-scoped Kubernetes kind.
+pub trait ClusterObject:
+    kube::Resource<Scope = kube::core::ClusterResourceScope, DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> ClusterObject for K where
+    K: kube::Resource<Scope = kube::core::ClusterResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
+/// Deletes a cluster-scoped object when dropped, also when the test failed.
+pub struct DeleteOnDrop<K: ClusterObject> {
+    name: String,
+    kind: std::marker::PhantomData<K>,
+}
+
+impl<K: ClusterObject> DeleteOnDrop<K> {
+    pub fn new(name: &str) -> Self {
+        DeleteOnDrop { name: name.to_owned(), kind: std::marker::PhantomData }
+    }
+}
+
+impl<K: ClusterObject> Drop for DeleteOnDrop<K> {
     fn drop(&mut self) {
         let name = self.name.clone();
         // Drop cannot await, and blocking here stalls the test's runtime. A
@@ -171,7 +201,7 @@ impl Drop for TestNamespace {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("cleanup runtime");
             rt.block_on(async {
                 if let Ok(client) = Client::try_default().await {
-                    let _ = Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await;
+                    let _ = Api::<K>::all(client).delete(&name, &DeleteParams::background()).await;
                 }
             });
         })

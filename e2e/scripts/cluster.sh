@@ -197,7 +197,10 @@ start() {
   check_port_free "$name"
   local log=$LOGS/$name.log
   [[ -s $log ]] && mv -f "$log" "$log.1"
-  # shellcheck disable=SC2046 # command_of prints a word list without spaces inside words
+  # command_of prints a word list: paths with spaces are not supported.
+  # AUTH/BIND_HOST/GATEWAY_PORT/LOG_LEVEL configure MiniStack; the other
+  # processes ignore them.
+  # shellcheck disable=SC2046
   AUTH=true BIND_HOST=127.0.0.1 GATEWAY_PORT=$MINISTACK_PORT LOG_LEVEL=WARNING \
     setsid $(command_of "$name") >"$log" 2>&1 </dev/null &
   echo $! >"$pidfile"

@@ -67,6 +67,12 @@ test: lint unit e2e ## Everything CI runs: fmt, clippy, unit and e2e tests.
 e2e: cluster-up ## End-to-end tests against the test bed (starts it if needed; leaves it running).
 	source $(DEV_ENV) && $(CARGO) test --features e2e --test e2e -- --test-threads 2
 
+##@ Performance
+
+.PHONY: bench
+bench: ## Benchmarks (criterion): mutate() per call. Prints the figures; not a timed test.
+	$(CARGO) bench --bench mutate -- --noplot
+
 ##@ Demo
 
 .PHONY: demo

@@ -26,9 +26,20 @@ enum Command {
     Controller(ControllerArgs),
     /// Run the admission webhook: strip default tokens and inject per-pod
     /// identities into pods; validate ephemera's own resources.
-    Webhook,
+    Webhook {
+        #[command(flatten)]
+        webhook: WebhookArgs,
+        /// The operator's namespace (never mutated; holds the TLS Secret).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "ephemera-system")]
+        namespace: String,
+    },
     /// Run the controllers and the webhook in one process (local development).
-    Run(ControllerArgs),
+    Run {
+        #[command(flatten)]
+        controller: ControllerArgs,
+        #[command(flatten)]
+        webhook: WebhookArgs,
+    },
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD.
     Crdgen {
         /// Write `<crd-name>.yaml` files into this directory instead of printing.
@@ -56,6 +67,73 @@ struct ControllerArgs {
     identity: String,
 }
 
+#[derive(Debug, clap::Args)]
+struct WebhookArgs {
+    /// HTTPS address of the admission webhook.
+    #[arg(long, env = "EPHEMERA_WEBHOOK_ADDR", default_value = "0.0.0.0:8443")]
+    webhook_addr: std::net::SocketAddr,
+    /// Address of the webhook's admin server (`/livez`, `/readyz`, `/metrics`).
+    #[arg(long, env = "EPHEMERA_WEBHOOK_ADMIN_ADDR", default_value = "127.0.0.1:8081")]
+    webhook_admin_addr: std::net::SocketAddr,
+    /// Serving certificate (PEM), e.g. from cert-manager; reloaded when it
+    /// changes. Without it the certificate is self-managed in a Secret.
+    #[arg(long, env = "EPHEMERA_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<std::path::PathBuf>,
+    /// Key of `--tls-cert-file` (PEM).
+    #[arg(long, env = "EPHEMERA_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<std::path::PathBuf>,
+    /// Secret (in the operator namespace) holding the self-managed CA and
+    /// serving certificate.
+    #[arg(long, env = "EPHEMERA_TLS_SECRET", default_value = "ephemera-webhook-tls")]
+    tls_secret: String,
+    /// Service in front of the webhook (its DNS names go into the certificate).
+    #[arg(long, env = "EPHEMERA_WEBHOOK_SERVICE", default_value = "ephemera-webhook")]
+    webhook_service: String,
+    /// Name of the Mutating/ValidatingWebhookConfiguration whose `caBundle`
+    /// ephemera keeps current.
+    #[arg(long, env = "EPHEMERA_WEBHOOK_CONFIGURATION", default_value = "ephemera")]
+    webhook_configuration: String,
+    /// Local development: register the webhook configurations with this
+    /// base URL (`https://127.0.0.1:8443`) and an in-memory certificate.
+    #[arg(long, env = "EPHEMERA_REGISTER_URL", conflicts_with = "tls_cert_file")]
+    register_url: Option<String>,
+    /// AWS region injected into pods (`AWS_REGION`, `AWS_DEFAULT_REGION`).
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    aws_region: String,
+    /// AWS account of the roles; asked from STS when unset.
+    #[arg(long, env = "EPHEMERA_AWS_ACCOUNT_ID")]
+    aws_account_id: Option<String>,
+    /// AWS partition of the role ARNs.
+    #[arg(long, env = "EPHEMERA_AWS_PARTITION", default_value = "aws")]
+    aws_partition: String,
+    /// Name of this cluster, in role names and tags.
+    #[arg(long, env = "EPHEMERA_CLUSTER_NAME", default_value = "kubernetes")]
+    cluster_name: String,
+}
+
+impl WebhookArgs {
+    fn into_settings(self, namespace: String) -> ephemera::webhook::Settings {
+        use ephemera::webhook::TlsSource;
+        let tls = match (self.tls_cert_file, self.tls_key_file, &self.register_url) {
+            (Some(cert), Some(key), _) => TlsSource::Files { cert, key },
+            (_, _, Some(_)) => TlsSource::Ephemeral,
+            _ => TlsSource::Secret { name: self.tls_secret, service: self.webhook_service },
+        };
+        ephemera::webhook::Settings {
+            listen_addr: self.webhook_addr,
+            admin_addr: self.webhook_admin_addr,
+            namespace,
+            tls,
+            configuration: self.webhook_configuration,
+            register_url: self.register_url,
+            aws_region: self.aws_region,
+            aws_account: self.aws_account_id,
+            aws_partition: self.aws_partition,
+            cluster_name: self.cluster_name,
+        }
+    }
+}
+
 impl From<ControllerArgs> for ephemera::controller::Settings {
     fn from(args: ControllerArgs) -> Self {
         ephemera::controller::Settings {
@@ -80,8 +158,11 @@ async fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Controller(args) => ephemera::controller::run(args.into()).await,
-        Command::Webhook => ephemera::webhook::run().await,
-        Command::Run(args) => run_all(args.into()).await,
+        Command::Webhook { webhook, namespace } => ephemera::webhook::run(webhook.into_settings(namespace)).await,
+        Command::Run { controller, webhook } => {
+            let webhook = webhook.into_settings(controller.namespace.clone());
+            Box::pin(run_all(controller.into(), webhook)).await
+        }
         Command::Crdgen { output_dir } => ephemera::crdgen::run(output_dir.as_deref()),
         Command::Version => {
             println!("ephemera {} (Kubernetes API {})", ephemera::VERSION, ephemera::KUBERNETES_API);
@@ -98,9 +179,12 @@ async fn main() -> ExitCode {
 }
 
 /// Controllers and webhook side by side; the first one to stop ends both.
-async fn run_all(settings: ephemera::controller::Settings) -> ephemera::Result<()> {
+async fn run_all(
+    controller: ephemera::controller::Settings,
+    webhook: ephemera::webhook::Settings,
+) -> ephemera::Result<()> {
     tokio::select! {
-        res = ephemera::controller::run(settings) => res,
-        res = ephemera::webhook::run() => res,
+        res = ephemera::controller::run(controller) => res,
+        res = ephemera::webhook::run(webhook) => res,
     }
 }

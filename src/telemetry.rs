@@ -60,6 +60,15 @@ pub struct ErrorLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the admission metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    /// `pods` or `workloadidentities`.
+    pub webhook: &'static str,
+    /// `mutated`, `allowed`, `denied` or `malformed`.
+    pub outcome: &'static str,
+}
+
 /// Every metric ephemera exports, registered in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -69,6 +78,10 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     /// `ephemera_reconcile_duration_seconds{controller}`.
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
+    /// `ephemera_admission_requests_total{webhook,outcome}`.
+    pub admission_requests: Family<AdmissionLabels, Counter>,
+    /// `ephemera_admission_duration_seconds{webhook,outcome}`.
+    pub admission_duration: Family<AdmissionLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -86,7 +99,28 @@ impl Default for Metrics {
             reconcile_errors.clone(),
         );
         registry.register("reconcile_duration_seconds", "Time spent in one reconciliation", reconcile_duration.clone());
-        Metrics { registry, reconciles, reconcile_errors, reconcile_duration }
+        let admission_requests = Family::<AdmissionLabels, Counter>::default();
+        let admission_duration = Family::<AdmissionLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0])
+        });
+        registry.register(
+            "admission_requests",
+            "AdmissionReviews answered, by webhook and outcome",
+            admission_requests.clone(),
+        );
+        registry.register(
+            "admission_duration_seconds",
+            "Time to answer one AdmissionReview (includes making the ServiceAccount and lease)",
+            admission_duration.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            admission_requests,
+            admission_duration,
+        }
     }
 }
 
@@ -102,6 +136,13 @@ impl Metrics {
     /// Counts one failed reconciliation.
     pub fn reconcile_failed(&self, controller: &'static str, error: &crate::Error) {
         self.reconcile_errors.get_or_create(&ErrorLabels { controller, reason: error.metric_label() }).inc();
+    }
+
+    /// Counts one answered AdmissionReview and its latency.
+    pub fn admission_done(&self, webhook: &'static str, outcome: &'static str, took: std::time::Duration) {
+        let labels = AdmissionLabels { webhook, outcome };
+        self.admission_requests.get_or_create(&labels).inc();
+        self.admission_duration.get_or_create(&labels).observe(took.as_secs_f64());
     }
 
     /// The registry in the OpenMetrics text format.
@@ -132,13 +173,22 @@ impl Drop for ReconcileTimer<'_> {
 // === Admin server ===
 
 /// Serves `/livez`, `/readyz` and `/metrics` on `addr` (plain HTTP on a port
-/// separate from the webhook, for kubelet probes and Prometheus).
+/// separate from the webhook, for kubelet probes and Prometheus). `/readyz`
+/// answers 503 until `ready` is set.
 ///
 /// # Errors
 /// Fails when the address cannot be bound.
-pub async fn serve_admin(addr: SocketAddr, metrics: Arc<Metrics>) -> crate::Result<()> {
+pub async fn serve_admin(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) -> crate::Result<()> {
     use axum::{Router, http::StatusCode, http::header, routing::get};
-    let app = Router::new().route("/livez", get(|| async { "ok" })).route("/readyz", get(|| async { "ok" })).route(
+    let readyz = move || {
+        let ready = ready.load(std::sync::atomic::Ordering::SeqCst);
+        async move { if ready { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") } }
+    };
+    let app = Router::new().route("/livez", get(|| async { "ok" })).route("/readyz", get(readyz)).route(
         "/metrics",
         get(move || {
             let metrics = metrics.clone();

@@ -3,3 +3,4 @@
 //! controller.
 
 pub mod aws;
+pub mod naming;

@@ -62,7 +62,11 @@ const LEASE_NAME: &str = "ephemera-controller";
 pub async fn run(settings: Settings) -> Result<()> {
     let client = Client::try_default().await.map_err(Error::KubeConfig)?;
     let metrics = Arc::new(Metrics::default());
-    let admin = tokio::spawn(crate::telemetry::serve_admin(settings.admin_addr, metrics.clone()));
+    let admin = tokio::spawn(crate::telemetry::serve_admin(
+        settings.admin_addr,
+        metrics.clone(),
+        Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    ));
     let reporter = Reporter { controller: "ephemera-controller".into(), instance: Some(settings.identity.clone()) };
     let ctx = Arc::new(Context { client: client.clone(), recorder: Recorder::new(client.clone(), reporter), metrics });
 

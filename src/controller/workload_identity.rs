@@ -172,15 +172,8 @@ pub fn evaluate(
     eval.managed_policy_arns = spec.aws.as_ref().map(|a| a.managed_policy_arns.clone()).unwrap_or_default();
     let rules = spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default();
 
-    let mut governing: Vec<&IdentityBoundary> = Vec::new();
-    for boundary in boundaries.iter().filter(|b| b.meta().deletion_timestamp.is_none()) {
-        match Selector::try_from(boundary.spec.namespace_selector.clone()) {
-            Ok(selector) if selector.matches(labels) => governing.push(boundary),
-            Ok(_) => {}
-            Err(_) => eval.invalid_selectors.push(boundary.name_any()),
-        }
-    }
-    governing.sort_by_key(|b| b.name_any());
+    let (governing, invalid) = governing_boundaries(labels, boundaries);
+    eval.invalid_selectors = invalid;
 
     for boundary in &governing {
         let name = boundary.name_any();
@@ -231,6 +224,27 @@ pub fn evaluate(
         eval.governing.push(name);
     }
     eval
+}
+
+/// The boundaries (not being deleted) whose namespace selector matches a
+/// namespace with `labels`, sorted by name, and the names of those whose
+/// selector cannot be evaluated.
+#[must_use]
+pub fn governing_boundaries<'a>(
+    labels: &BTreeMap<String, String>,
+    boundaries: &'a [IdentityBoundary],
+) -> (Vec<&'a IdentityBoundary>, Vec<String>) {
+    let mut governing: Vec<&IdentityBoundary> = Vec::new();
+    let mut invalid = Vec::new();
+    for boundary in boundaries.iter().filter(|b| b.meta().deletion_timestamp.is_none()) {
+        match Selector::try_from(boundary.spec.namespace_selector.clone()) {
+            Ok(selector) if selector.matches(labels) => governing.push(boundary),
+            Ok(_) => {}
+            Err(_) => invalid.push(boundary.name_any()),
+        }
+    }
+    governing.sort_by_key(|b| b.name_any());
+    (governing, invalid)
 }
 
 /// The status for an evaluation.

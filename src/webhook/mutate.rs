@@ -58,6 +58,10 @@ pub struct Admission {
     /// The identity the pod gets, if it matches a `WorkloadIdentity`.
     #[serde(default)]
     pub identity: Option<ResolvedIdentity>,
+    /// Name given to a `generateName` pod, so its lease can name its holder
+    /// before the pod exists (the apiserver keeps a name that is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assign_name: Option<String>,
 }
 
 /// A `WorkloadIdentity` instantiated for one pod (or Job run).
@@ -88,8 +92,12 @@ pub struct ResolvedIdentity {
 pub fn mutate(pod: &Pod, admission: &Admission, settings: &Settings) -> Result<json_patch::Patch> {
     let before = to_value(pod)?;
     let mut pod = pod.clone();
+    if let Some(name) = &admission.assign_name
+        && pod.metadata.name.as_deref().unwrap_or_default().is_empty()
+    {
+        pod.metadata.name = Some(name.clone());
+    }
     let spec = pod.spec.get_or_insert_with(PodSpec::default);
-
     if !admission.keep_default_token {
         strip_default_token(spec);
     }

@@ -1,0 +1,575 @@
+//! Pod admission: decide what a new pod gets (pure: [`decide`]), make its
+//! ServiceAccount and `IdentityLease` (side effects: [`provision`]), then
+//! patch it ([`super::mutate`]).
+//!
+//! Names come from the admission request's uid, which the apiserver keeps for
+//! every webhook call of one request, reinvocation included: a second call
+//! lands on the same lease and ServiceAccount instead of making new ones. Job
+//! pods share a lease named from the Job's uid.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{Pod, ServiceAccount},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
+    jiff::{SignedDuration, Timestamp},
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::PostParams,
+    core::{Selector, SelectorExt},
+};
+
+use super::mutate::{Admission, ResolvedIdentity};
+use crate::{
+    Error, Result,
+    api::{
+        Holder, HolderKind, IdentityBoundary, IdentityLease, IdentityLeaseSpec, Scope, WorkloadIdentity,
+        well_known::{
+            ANNOTATION_DEFAULT_TOKEN, ANNOTATION_OWNER, ANNOTATION_PURPOSE, DEFAULT_AUDIENCE, LABEL_IDENTITY,
+            LABEL_LEASE, LABEL_MANAGED_BY, MANAGED_BY,
+        },
+    },
+    cloud::naming,
+    controller::workload_identity::{evaluate, governing_boundaries},
+};
+
+/// What the webhook knows besides the pod.
+#[derive(Clone, Debug)]
+pub struct Environment<'a> {
+    /// Uid of the admission request (stable across reinvocation).
+    pub request_uid: &'a str,
+    /// The pod's namespace.
+    pub namespace: &'a str,
+    /// Its labels.
+    pub namespace_labels: &'a BTreeMap<String, String>,
+    /// Every `IdentityBoundary`.
+    pub boundaries: &'a [IdentityBoundary],
+    /// The `WorkloadIdentity`s of the namespace.
+    pub identities: &'a [WorkloadIdentity],
+    /// Names of the `IdentityLease`s of the namespace.
+    pub leases: &'a [String],
+    /// AWS account, partition and cluster name for role ARNs.
+    pub aws: &'a AwsTarget,
+    /// Now, for lease expiry.
+    pub now: Timestamp,
+}
+
+/// Where roles are made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AwsTarget {
+    /// `aws`, `aws-cn`, `aws-us-gov`.
+    pub partition: String,
+    /// The AWS account id.
+    pub account: String,
+    /// This cluster's name (tags and name digests of roles).
+    pub cluster: String,
+}
+
+/// What admission decided.
+#[derive(Clone, Debug)]
+pub enum Decision {
+    /// Not a governed namespace: the pod is left exactly as it is.
+    Ignore,
+    /// Admit with this mutation; `lease` is what to create first (absent for
+    /// pods without an identity).
+    Admit { admission: Admission, lease: Option<Box<IdentityLease>>, warnings: Vec<String> },
+    /// Refuse the pod, with a reason naming the field.
+    Deny(String),
+}
+
+/// Decides what `pod` gets. Pure: everything it reads is in `env`.
+#[must_use]
+pub fn decide(pod: &Pod, env: &Environment<'_>) -> Decision {
+    let (governing, _) = governing_boundaries(env.namespace_labels, env.boundaries);
+    if governing.is_empty() {
+        return Decision::Ignore;
+    }
+    let mut warnings = Vec::new();
+    let mut admission = Admission::default();
+
+    if pod.annotations().get(ANNOTATION_DEFAULT_TOKEN).map(String::as_str) == Some("keep") {
+        let refusing: Vec<String> =
+            governing.iter().filter(|b| !b.spec.allow_default_token).map(|b| b.name_any()).collect();
+        if refusing.is_empty() {
+            admission.keep_default_token = true;
+            warnings.push(format!(
+                "metadata.annotations[{ANNOTATION_DEFAULT_TOKEN}]: the pod keeps the default ServiceAccount token, as its boundaries allow"
+            ));
+        } else {
+            warnings.push(format!(
+                "metadata.annotations[{ANNOTATION_DEFAULT_TOKEN}]: ignored, IdentityBoundary {} does not set allowDefaultToken; the default token is removed",
+                refusing.join(", ")
+            ));
+        }
+    }
+
+    let identity = match select_identity(pod, env) {
+        Ok(Some(identity)) => identity,
+        Ok(None) => {
+            if let Some(reason) = foreign_service_account(pod, env, None) {
+                return Decision::Deny(reason);
+            }
+            return Decision::Admit { admission, lease: None, warnings };
+        }
+        Err(reason) => return Decision::Deny(reason),
+    };
+
+    let eval = evaluate(&identity.spec, env.namespace_labels, env.boundaries);
+    if !eval.violations.is_empty() {
+        warnings.push(format!(
+            "WorkloadIdentity {} is narrowed by its boundaries ({} violation(s)); see its status",
+            identity.name_any(),
+            eval.violations.len()
+        ));
+    }
+    let identity_name = identity.name_any();
+    let (suffix, holder) = match holder(pod, identity, env, &mut admission, &mut warnings) {
+        Ok(found) => found,
+        Err(reason) => return Decision::Deny(reason),
+    };
+    let lease_name = naming::lease_name(&identity_name, &suffix);
+
+    if let Some(reason) = foreign_service_account(pod, env, Some(&lease_name)) {
+        return Decision::Deny(reason);
+    }
+    let is_new = !env.leases.contains(&lease_name);
+    if is_new && let Some(reason) = over_lease_quota(&governing, env) {
+        return Decision::Deny(reason);
+    }
+
+    // The first governing boundary with AWS settings names the role (the
+    // controller makes it under the same name).
+    let aws = governing.iter().find_map(|b| b.spec.aws.as_ref());
+    let (prefix, path) = aws.map_or(("ephemera", "/ephemera/"), |a| (a.role_name_prefix.as_str(), a.role_path.as_str()));
+    let role = naming::role_name(prefix, &env.aws.cluster, env.namespace, &lease_name);
+    let lifetime = governing.iter().map(|b| b.spec.max_lifetime).min().unwrap_or_default();
+    let expires_at = env
+        .now
+        .checked_add(SignedDuration::from_secs(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX)))
+        .unwrap_or(Timestamp::MAX);
+
+    admission.identity = Some(ResolvedIdentity {
+        lease: lease_name.clone(),
+        service_account: lease_name.clone(),
+        role_arn: naming::role_arn(&env.aws.partition, &env.aws.account, path, &role),
+        session_name: naming::session_name(env.namespace, &holder.name),
+        audience: if identity.spec.token.audience.is_empty() {
+            DEFAULT_AUDIENCE.to_owned()
+        } else {
+            identity.spec.token.audience.clone()
+        },
+        ttl_seconds: i64::try_from(eval.token_ttl.as_secs()).unwrap_or(i64::MAX),
+        kubernetes_token: identity.spec.kubernetes.as_ref().is_some_and(|k| !k.rules.is_empty()),
+    });
+    let annotations = pod.annotations();
+    let lease = IdentityLease {
+        metadata: ObjectMeta {
+            name: Some(lease_name.clone()),
+            namespace: Some(env.namespace.to_owned()),
+            labels: Some(managed_labels(&lease_name, &identity_name)),
+            ..ObjectMeta::default()
+        },
+        spec: IdentityLeaseSpec {
+            holder,
+            workload_identity: identity_name,
+            service_account: lease_name,
+            expires_at: Time(expires_at),
+            purpose: annotations.get(ANNOTATION_PURPOSE).cloned(),
+            owner: annotations.get(ANNOTATION_OWNER).cloned(),
+        },
+        status: None,
+    };
+    Decision::Admit { admission, lease: Some(Box::new(lease)), warnings }
+}
+
+/// Who holds the identity (the pod, or its Job for scope `Job`) and the
+/// suffix of the lease name. Names a `generateName` pod.
+fn holder(
+    pod: &Pod,
+    identity: &WorkloadIdentity,
+    env: &Environment<'_>,
+    admission: &mut Admission,
+    warnings: &mut Vec<String>,
+) -> Result<(String, Holder), String> {
+    if identity.spec.scope == Scope::Job {
+        if let Some(job) = job_owner(pod) {
+            let holder = Holder { kind: HolderKind::Job, name: job.name, uid: Some(job.uid.clone()) };
+            return Ok((naming::short_id(&job.uid, 5), holder));
+        }
+        warnings.push(format!(
+            "WorkloadIdentity {} has scope Job but this pod has no Job owner: it gets an identity of its own",
+            identity.name_any()
+        ));
+    }
+    let suffix = naming::short_id(env.request_uid, 5);
+    let name = match (pod.metadata.name.as_deref(), pod.metadata.generate_name.as_deref()) {
+        (Some(name), _) if !name.is_empty() => name.to_owned(),
+        (_, Some(prefix)) if !prefix.is_empty() => {
+            let name = format!("{prefix}{suffix}");
+            admission.assign_name = Some(name.clone());
+            name
+        }
+        _ => return Err("metadata.name: a pod needs a name or generateName".into()),
+    };
+    Ok((suffix, Holder { kind: HolderKind::Pod, name, uid: None }))
+}
+
+/// Makes the lease and its ServiceAccount (owned by the lease, so garbage
+/// collection backs up the reaper). Both may exist already: reinvocation,
+/// a retried request, or another pod of the same Job.
+///
+/// # Errors
+/// Fails when the apiserver refuses either object; the pod is then denied.
+pub async fn provision(client: &Client, lease: &IdentityLease) -> Result<()> {
+    let namespace = lease.namespace().unwrap_or_default();
+    let name = lease.name_any();
+    let leases = Api::<IdentityLease>::namespaced(client.clone(), &namespace);
+    let stored = match leases.create(&PostParams::default(), lease).await {
+        Ok(created) => created,
+        Err(kube::Error::Api(s)) if s.is_already_exists() => {
+            let existing = leases.get(&name).await.map_err(Error::kube(format!("reading IdentityLease {namespace}/{name}")))?;
+            if existing.spec.workload_identity != lease.spec.workload_identity || existing.meta().deletion_timestamp.is_some() {
+                return Err(Error::Config(format!(
+                    "IdentityLease {namespace}/{name} exists for another workload or is being reaped"
+                )));
+            }
+            existing
+        }
+        Err(e) => return Err(Error::kube(format!("creating IdentityLease {namespace}/{name}"))(e)),
+    };
+    let owner = OwnerReference {
+        api_version: "ephemera.dev/v1alpha1".into(),
+        kind: "IdentityLease".into(),
+        name: name.clone(),
+        uid: stored.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    };
+    let account = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(lease.spec.service_account.clone()),
+            namespace: Some(namespace.clone()),
+            labels: lease.metadata.labels.clone(),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        // Nothing mounts a token of this account but the projections ephemera adds.
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    };
+    match Api::<ServiceAccount>::namespaced(client.clone(), &namespace).create(&PostParams::default(), &account).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(()),
+        Err(e) => Err(Error::kube(format!("creating ServiceAccount {namespace}/{}", lease.spec.service_account))(e)),
+    }
+}
+
+/// Labels on every per-workload object.
+fn managed_labels(lease: &str, identity: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+        (LABEL_LEASE.to_owned(), lease.to_owned()),
+        (LABEL_IDENTITY.to_owned(), identity.to_owned()),
+    ])
+}
+
+/// The identity a pod asks for: by label (which must exist) or by the
+/// identities' selectors (at most one may match).
+fn select_identity<'a>(pod: &Pod, env: &Environment<'a>) -> Result<Option<&'a WorkloadIdentity>, String> {
+    let live = || env.identities.iter().filter(|wi| wi.meta().deletion_timestamp.is_none());
+    if let Some(name) = pod.labels().get(LABEL_IDENTITY) {
+        return live().find(|wi| wi.name_any() == *name).map(Some).ok_or_else(|| {
+            format!(
+                "metadata.labels[{LABEL_IDENTITY}]: no WorkloadIdentity {name:?} in namespace {}",
+                env.namespace
+            )
+        });
+    }
+    let labels = pod.labels();
+    let matching: Vec<&WorkloadIdentity> = live()
+        .filter(|wi| {
+            wi.spec.selector.as_ref().is_some_and(|s| Selector::try_from(s.clone()).is_ok_and(|s| s.matches(labels)))
+        })
+        .collect();
+    match matching.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one)),
+        many => Err(format!(
+            "metadata.labels: the pod matches several WorkloadIdentities ({}); label it {LABEL_IDENTITY}=<name> to choose",
+            many.iter().map(|wi| wi.name_any()).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+/// A pod may not borrow another workload's ServiceAccount (and with it that
+/// workload's role): `serviceAccountName` naming a lease other than the one
+/// this request gets is refused.
+fn foreign_service_account(pod: &Pod, env: &Environment<'_>, own: Option<&str>) -> Option<String> {
+    let sa = pod.spec.as_ref()?.service_account_name.as_deref()?;
+    (env.leases.iter().any(|l| l == sa) && Some(sa) != own).then(|| {
+        format!("spec.serviceAccountName: {sa:?} belongs to another workload's IdentityLease; identities are not shared")
+    })
+}
+
+/// The namespace holds as many leases as a boundary's `maxLeases` allows.
+fn over_lease_quota(governing: &[&IdentityBoundary], env: &Environment<'_>) -> Option<String> {
+    let held = env.leases.len();
+    governing.iter().find_map(|b| {
+        let max = usize::try_from(b.spec.max_leases?).unwrap_or(0);
+        (held >= max).then(|| {
+            format!(
+                "namespace {} holds {held} IdentityLeases, the most IdentityBoundary {} allows (spec.maxLeases)",
+                env.namespace,
+                b.name_any()
+            )
+        })
+    })
+}
+
+/// The Job controlling this pod, if any.
+struct JobRef {
+    name: String,
+    uid: String,
+}
+
+fn job_owner(pod: &Pod) -> Option<JobRef> {
+    pod.owner_references()
+        .iter()
+        .find(|o| o.kind == "Job" && o.api_version.starts_with("batch/") && o.controller == Some(true))
+        .map(|o| JobRef { name: o.name.clone(), uid: o.uid.clone() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boundary(yaml: &str) -> IdentityBoundary {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn team_a_boundary() -> IdentityBoundary {
+        boundary(
+            r"
+apiVersion: ephemera.dev/v1alpha1
+kind: IdentityBoundary
+metadata: {name: team-a}
+spec:
+  namespaceSelector: {matchLabels: {team: a}}
+  maxTokenTTL: 30m
+  maxLifetime: 2h
+  maxLeases: 3
+  aws:
+    allowedActions: ['s3:Get*']
+    allowedResources: ['arn:aws:s3:::team-a-*']
+    roleNamePrefix: eph
+",
+        )
+    }
+
+    fn identity(yaml: &str) -> WorkloadIdentity {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn report() -> WorkloadIdentity {
+        identity(
+            r"
+apiVersion: ephemera.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {name: report, namespace: team-a}
+spec:
+  selector: {matchLabels: {app: report}}
+  token: {ttl: 1h}
+  aws:
+    statements:
+    - {effect: Allow, actions: ['s3:GetObject'], resources: ['arn:aws:s3:::team-a-logs/*']}
+",
+        )
+    }
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    struct Fixture {
+        labels: BTreeMap<String, String>,
+        boundaries: Vec<IdentityBoundary>,
+        identities: Vec<WorkloadIdentity>,
+        leases: Vec<String>,
+        aws: AwsTarget,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Fixture {
+                labels: BTreeMap::from([("team".to_owned(), "a".to_owned())]),
+                boundaries: vec![team_a_boundary()],
+                identities: vec![report()],
+                leases: vec![],
+                aws: AwsTarget { partition: "aws".into(), account: "000000000000".into(), cluster: "test".into() },
+            }
+        }
+
+        fn decide(&self, pod: &Pod) -> Decision {
+            decide(
+                pod,
+                &Environment {
+                    request_uid: "req-1",
+                    namespace: "team-a",
+                    namespace_labels: &self.labels,
+                    boundaries: &self.boundaries,
+                    identities: &self.identities,
+                    leases: &self.leases,
+                    aws: &self.aws,
+                    now: "2026-11-23T10:00:00Z".parse().unwrap(),
+                },
+            )
+        }
+    }
+
+    const PLAIN: &str = "
+metadata: {name: p, namespace: team-a, labels: {app: report}}
+spec: {containers: [{name: main, image: busybox}]}
+";
+
+    fn admitted(d: Decision) -> (Admission, Option<Box<IdentityLease>>, Vec<String>) {
+        match d {
+            Decision::Admit { admission, lease, warnings } => (admission, lease, warnings),
+            other => panic!("expected Admit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ungoverned_namespaces_are_left_alone() {
+        let mut f = Fixture::new();
+        f.labels.clear();
+        assert!(matches!(f.decide(&pod(PLAIN)), Decision::Ignore));
+    }
+
+    #[test]
+    fn a_matching_pod_gets_a_clamped_identity_and_a_lease() {
+        let f = Fixture::new();
+        let (admission, lease, warnings) = admitted(f.decide(&pod(PLAIN)));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let id = admission.identity.unwrap();
+        let lease = lease.unwrap();
+        assert_eq!(id.lease, lease.name_any());
+        assert!(id.lease.starts_with("report-"), "{}", id.lease);
+        assert_eq!(id.service_account, id.lease);
+        assert_eq!(id.ttl_seconds, 1800, "1h capped by the boundary's 30m");
+        assert_eq!(id.role_arn, format!("arn:aws:iam::000000000000:role/ephemera/eph-team-a-{}", id.lease));
+        assert_eq!(id.session_name, "team-a.p");
+        assert_eq!(lease.spec.holder, Holder { kind: HolderKind::Pod, name: "p".into(), uid: None });
+        assert_eq!(lease.spec.expires_at.0.to_string(), "2026-11-23T12:00:00Z");
+        assert_eq!(lease.labels()[LABEL_MANAGED_BY], MANAGED_BY);
+        // Same request (reinvocation): same names.
+        let (again, _, _) = admitted(f.decide(&pod(PLAIN)));
+        assert_eq!(again.identity.unwrap().lease, id.lease);
+    }
+
+    #[test]
+    fn generate_name_pods_are_named_by_the_webhook() {
+        let f = Fixture::new();
+        let p = pod("
+metadata: {generateName: report-, namespace: team-a, labels: {app: report}}
+spec: {containers: [{name: main}]}
+");
+        let (admission, lease, _) = admitted(f.decide(&p));
+        let name = admission.assign_name.unwrap();
+        assert!(name.starts_with("report-") && name.len() == "report-".len() + 5, "{name}");
+        assert_eq!(lease.unwrap().spec.holder.name, name);
+    }
+
+    #[test]
+    fn job_pods_share_one_lease_per_job_run() {
+        let mut f = Fixture::new();
+        f.identities[0].spec.scope = Scope::Job;
+        let job_pod = |name: &str| {
+            pod(&format!(
+                "
+metadata:
+  name: {name}
+  namespace: team-a
+  labels: {{app: report}}
+  ownerReferences: [{{apiVersion: batch/v1, kind: Job, name: nightly, uid: job-uid-1, controller: true}}]
+spec: {{containers: [{{name: main}}]}}
+"
+            ))
+        };
+        let (a, la, _) = admitted(f.decide(&job_pod("nightly-abc")));
+        let (b, _, _) = admitted(f.decide(&job_pod("nightly-def")));
+        assert_eq!(a.identity.unwrap().lease, b.identity.unwrap().lease);
+        assert_eq!(la.unwrap().spec.holder, Holder { kind: HolderKind::Job, name: "nightly".into(), uid: Some("job-uid-1".into()) });
+        // A Job-scoped identity on a bare pod: its own identity, with a warning.
+        let (_, lease, warnings) = admitted(f.decide(&pod(PLAIN)));
+        assert_eq!(lease.unwrap().spec.holder.kind, HolderKind::Pod);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+    }
+
+    #[test]
+    fn explicit_identity_labels_must_exist_and_ambiguity_is_refused() {
+        let mut f = Fixture::new();
+        let p = pod("
+metadata: {name: p, namespace: team-a, labels: {ephemera.dev/identity: nope}}
+spec: {containers: [{name: main}]}
+");
+        let Decision::Deny(reason) = f.decide(&p) else { panic!("must deny") };
+        assert!(reason.starts_with("metadata.labels[ephemera.dev/identity]: no WorkloadIdentity \"nope\""), "{reason}");
+
+        let mut twin = report();
+        twin.metadata.name = Some("twin".into());
+        f.identities.push(twin);
+        let Decision::Deny(reason) = f.decide(&pod(PLAIN)) else { panic!("must deny") };
+        assert!(reason.contains("several WorkloadIdentities (report, twin)"), "{reason}");
+    }
+
+    #[test]
+    fn pods_without_identity_only_lose_the_default_token() {
+        let f = Fixture::new();
+        let (admission, lease, _) = admitted(f.decide(&pod("
+metadata: {name: p, namespace: team-a}
+spec: {containers: [{name: main}]}
+")));
+        assert_eq!(admission, Admission::default());
+        assert!(lease.is_none());
+    }
+
+    #[test]
+    fn keeping_the_default_token_needs_every_boundary_to_allow_it() {
+        let mut f = Fixture::new();
+        let p = pod("
+metadata: {name: p, namespace: team-a, annotations: {ephemera.dev/default-token: keep}}
+spec: {containers: [{name: main}]}
+");
+        let (admission, _, warnings) = admitted(f.decide(&p));
+        assert!(!admission.keep_default_token);
+        assert!(warnings[0].contains("ignored, IdentityBoundary team-a does not set allowDefaultToken"), "{warnings:?}");
+        f.boundaries[0].spec.allow_default_token = true;
+        let (admission, _, _) = admitted(f.decide(&p));
+        assert!(admission.keep_default_token);
+    }
+
+    #[test]
+    fn another_workloads_service_account_is_refused() {
+        let mut f = Fixture::new();
+        f.leases.push("report-zzzzz".into());
+        let p = pod("
+metadata: {name: p, namespace: team-a}
+spec: {serviceAccountName: report-zzzzz, containers: [{name: main}]}
+");
+        let Decision::Deny(reason) = f.decide(&p) else { panic!("must deny") };
+        assert!(reason.starts_with("spec.serviceAccountName: \"report-zzzzz\" belongs to another"), "{reason}");
+    }
+
+    #[test]
+    fn max_leases_is_enforced_for_new_leases_only() {
+        let mut f = Fixture::new();
+        f.leases = vec!["a".into(), "b".into(), "c".into()];
+        let Decision::Deny(reason) = f.decide(&pod(PLAIN)) else { panic!("must deny") };
+        assert!(reason.contains("holds 3 IdentityLeases, the most IdentityBoundary team-a allows"), "{reason}");
+        // Reinvocation of an admitted pod: its lease already counts.
+        let (admission, _, _) = admitted(Fixture::new().decide(&pod(PLAIN)));
+        f.leases[0] = admission.identity.unwrap().lease;
+        assert!(matches!(f.decide(&pod(PLAIN)), Decision::Admit { .. }));
+    }
+}

@@ -1,0 +1,372 @@
+//! The webhook's serving certificate: from files (cert-manager, or any
+//! mounted Secret), reloaded when they change; or self-managed: a CA and a
+//! serving certificate ephemera makes itself, keeps in a Secret shared by the
+//! replicas, renews before expiry and publishes as the `caBundle` of its
+//! webhook configurations. Either way the server reloads without a restart.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use axum_server::tls_rustls::RustlsConfig;
+use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{PostParams, Patch, PatchParams},
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+
+use crate::{Error, Result};
+
+/// Lifetime of the self-managed CA. Long, because rotating it means every
+/// apiserver must learn the new `caBundle` first.
+const CA_VALIDITY: Duration = Duration::from_hours(10 * 365 * 24);
+/// Lifetime of the serving certificate; renewed when a third is left.
+pub const CERT_VALIDITY: Duration = Duration::from_hours(365 * 24);
+/// How often the certificate source is looked at again.
+pub const RECHECK: Duration = Duration::from_secs(30);
+const NOT_AFTER_ANNOTATION: &str = "ephemera.dev/not-after";
+const CA_NAME: &str = "ephemera webhook CA";
+
+/// PEM-encoded CA and serving certificate with their keys.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CertBundle {
+    /// CA certificate: what clients (the apiserver) trust, the `caBundle`.
+    pub ca_cert: String,
+    /// CA key, kept to sign renewed serving certificates.
+    pub ca_key: String,
+    /// Serving certificate.
+    pub cert: String,
+    /// Serving key.
+    pub key: String,
+    /// When the serving certificate expires (seconds since the epoch).
+    pub not_after: i64,
+}
+
+impl std::fmt::Debug for CertBundle {
+    // Keys never reach logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertBundle").field("not_after", &self.not_after).finish_non_exhaustive()
+    }
+}
+
+fn tls_error(what: &str) -> impl FnOnce(rcgen::Error) -> Error + '_ {
+    move |e| Error::Config(format!("{what}: {e}"))
+}
+
+fn ca_params() -> Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(tls_error("CA parameters"))?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, CA_NAME);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    Ok(params)
+}
+
+fn offset(from: SystemTime, by: Duration) -> time::OffsetDateTime {
+    time::OffsetDateTime::from(from + by)
+}
+
+/// A new CA and a serving certificate for `dns_names` and `ips`.
+///
+/// # Errors
+/// When key generation or signing fails.
+pub fn generate(dns_names: &[String], ips: &[IpAddr]) -> Result<CertBundle> {
+    let ca_key = KeyPair::generate().map_err(tls_error("generating the CA key"))?;
+    let mut params = ca_params()?;
+    let now = SystemTime::now();
+    params.not_before = offset(now, Duration::ZERO) - time::Duration::minutes(5);
+    params.not_after = offset(now, CA_VALIDITY);
+    let ca_cert = params.self_signed(&ca_key).map_err(tls_error("self-signing the CA"))?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let mut bundle = CertBundle {
+        ca_cert: ca_cert.pem(),
+        ca_key: ca_key_pem,
+        cert: String::new(),
+        key: String::new(),
+        not_after: 0,
+    };
+    renew(&mut bundle, dns_names, ips)?;
+    Ok(bundle)
+}
+
+/// A new serving certificate signed by the bundle's CA (same `caBundle`).
+///
+/// # Errors
+/// When the stored CA key cannot be read or signing fails.
+pub fn renew(bundle: &mut CertBundle, dns_names: &[String], ips: &[IpAddr]) -> Result<()> {
+    let ca_key = KeyPair::from_pem(&bundle.ca_key).map_err(tls_error("reading the CA key"))?;
+    let issuer = Issuer::new(ca_params()?, ca_key);
+    let key = KeyPair::generate().map_err(tls_error("generating the serving key"))?;
+    let mut params = CertificateParams::new(dns_names.to_vec()).map_err(tls_error("serving certificate names"))?;
+    params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, dns_names.first().cloned().unwrap_or_else(|| "ephemera-webhook".into()));
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    let now = SystemTime::now();
+    params.not_before = offset(now, Duration::ZERO) - time::Duration::minutes(5);
+    params.not_after = offset(now, CERT_VALIDITY);
+    let cert = params.signed_by(&key, &issuer).map_err(tls_error("signing the serving certificate"))?;
+    bundle.cert = cert.pem();
+    bundle.key = key.serialize_pem();
+    bundle.not_after = params.not_after.unix_timestamp();
+    Ok(())
+}
+
+/// Whether the serving certificate has less than a third of its life left.
+#[must_use]
+pub fn needs_renewal(bundle: &CertBundle, now: SystemTime) -> bool {
+    let now = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let third = i64::try_from(CERT_VALIDITY.as_secs() / 3).unwrap_or(i64::MAX);
+    bundle.not_after - now < third
+}
+
+/// A rustls server configuration (ring, TLS 1.2+, HTTP/2 and 1.1) for a PEM
+/// certificate chain and key.
+///
+/// # Errors
+/// When the PEM cannot be parsed or the key does not match.
+pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::Config(format!("serving certificate PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(Error::Config("serving certificate PEM holds no certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| Error::Config(format!("serving key PEM: {e}")))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS versions: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| Error::Config(format!("serving certificate and key do not match: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+// === Files ===
+
+/// Serves the certificate in `cert`/`key` and reloads it whenever either file
+/// changes (cert-manager and kubelet Secret updates replace them in place).
+///
+/// # Errors
+/// When the files cannot be read at start.
+pub async fn from_files(cert: PathBuf, key: PathBuf) -> Result<RustlsConfig> {
+    let load = |cert: PathBuf, key: PathBuf| async move {
+        let c = tokio::fs::read(&cert).await.map_err(Error::io(format!("reading {}", cert.display())))?;
+        let k = tokio::fs::read(&key).await.map_err(Error::io(format!("reading {}", key.display())))?;
+        server_config(&c, &k)
+    };
+    let config = RustlsConfig::from_config(load(cert.clone(), key.clone()).await?);
+    let reloaded = config.clone();
+    tokio::spawn(async move {
+        let mut seen = (modified(&cert).await, modified(&key).await);
+        loop {
+            tokio::time::sleep(RECHECK).await;
+            let now = (modified(&cert).await, modified(&key).await);
+            if now == seen {
+                continue;
+            }
+            match load(cert.clone(), key.clone()).await {
+                Ok(c) => {
+                    reloaded.reload_from_config(c);
+                    tracing::info!(cert = %cert.display(), "reloaded the serving certificate");
+                    seen = now;
+                }
+                // Half-written files: keep serving the old one, try again.
+                Err(e) => tracing::warn!(error = %e, "serving certificate changed but cannot be loaded yet"),
+            }
+        }
+    });
+    Ok(config)
+}
+
+async fn modified(path: &Path) -> Option<SystemTime> {
+    tokio::fs::metadata(path).await.and_then(|m| m.modified()).ok()
+}
+
+// === Secret ===
+
+/// Reads the bundle from the Secret `namespace/name`, making (or renewing)
+/// it when needed. Replicas race safely: a create conflict means another
+/// replica won, and its bundle is used.
+///
+/// # Errors
+/// When the Secret cannot be read or written.
+pub async fn ensure_secret(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    dns_names: &[String],
+    ips: &[IpAddr],
+) -> Result<CertBundle> {
+    let api = Api::<Secret>::namespaced(client.clone(), namespace);
+    let context = || format!("reading Secret {namespace}/{name}");
+    for _ in 0..3 {
+        match api.get_opt(name).await.map_err(Error::kube(context()))? {
+            None => {
+                let bundle = generate(dns_names, ips)?;
+                match api.create(&PostParams::default(), &to_secret(name, namespace, &bundle)).await {
+                    Ok(_) => {
+                        tracing::info!(secret = name, "made a self-managed webhook CA and serving certificate");
+                        return Ok(bundle);
+                    }
+                    Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+                    Err(e) => return Err(Error::kube(format!("creating Secret {namespace}/{name}"))(e)),
+                }
+            }
+            Some(secret) => {
+                let Some(mut bundle) = from_secret(&secret) else {
+                    return Err(Error::Config(format!(
+                        "Secret {namespace}/{name} does not hold ca.crt, ca.key, tls.crt and tls.key; delete it to have ephemera make a new one"
+                    )));
+                };
+                if !needs_renewal(&bundle, SystemTime::now()) {
+                    return Ok(bundle);
+                }
+                renew(&mut bundle, dns_names, ips)?;
+                let mut updated = to_secret(name, namespace, &bundle);
+                updated.metadata.resource_version = secret.resource_version();
+                match api.replace(name, &PostParams::default(), &updated).await {
+                    Ok(_) => {
+                        tracing::info!(secret = name, "renewed the webhook serving certificate");
+                        return Ok(bundle);
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 409 => {}
+                    Err(e) => return Err(Error::kube(format!("renewing Secret {namespace}/{name}"))(e)),
+                }
+            }
+        }
+    }
+    Err(Error::Config(format!("Secret {namespace}/{name} keeps changing under us; giving up for now")))
+}
+
+fn to_secret(name: &str, namespace: &str, bundle: &CertBundle) -> Secret {
+    let data = |s: &str| ByteString(s.as_bytes().to_vec());
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([(
+                crate::api::well_known::LABEL_MANAGED_BY.to_owned(),
+                crate::api::well_known::MANAGED_BY.to_owned(),
+            )])),
+            annotations: Some(BTreeMap::from([(NOT_AFTER_ANNOTATION.to_owned(), bundle.not_after.to_string())])),
+            ..ObjectMeta::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            ("ca.crt".to_owned(), data(&bundle.ca_cert)),
+            ("ca.key".to_owned(), data(&bundle.ca_key)),
+            ("tls.crt".to_owned(), data(&bundle.cert)),
+            ("tls.key".to_owned(), data(&bundle.key)),
+        ])),
+        ..Secret::default()
+    }
+}
+
+fn from_secret(secret: &Secret) -> Option<CertBundle> {
+    let data = secret.data.as_ref()?;
+    let text = |k: &str| data.get(k).and_then(|b| String::from_utf8(b.0.clone()).ok());
+    Some(CertBundle {
+        ca_cert: text("ca.crt")?,
+        ca_key: text("ca.key")?,
+        cert: text("tls.crt")?,
+        key: text("tls.key")?,
+        not_after: secret.annotations().get(NOT_AFTER_ANNOTATION)?.parse().ok()?,
+    })
+}
+
+/// Puts `ca_bundle` into every webhook of the named configurations that
+/// exist (made by the Helm chart or by [`super::register`]).
+///
+/// # Errors
+/// When a configuration exists but cannot be patched.
+pub async fn publish_ca_bundle(client: &Client, configuration: &str, ca_bundle: &str) -> Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::{
+        MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    };
+    let context = |kind: &str| format!("publishing caBundle on {kind} {configuration}");
+    let mutating = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    if let Some(existing) = mutating.get_opt(configuration).await.map_err(Error::kube(context("MutatingWebhookConfiguration")))? {
+        let patch = ca_patch(existing.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref()), ca_bundle);
+        if !patch.0.is_empty() {
+            mutating
+                .patch(configuration, &PatchParams::default(), &Patch::Json::<()>(patch))
+                .await
+                .map_err(Error::kube(context("MutatingWebhookConfiguration")))?;
+        }
+    }
+    let validating = Api::<ValidatingWebhookConfiguration>::all(client.clone());
+    if let Some(existing) = validating.get_opt(configuration).await.map_err(Error::kube(context("ValidatingWebhookConfiguration")))? {
+        let patch = ca_patch(existing.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref()), ca_bundle);
+        if !patch.0.is_empty() {
+            validating
+                .patch(configuration, &PatchParams::default(), &Patch::Json::<()>(patch))
+                .await
+                .map_err(Error::kube(context("ValidatingWebhookConfiguration")))?;
+        }
+    }
+    Ok(())
+}
+
+/// JSON patch setting `caBundle` on each webhook whose bundle differs.
+fn ca_patch<'a>(current: impl Iterator<Item = Option<&'a ByteString>>, ca_bundle: &str) -> json_patch::Patch {
+    let ops = current
+        .enumerate()
+        .filter(|(_, have)| have.map(|b| b.0.as_slice()) != Some(ca_bundle.as_bytes()))
+        .filter_map(|(i, _)| {
+            serde_json::from_value(serde_json::json!({
+                "op": "add",
+                "path": format!("/webhooks/{i}/clientConfig/caBundle"),
+                "value": ByteString(ca_bundle.as_bytes().to_vec()),
+            }))
+            .ok()
+        })
+        .collect();
+    json_patch::Patch(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_certificates_load_and_renew_under_the_same_ca() {
+        let names = vec!["ephemera-webhook.ephemera-system.svc".to_owned()];
+        let ips = vec![IpAddr::from([127, 0, 0, 1])];
+        let mut bundle = generate(&names, &ips).unwrap();
+        server_config(bundle.cert.as_bytes(), bundle.key.as_bytes()).unwrap();
+        assert!(!needs_renewal(&bundle, SystemTime::now()));
+        assert!(needs_renewal(&bundle, SystemTime::now() + CERT_VALIDITY * 2 / 3 + Duration::from_mins(1)));
+        let (ca, cert) = (bundle.ca_cert.clone(), bundle.cert.clone());
+        renew(&mut bundle, &names, &ips).unwrap();
+        assert_eq!(bundle.ca_cert, ca);
+        assert_ne!(bundle.cert, cert);
+        // The Secret round-trips, and keys never reach Debug output.
+        let secret = to_secret("tls", "ns", &bundle);
+        assert_eq!(from_secret(&secret).unwrap(), bundle);
+        assert!(!format!("{bundle:?}").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn mismatched_pem_is_a_clear_error() {
+        let a = generate(&["a".into()], &[]).unwrap();
+        let b = generate(&["b".into()], &[]).unwrap();
+        let err = server_config(a.cert.as_bytes(), b.key.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("do not match"), "{err}");
+        let err = server_config(b"", a.key.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("holds no certificate"), "{err}");
+    }
+}

@@ -26,3 +26,19 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// (the `k8s-openapi` feature in `Cargo.toml`), and the one the e2e
 /// control plane runs.
 pub const KUBERNETES_API: &str = "1.36";
+
+/// Resolves on SIGTERM (what the kubelet sends) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+}

@@ -97,6 +97,10 @@ struct WebhookArgs {
     /// base URL (`https://127.0.0.1:8443`) and an in-memory certificate.
     #[arg(long, env = "EPHEMERA_REGISTER_URL", conflicts_with = "tls_cert_file")]
     register_url: Option<String>,
+    /// With `--register-url`: send only namespaces labelled `KEY=VALUE` to
+    /// the webhook (keeps a local webhook away from unrelated namespaces).
+    #[arg(long, env = "EPHEMERA_WEBHOOK_NAMESPACE_LABEL", value_parser = parse_label, requires = "register_url")]
+    webhook_namespace_label: Option<(String, String)>,
     /// AWS region injected into pods (`AWS_REGION`, `AWS_DEFAULT_REGION`).
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
     aws_region: String,
@@ -126,6 +130,7 @@ impl WebhookArgs {
             tls,
             configuration: self.webhook_configuration,
             register_url: self.register_url,
+            namespace_label: self.webhook_namespace_label,
             aws_region: self.aws_region,
             aws_account: self.aws_account_id,
             aws_partition: self.aws_partition,
@@ -143,6 +148,13 @@ impl From<ControllerArgs> for ephemera::controller::Settings {
             identity: args.identity,
         }
     }
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 fn default_identity() -> String {

@@ -53,6 +53,8 @@ const RETRY_AFTER_ERROR: Duration = Duration::from_secs(15);
 /// Level-triggered safety net: everything is looked at again this often.
 const RESYNC: Duration = Duration::from_mins(5);
 const LEASE_NAME: &str = "ephemera-controller";
+/// How long in-flight reconciliations may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the controllers until SIGTERM/SIGINT, or until leadership is lost.
 ///
@@ -78,6 +80,16 @@ pub async fn run(settings: Settings) -> Result<()> {
     };
     let result = tokio::select! {
         () = controllers => Ok(()),
+        // The controllers drain in-flight reconciliations on SIGTERM; if one
+        // hangs, exit anyway (the lease is still released below), well within
+        // the pod's termination grace period.
+        () = async {
+            crate::shutdown_signal().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "controllers did not stop in time after SIGTERM; exiting anyway");
+            Ok(())
+        },
         res = admin => match res {
             Ok(res) => res,
             Err(join) => Err(Error::Config(format!("admin server stopped: {join}"))),

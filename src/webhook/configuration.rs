@@ -61,8 +61,9 @@ impl Target {
     }
 }
 
-/// Namespaces the webhook never sees: kube-system & co and `own`.
-fn namespace_selector(own: &str) -> LabelSelector {
+/// Namespaces the webhook never sees: kube-system & co and `own`; with
+/// `only`, also every namespace without that label.
+fn namespace_selector(own: &str, only: Option<&(String, String)>) -> LabelSelector {
     let mut excluded: Vec<String> = ALWAYS_EXCLUDED.iter().map(|s| (*s).to_owned()).collect();
     excluded.push(own.to_owned());
     LabelSelector {
@@ -71,7 +72,7 @@ fn namespace_selector(own: &str) -> LabelSelector {
             operator: "NotIn".into(),
             values: Some(excluded),
         }]),
-        match_labels: None,
+        match_labels: only.map(|(k, v)| [(k.clone(), v.clone())].into()),
     }
 }
 
@@ -88,7 +89,13 @@ fn meta(name: &str) -> ObjectMeta {
 /// later webhook changes the pod, side effects (the ServiceAccount and lease)
 /// skipped on dry runs.
 #[must_use]
-pub fn mutating(name: &str, target: &Target, ca_bundle: &str, own_namespace: &str) -> MutatingWebhookConfiguration {
+pub fn mutating(
+    name: &str,
+    target: &Target,
+    ca_bundle: &str,
+    own_namespace: &str,
+    only: Option<&(String, String)>,
+) -> MutatingWebhookConfiguration {
     MutatingWebhookConfiguration {
         metadata: meta(name),
         webhooks: Some(vec![MutatingWebhook {
@@ -97,7 +104,7 @@ pub fn mutating(name: &str, target: &Target, ca_bundle: &str, own_namespace: &st
             client_config: target.client_config(MUTATE_PODS_PATH, ca_bundle),
             failure_policy: Some("Fail".into()),
             match_policy: Some("Equivalent".into()),
-            namespace_selector: Some(namespace_selector(own_namespace)),
+            namespace_selector: Some(namespace_selector(own_namespace, only)),
             reinvocation_policy: Some("IfNeeded".into()),
             rules: Some(vec![RuleWithOperations {
                 api_groups: Some(vec![String::new()]),
@@ -116,7 +123,12 @@ pub fn mutating(name: &str, target: &Target, ca_bundle: &str, own_namespace: &st
 /// The validating configuration: `WorkloadIdentity` CREATE and UPDATE, fail
 /// closed (failing open would let anyone escalate while the webhook is down).
 #[must_use]
-pub fn validating(name: &str, target: &Target, ca_bundle: &str) -> ValidatingWebhookConfiguration {
+pub fn validating(
+    name: &str,
+    target: &Target,
+    ca_bundle: &str,
+    only: Option<&(String, String)>,
+) -> ValidatingWebhookConfiguration {
     ValidatingWebhookConfiguration {
         metadata: meta(name),
         webhooks: Some(vec![ValidatingWebhook {
@@ -125,6 +137,10 @@ pub fn validating(name: &str, target: &Target, ca_bundle: &str) -> ValidatingWeb
             client_config: target.client_config(VALIDATE_IDENTITIES_PATH, ca_bundle),
             failure_policy: Some("Fail".into()),
             match_policy: Some("Equivalent".into()),
+            namespace_selector: only.map(|(k, v)| LabelSelector {
+                match_labels: Some([(k.clone(), v.clone())].into()),
+                match_expressions: None,
+            }),
             rules: Some(vec![RuleWithOperations {
                 api_groups: Some(vec![crate::api::GROUP.into()]),
                 api_versions: Some(vec![crate::api::VERSION.into()]),
@@ -143,15 +159,21 @@ pub fn validating(name: &str, target: &Target, ca_bundle: &str) -> ValidatingWeb
 ///
 /// # Errors
 /// When the apiserver refuses them.
-pub async fn register(client: &Client, name: &str, target: &Target, ca_bundle: &str, own_namespace: &str) -> Result<()> {
+pub async fn register(
+    client: &Client,
+    name: &str,
+    target: &Target,
+    ca_bundle: &str,
+    own_namespace: &str,
+    only: Option<&(String, String)>,
+) -> Result<()> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let mut m = mutating(name, target, ca_bundle, own_namespace);
-    m.metadata.managed_fields = None;
+    let m = mutating(name, target, ca_bundle, own_namespace, only);
     Api::<MutatingWebhookConfiguration>::all(client.clone())
         .patch(name, &params, &Patch::Apply(apply_body(&m, "MutatingWebhookConfiguration")?))
         .await
         .map_err(Error::kube(format!("applying MutatingWebhookConfiguration {name}")))?;
-    let v = validating(name, target, ca_bundle);
+    let v = validating(name, target, ca_bundle, only);
     Api::<ValidatingWebhookConfiguration>::all(client.clone())
         .patch(name, &params, &Patch::Apply(apply_body(&v, "ValidatingWebhookConfiguration")?))
         .await
@@ -175,7 +197,7 @@ mod tests {
 
     #[test]
     fn the_control_plane_and_the_operator_namespace_are_never_sent() {
-        let m = mutating("ephemera", &Target::Url("https://127.0.0.1:1".into()), "CA", "ephemera-system");
+        let m = mutating("ephemera", &Target::Url("https://127.0.0.1:1".into()), "CA", "ephemera-system", None);
         let hook = &m.webhooks.unwrap()[0];
         let excluded = hook.namespace_selector.as_ref().unwrap().match_expressions.as_ref().unwrap()[0]
             .values

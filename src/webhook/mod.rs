@@ -49,6 +49,8 @@ pub struct Settings {
     /// Register the webhook configurations pointing at this URL (local
     /// development and e2e); otherwise they are the chart's.
     pub register_url: Option<String>,
+    /// With `register_url`: send only namespaces with this label.
+    pub namespace_label: Option<(String, String)>,
     /// Region injected into pods.
     pub aws_region: String,
     /// Account of the roles; `None`: asked from STS at start.
@@ -93,7 +95,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     };
     let (stores, watchers) = start_stores(&client);
     let watchers = tokio::spawn(watchers);
-    let tls = serving_config(&client, &settings).await?;
+    let (tls, ca_bundle) = serving_config(&client, &settings).await?;
 
     let state = Arc::new(server::AppState {
         client: client.clone(),
@@ -112,12 +114,17 @@ pub async fn run(settings: Settings) -> Result<()> {
     tracing::info!(addr = %settings.listen_addr, "admission webhook listening");
     let shutdown = handle.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        crate::shutdown_signal().await;
         tracing::info!("shutting down the webhook");
         shutdown.graceful_shutdown(Some(Duration::from_secs(10)));
     });
     let server = tokio::spawn(server);
     handle.listening().await;
+    // Only now does the apiserver learn where we are: registering earlier
+    // would fail pod creation (failurePolicy Fail) until we listen.
+    if let Some(ca_bundle) = ca_bundle {
+        publish(&client, &settings, &ca_bundle).await?;
+    }
     ready.store(true, Ordering::SeqCst);
 
     tokio::select! {
@@ -129,20 +136,19 @@ pub async fn run(settings: Settings) -> Result<()> {
     }
 }
 
-/// The serving certificate, and the registration that goes with it.
-async fn serving_config(client: &Client, settings: &Settings) -> Result<axum_server::tls_rustls::RustlsConfig> {
+/// The serving certificate, and the CA to publish once the server listens
+/// (none for files: cert-manager's CA injector publishes it).
+async fn serving_config(
+    client: &Client,
+    settings: &Settings,
+) -> Result<(axum_server::tls_rustls::RustlsConfig, Option<String>)> {
     let local_ips = [IpAddr::from([127, 0, 0, 1])];
     match &settings.tls {
-        TlsSource::Files { cert, key } => tls::from_files(cert.clone(), key.clone()).await,
+        TlsSource::Files { cert, key } => Ok((tls::from_files(cert.clone(), key.clone()).await?, None)),
         TlsSource::Ephemeral => {
             let bundle = tls::generate(&["localhost".into()], &local_ips)?;
             let config = tls::server_config(bundle.cert.as_bytes(), bundle.key.as_bytes())?;
-            if let Some(url) = &settings.register_url {
-                let target = Target::Url(url.clone());
-                configuration::register(client, &settings.configuration, &target, &bundle.ca_cert, &settings.namespace)
-                    .await?;
-            }
-            Ok(axum_server::tls_rustls::RustlsConfig::from_config(config))
+            Ok((axum_server::tls_rustls::RustlsConfig::from_config(config), Some(bundle.ca_cert)))
         }
         TlsSource::Secret { name, service } => {
             let ns = &settings.namespace;
@@ -153,14 +159,33 @@ async fn serving_config(client: &Client, settings: &Settings) -> Result<axum_ser
                 service.clone(),
             ];
             let bundle = tls::ensure_secret(client, ns, name, &names, &local_ips).await?;
-            tls::publish_ca_bundle(client, &settings.configuration, &bundle.ca_cert).await?;
             let config = axum_server::tls_rustls::RustlsConfig::from_config(tls::server_config(
                 bundle.cert.as_bytes(),
                 bundle.key.as_bytes(),
             )?);
+            let ca = bundle.ca_cert.clone();
             tokio::spawn(keep_secret_fresh(client.clone(), settings.clone(), names, bundle, config.clone()));
-            Ok(config)
+            Ok((config, Some(ca)))
         }
+    }
+}
+
+/// Registers the configurations (`register_url`) or puts the CA into the
+/// existing ones.
+async fn publish(client: &Client, settings: &Settings, ca_bundle: &str) -> Result<()> {
+    match &settings.register_url {
+        Some(url) => {
+            configuration::register(
+                client,
+                &settings.configuration,
+                &Target::Url(url.clone()),
+                ca_bundle,
+                &settings.namespace,
+                settings.namespace_label.as_ref(),
+            )
+            .await
+        }
+        None => tls::publish_ca_bundle(client, &settings.configuration, ca_bundle).await,
     }
 }
 
@@ -261,19 +286,4 @@ async fn wait_for_stores(stores: &Stores) -> Result<()> {
             "webhook caches not filled after 60 s: can the operator list namespaces and ephemera.dev resources?".into(),
         )),
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { () = ctrl_c => {}, () = term => {} }
 }

@@ -174,11 +174,23 @@ async fn admit_pod(state: &AppState, req: AdmissionRequest<DynamicObject>) -> Ad
         aws: &state.aws,
         now: Timestamp::now(),
     };
-    let (admission, lease, warnings) = match pods::decide(&pod, &env) {
+    let (mut admission, lease, mut warnings) = match pods::decide(&pod, &env) {
         Decision::Ignore => return allow,
         Decision::Deny(reason) => return allow.deny(reason),
         Decision::Admit { admission, lease, warnings } => (admission, lease, warnings),
     };
+    // A dry run makes nothing, and the ServiceAccount plugin still checks
+    // that the pod's account exists: keep the pod's own account and say so.
+    if req.dry_run
+        && let Some(identity) = admission.identity.as_mut()
+    {
+        let own = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+        warnings.push(format!(
+            "dry run: the pod would run as its own ServiceAccount {}, which a dry run does not make; shown with {own}",
+            identity.service_account
+        ));
+        identity.service_account = own;
+    }
     if let Some(lease) = &lease
         && !req.dry_run
         && let Err(e) = pods::provision(&state.client, lease).await

@@ -8,3 +8,4 @@ mod crds;
 mod identity;
 mod support;
 mod testbed;
+mod webhook;

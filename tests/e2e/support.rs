@@ -253,33 +253,48 @@ pub async fn ensure_crds(client: &Client) {
     }
 }
 
-/// The `ephemera controller` binary of this build, running against the test
-/// bed for the duration of a test; killed when dropped.
-pub struct ControllerProcess {
+/// An `ephemera` process of this build (controller or webhook), running
+/// against the test bed for the duration of a test; killed when dropped.
+pub struct EphemeraProcess {
     child: std::process::Child,
     /// Where its log goes.
     pub log: PathBuf,
 }
 
-impl ControllerProcess {
-    pub fn start() -> ControllerProcess {
+/// The controller is the process most tests run.
+pub type ControllerProcess = EphemeraProcess;
+
+impl EphemeraProcess {
+    /// `ephemera controller` with defaults for the test bed.
+    pub fn start() -> EphemeraProcess {
         Self::start_with(&[])
     }
 
     /// With extra arguments after `ephemera controller`.
-    pub fn start_with(args: &[&str]) -> ControllerProcess {
-        let log = std::env::temp_dir().join(unique_name("ephemera-controller") + ".log");
+    pub fn start_with(args: &[&str]) -> EphemeraProcess {
+        let mut all = vec!["controller", "--admin-addr", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        Self::spawn("controller", &all)
+    }
+
+    /// `ephemera <args>`, logging to a temp file named after `what`.
+    pub fn spawn(what: &str, args: &[&str]) -> EphemeraProcess {
+        let log = std::env::temp_dir().join(unique_name(&format!("ephemera-{what}")) + ".log");
         let child = Command::new(env!("CARGO_BIN_EXE_ephemera"))
-            .args(["controller", "--admin-addr", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info,ephemera=debug")
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("controller log file"))
+            .stderr(std::fs::File::create(&log).expect("process log file"))
             .spawn()
-            .expect("starting `ephemera controller`");
-        eprintln!("ephemera controller pid {} logs to {}", child.id(), log.display());
-        ControllerProcess { child, log }
+            .unwrap_or_else(|e| panic!("starting `ephemera {what}`: {e}"));
+        eprintln!("ephemera {what} pid {} logs to {}", child.id(), log.display());
+        EphemeraProcess { child, log }
+    }
+
+    /// Whether it is still running (else its log says why it stopped).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Asks it to stop as Kubernetes would (SIGTERM) and waits for it.
@@ -289,9 +304,14 @@ impl ControllerProcess {
     }
 }
 
-impl Drop for ControllerProcess {
+impl Drop for EphemeraProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A free loopback port (bound and released: good enough on a test machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()
 }

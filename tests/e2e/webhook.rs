@@ -1,0 +1,423 @@
+//! The admission webhook against the real apiserver: pods in governed
+//! namespaces lose the default token and get their own ServiceAccount, lease
+//! and projected STS token; dry runs make nothing; Job pods share one lease;
+//! identities cannot escalate; malformed reviews get a 400.
+//!
+//! Each test runs its own webhook, registered under its own configuration
+//! name and only for namespaces carrying its own label, so tests (and a
+//! crashed run's leftovers) never intercept each other's pods.
+
+use std::time::Duration;
+
+use k8s_openapi::api::{
+    admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
+    batch::v1::Job,
+    core::v1::{Namespace, Pod, ServiceAccount},
+    rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+use crate::support::{DeleteOnDrop, EphemeraProcess, TestBed, ensure_crds, free_port, unique_name, wait_until};
+use ephemera::api::{HolderKind, IdentityBoundary, IdentityLease, WorkloadIdentity};
+
+const WAIT: Duration = Duration::from_secs(30);
+const LABEL: &str = "ephemera-e2e-webhook";
+
+/// A webhook process registered for namespaces labelled `LABEL=<id>`, and
+/// its configurations, removed when dropped.
+struct Webhook {
+    id: String,
+    url: String,
+    _process: EphemeraProcess,
+    _mutating: DeleteOnDrop<MutatingWebhookConfiguration>,
+    _validating: DeleteOnDrop<ValidatingWebhookConfiguration>,
+}
+
+impl Webhook {
+    async fn start(client: &Client) -> Webhook {
+        let id = unique_name("wh");
+        let url = format!("https://127.0.0.1:{}", free_port());
+        let addr = url.trim_start_matches("https://").to_owned();
+        let mut process = EphemeraProcess::spawn(
+            "webhook",
+            &[
+                "webhook",
+                "--webhook-addr",
+                &addr,
+                "--webhook-admin-addr",
+                "127.0.0.1:0",
+                "--register-url",
+                &url,
+                "--webhook-configuration",
+                &id,
+                "--webhook-namespace-label",
+                &format!("{LABEL}={id}"),
+                "--cluster-name",
+                "e2e",
+            ],
+        );
+        let configs = Api::<MutatingWebhookConfiguration>::all(client.clone());
+        let start = std::time::Instant::now();
+        while configs.get_opt(&id).await.ok().flatten().is_none() {
+            assert!(process.is_running(), "the webhook stopped; see {}", process.log.display());
+            assert!(start.elapsed() < WAIT, "webhook not registered after {WAIT:?}; see {}", process.log.display());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Webhook { _mutating: DeleteOnDrop::new(&id), _validating: DeleteOnDrop::new(&id), id, url, _process: process }
+    }
+
+    /// Puts a namespace under this webhook.
+    async fn watch_namespace(&self, client: &Client, namespace: &str, extra: serde_json::Value) {
+        let mut labels = json!({ LABEL: self.id });
+        if let (Some(l), Some(e)) = (labels.as_object_mut(), extra.as_object()) {
+            l.extend(e.clone());
+        }
+        Api::<Namespace>::all(client.clone())
+            .patch(namespace, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": labels}})))
+            .await
+            .expect("labelling the namespace");
+    }
+}
+
+async fn boundary(client: &Client, team: &str, extra: serde_json::Value) -> DeleteOnDrop<IdentityBoundary> {
+    let name = unique_name("e2e-wh-boundary");
+    let mut spec = json!({
+        "namespaceSelector": {"matchLabels": {"e2e-team": team}},
+        "aws": {"allowedActions": ["s3:Get*"], "allowedResources": ["arn:aws:s3:::team-a-*"]},
+        "kubernetes": {"allowedRules": [{"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["get", "list"]}]},
+        "maxTokenTTL": "30m",
+        "blockInstanceMetadata": false,
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    let b: IdentityBoundary = serde_json::from_value(json!({
+        "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityBoundary",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap();
+    Api::<IdentityBoundary>::all(client.clone()).create(&PostParams::default(), &b).await.expect("create the boundary");
+    DeleteOnDrop::new(&name)
+}
+
+fn identity(name: &str, spec: serde_json::Value) -> WorkloadIdentity {
+    let mut value = json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity", "metadata": {"name": name}});
+    value["spec"] = spec;
+    serde_json::from_value(value).unwrap()
+}
+
+fn pod(meta: serde_json::Value) -> Pod {
+    let mut value = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "spec": {"containers": [{"name": "main", "image": "busybox"}], "initContainers": [
+            {"name": "sidecar", "image": "busybox", "restartPolicy": "Always"}
+        ]},
+    });
+    value["metadata"] = meta;
+    serde_json::from_value(value).unwrap()
+}
+
+fn volume_names(pod: &Pod) -> Vec<String> {
+    pod.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default().into_iter().map(|v| v.name).collect()
+}
+
+fn env_of(pod: &Pod, name: &str) -> Option<String> {
+    pod.spec.as_ref()?.containers[0].env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
+}
+
+/// Waits until the webhook's caches have seen `identity` (they are watches,
+/// so a just-created identity is not there at once).
+async fn admitted_with_identity(pods: &Api<Pod>, probe: &Pod) -> Pod {
+    wait_until("the webhook to know the new WorkloadIdentity", WAIT, || async {
+        let created = pods.create(&PostParams::default(), probe).await.ok()?;
+        if created.labels().contains_key("ephemera.dev/lease") {
+            Some(created)
+        } else {
+            let _ = pods.delete(&created.name_any(), &kube::api::DeleteParams::default()).await;
+            None
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn pods_get_their_own_identity_and_lose_the_default_token() {
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    let ns = bed.namespace("e2e-webhook").await;
+    let team = unique_name("team");
+    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
+    let _boundary = boundary(&bed.client, &team, json!({})).await;
+    let identities = Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name);
+    identities
+        .create(
+            &PostParams::default(),
+            &identity(
+                "report",
+                json!({
+                    "selector": {"matchLabels": {"app": "report"}},
+                    "aws": {"statements": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-logs/*"]}]},
+                    "token": {"ttl": "20m"},
+                }),
+            ),
+        )
+        .await
+        .expect("create the identity");
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name);
+
+    // A generateName pod matching the identity's selector.
+    let created = admitted_with_identity(
+        &pods,
+        &pod(json!({"generateName": "report-", "labels": {"app": "report"}, "annotations": {"ephemera.dev/purpose": "nightly report"}})),
+    )
+    .await;
+    let name = created.name_any();
+    let lease_name = created.labels()["ephemera.dev/lease"].clone();
+    let spec = created.spec.clone().unwrap();
+    assert!(name.starts_with("report-"), "{name}");
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert_eq!(spec.service_account_name.as_deref(), Some(lease_name.as_str()));
+    let volumes = volume_names(&created);
+    assert!(!volumes.iter().any(|v| v.starts_with("kube-api-access-")), "default token still mounted: {volumes:?}");
+    let token = spec.volumes.iter().flatten().find(|v| v.name == "ephemera-token").expect("the token volume");
+    let projection =
+        token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0].service_account_token.clone().unwrap();
+    assert_eq!(projection.audience.as_deref(), Some("sts.amazonaws.com"));
+    assert_eq!(projection.expiration_seconds, Some(1200));
+    for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+        let mounts: Vec<_> = c.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+        assert_eq!(mounts, ["/var/run/secrets/ephemera.dev"], "container {}", c.name);
+    }
+    let role_arn = env_of(&created, "AWS_ROLE_ARN").expect("AWS_ROLE_ARN");
+    assert!(role_arn.starts_with("arn:aws:iam::000000000000:role/ephemera/ephemera-"), "{role_arn}");
+    assert!(role_arn.ends_with(&lease_name), "{role_arn}");
+    assert_eq!(env_of(&created, "AWS_WEB_IDENTITY_TOKEN_FILE").as_deref(), Some("/var/run/secrets/ephemera.dev/token"));
+    assert_eq!(
+        spec.scheduling_gates.unwrap_or_default().iter().map(|g| g.name.as_str()).collect::<Vec<_>>(),
+        ["ephemera.dev/identity-ready"]
+    );
+    // The lease and the ServiceAccount exist, tied to each other and the pod.
+    let lease = leases.get(&lease_name).await.expect("the lease");
+    assert_eq!(lease.spec.holder.kind, HolderKind::Pod);
+    assert_eq!(lease.spec.holder.name, name);
+    assert_eq!(lease.spec.workload_identity, "report");
+    assert_eq!(lease.spec.purpose.as_deref(), Some("nightly report"));
+    let sa = Api::<ServiceAccount>::namespaced(bed.client.clone(), &ns.name).get(&lease_name).await.expect("the SA");
+    assert_eq!(sa.owner_references()[0].uid, lease.uid().unwrap());
+    assert_eq!(sa.automount_service_account_token, Some(false));
+
+    // The projected token's ServiceAccount is real: the kubelet could mint it.
+    let minted = bed.token(&ns.name, &lease_name, "sts.amazonaws.com", 600).await;
+    assert!(minted.split('.').count() == 3, "a JWT");
+
+    // Dry run: the pod comes back mutated, nothing is made (so it keeps its
+    // own ServiceAccount, which the ServiceAccount plugin checks even then).
+    let before = leases.list(&ListParams::default()).await.unwrap().items.len();
+    let dry = pods
+        .create(&PostParams { dry_run: true, ..PostParams::default() }, &pod(json!({"name": "dry", "labels": {"app": "report"}})))
+        .await
+        .expect("dry-run create");
+    assert!(dry.labels().contains_key("ephemera.dev/lease"));
+    assert!(volume_names(&dry).contains(&"ephemera-token".to_owned()));
+    assert_eq!(dry.spec.as_ref().unwrap().service_account_name.as_deref(), Some("default"));
+    assert_eq!(leases.list(&ListParams::default()).await.unwrap().items.len(), before, "a dry run made a lease");
+
+    // A pod without identity only loses the default token.
+    let plain = pods.create(&PostParams::default(), &pod(json!({"name": "plain"}))).await.expect("plain pod");
+    assert_eq!(plain.spec.as_ref().unwrap().service_account_name.as_deref(), Some("default"));
+    assert!(!volume_names(&plain).iter().any(|v| v.starts_with("kube-api-access-")));
+    assert!(!volume_names(&plain).contains(&"ephemera-token".to_owned()));
+
+    // Borrowing another pod's ServiceAccount is refused.
+    let mut borrower = pod(json!({"name": "borrower"}));
+    borrower.spec.as_mut().unwrap().service_account_name = Some(lease_name.clone());
+    let err = pods.create(&PostParams::default(), &borrower).await.expect_err("borrowing must be refused");
+    assert!(err.to_string().contains("belongs to another workload's IdentityLease"), "{err}");
+
+    // Asking for an identity that does not exist is refused, naming the label.
+    let err = pods
+        .create(&PostParams::default(), &pod(json!({"name": "lost", "labels": {"ephemera.dev/identity": "nope"}})))
+        .await
+        .expect_err("unknown identity");
+    assert!(err.to_string().contains("metadata.labels[ephemera.dev/identity]: no WorkloadIdentity \"nope\""), "{err}");
+
+    // A namespace under the webhook but governed by no boundary is untouched.
+    let free = bed.namespace("e2e-webhook-free").await;
+    webhook.watch_namespace(&bed.client, &free.name, json!({})).await;
+    let untouched = Api::<Pod>::namespaced(bed.client.clone(), &free.name)
+        .create(&PostParams::default(), &pod(json!({"name": "untouched", "labels": {"app": "report"}})))
+        .await
+        .expect("pod in a free namespace");
+    assert!(volume_names(&untouched).iter().any(|v| v.starts_with("kube-api-access-")));
+    assert_eq!(untouched.spec.unwrap().automount_service_account_token, None);
+}
+
+#[tokio::test]
+async fn pods_of_one_job_run_share_one_identity() {
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    let ns = bed.namespace("e2e-webhook-job").await;
+    let team = unique_name("team");
+    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
+    let _boundary = boundary(&bed.client, &team, json!({})).await;
+    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
+        .create(&PostParams::default(), &identity("batch", json!({"scope": "Job"})))
+        .await
+        .expect("create the identity");
+    // The webhook's cache must know the identity before the Job controller
+    // makes pods: wait for a labelled probe pod to be mutated.
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    let probe = admitted_with_identity(&pods, &pod(json!({"name": "probe", "labels": {"ephemera.dev/identity": "batch"}}))).await;
+    pods.delete(&probe.name_any(), &kube::api::DeleteParams::default()).await.unwrap();
+
+    let job: Job = serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "nightly"},
+        "spec": {"parallelism": 2, "completions": 2, "template": {
+            "metadata": {"labels": {"ephemera.dev/identity": "batch"}},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox"}]},
+        }},
+    }))
+    .unwrap();
+    let job = Api::<Job>::namespaced(bed.client.clone(), &ns.name).create(&PostParams::default(), &job).await.unwrap();
+    let job_pods = wait_until("two pods of the Job", WAIT, || async {
+        let list = pods.list(&ListParams::default().labels("job-name=nightly")).await.ok()?;
+        (list.items.len() == 2).then_some(list.items)
+    })
+    .await;
+    let accounts: Vec<_> =
+        job_pods.iter().map(|p| p.spec.as_ref().unwrap().service_account_name.clone().unwrap()).collect();
+    assert_eq!(accounts[0], accounts[1], "Job pods must share the Job run's identity");
+    let lease = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name).get(&accounts[0]).await.unwrap();
+    assert_eq!(lease.spec.holder.kind, HolderKind::Job);
+    assert_eq!(lease.spec.holder.name, "nightly");
+    assert_eq!(lease.spec.holder.uid, job.uid());
+}
+
+#[tokio::test]
+async fn workload_identities_cannot_escalate() {
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    let ns = bed.namespace("e2e-webhook-rbac").await;
+    let team = unique_name("team");
+    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
+    let _boundary = boundary(&bed.client, &team, json!({})).await;
+
+    // alice may manage WorkloadIdentities and read ConfigMaps, not Secrets.
+    let user = unique_name("alice");
+    let role = Role {
+        metadata: ObjectMeta { name: Some("identity-author".into()), ..ObjectMeta::default() },
+        rules: Some(vec![
+            PolicyRule {
+                api_groups: Some(vec!["ephemera.dev".into()]),
+                resources: Some(vec!["workloadidentities".into()]),
+                verbs: vec!["create".into(), "update".into(), "patch".into(), "get".into()],
+                ..PolicyRule::default()
+            },
+            PolicyRule {
+                api_groups: Some(vec![String::new()]),
+                resources: Some(vec!["configmaps".into()]),
+                verbs: vec!["get".into(), "list".into()],
+                ..PolicyRule::default()
+            },
+        ]),
+    };
+    Api::<Role>::namespaced(bed.client.clone(), &ns.name).create(&PostParams::default(), &role).await.unwrap();
+    let binding = RoleBinding {
+        metadata: ObjectMeta { name: Some("identity-author".into()), ..ObjectMeta::default() },
+        role_ref: RoleRef { api_group: Some("rbac.authorization.k8s.io".into()), kind: "Role".into(), name: "identity-author".into() },
+        subjects: Some(vec![Subject {
+            kind: "User".into(),
+            name: user.clone(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            namespace: None,
+        }]),
+    };
+    Api::<RoleBinding>::namespaced(bed.client.clone(), &ns.name).create(&PostParams::default(), &binding).await.unwrap();
+    let mut config = kube::Config::infer().await.unwrap();
+    config.auth_info.impersonate = Some(user.clone());
+    let alice = Api::<WorkloadIdentity>::namespaced(Client::try_from(config).unwrap(), &ns.name);
+
+    let configmaps = json!({"kubernetes": {"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]}});
+    // The webhook's namespace cache may lag the label: retry until it governs.
+    wait_until("alice's own rights to be grantable", WAIT, || async {
+        alice.create(&PostParams::default(), &identity("reads-config", configmaps.clone())).await.ok()
+    })
+    .await;
+
+    let secrets = json!({"kubernetes": {"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}]}});
+    let err = alice.create(&PostParams::default(), &identity("reads-secrets", secrets.clone())).await.unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains(&format!("{user} may not grant what they do not hold")), "{message}");
+    assert!(message.contains("spec.kubernetes.rules[0]: get secrets (core)"), "{message}");
+    // The cluster admin holds it, so the same identity is fine from them.
+    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
+        .create(&PostParams::default(), &identity("reads-secrets", secrets))
+        .await
+        .expect("the admin may grant secrets");
+    // Updating an identity whose rules alice does not hold is refused too
+    // (a new selector would hand the rules to her pods).
+    let err = alice
+        .patch(
+            "reads-secrets",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"selector": {"matchLabels": {"app": "mine"}}}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("may not grant"), "{err}");
+
+    // Beyond the boundary: refused, naming the field, whoever asks.
+    let wide = json!({"aws": {"statements": [{"actions": ["iam:*"], "resources": ["*"]}]}});
+    let err = Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
+        .create(&PostParams::default(), &identity("too-wide", wide))
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("spec.aws.statements[0].actions"), "{message}");
+    assert!(message.contains("is not allowed by IdentityBoundary"), "{message}");
+}
+
+#[tokio::test]
+async fn malformed_reviews_get_a_400_and_wrong_kinds_are_denied() {
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    let curl = |path: &str, body: &str| {
+        let out = std::process::Command::new("curl")
+            .args(["-sk", "-o", "-", "-w", "\n%{http_code}", "-H", "Content-Type: application/json", "--data-binary"])
+            .arg(body)
+            .arg(format!("{}{path}", webhook.url))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let answer = curl("/mutate/pods", "{not json");
+    assert!(answer.ends_with("\n400"), "{answer}");
+    assert!(answer.starts_with("malformed AdmissionReview"), "{answer}");
+    let answer = curl("/mutate/pods", r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#);
+    assert!(answer.ends_with("\n400") && answer.contains("no request"), "{answer}");
+
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "u1", "kind": {"group": "", "version": "v1", "kind": "ConfigMap"},
+            "resource": {"group": "", "version": "v1", "resource": "configmaps"},
+            "operation": "CREATE", "userInfo": {"username": "x"}, "namespace": "default",
+            "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}},
+        }
+    });
+    let answer = curl("/mutate/pods", &review.to_string());
+    assert!(answer.ends_with("\n200"), "{answer}");
+    let body: serde_json::Value = serde_json::from_str(answer.rsplit_once('\n').unwrap().0).unwrap();
+    assert_eq!(body["response"]["uid"], "u1");
+    assert_eq!(body["response"]["allowed"], false);
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("admits Pods, not /ConfigMap"), "{body}");
+}

@@ -73,6 +73,11 @@ e2e: cluster-up ## End-to-end tests against the test bed (starts it if needed; l
 bench: ## Benchmarks (criterion): mutate() per call. Prints the figures; not a timed test.
 	$(CARGO) bench --bench mutate -- --noplot
 
+.PHONY: fuzz
+FUZZ_SECONDS ?= 300
+fuzz: ## Fuzz AdmissionReview decode + mutate for FUZZ_SECONDS (needs the nightly toolchain; installs cargo-fuzz into ~/.cache/ephemera).
+	e2e/scripts/fuzz.sh admission_review $(FUZZ_SECONDS)
+
 ##@ Demo
 
 .PHONY: demo

@@ -23,12 +23,19 @@ struct Cli {
 enum Command {
     /// Run the controllers: clamp identities to their boundaries, provision a
     /// cloud role per workload, and reap it when the workload ends.
-    Controller(ControllerArgs),
+    Controller {
+        #[command(flatten)]
+        controller: ControllerArgs,
+        #[command(flatten)]
+        cloud: CloudArgs,
+    },
     /// Run the admission webhook: strip default tokens and inject per-pod
     /// identities into pods; validate ephemera's own resources.
     Webhook {
         #[command(flatten)]
         webhook: WebhookArgs,
+        #[command(flatten)]
+        cloud: CloudArgs,
         /// The operator's namespace (never mutated; holds the TLS Secret).
         #[arg(long, env = "POD_NAMESPACE", default_value = "ephemera-system")]
         namespace: String,
@@ -39,6 +46,8 @@ enum Command {
         controller: ControllerArgs,
         #[command(flatten)]
         webhook: WebhookArgs,
+        #[command(flatten)]
+        cloud: CloudArgs,
     },
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD.
     Crdgen {
@@ -104,19 +113,43 @@ struct WebhookArgs {
     /// AWS region injected into pods (`AWS_REGION`, `AWS_DEFAULT_REGION`).
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
     aws_region: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct CloudArgs {
     /// AWS account of the roles; asked from STS when unset.
     #[arg(long, env = "EPHEMERA_AWS_ACCOUNT_ID")]
     aws_account_id: Option<String>,
     /// AWS partition of the role ARNs.
     #[arg(long, env = "EPHEMERA_AWS_PARTITION", default_value = "aws")]
     aws_partition: String,
-    /// Name of this cluster, in role names and tags.
+    /// Name of this cluster, in role names and tags (the orphan sweep only
+    /// deletes roles tagged with it).
     #[arg(long, env = "EPHEMERA_CLUSTER_NAME", default_value = "kubernetes")]
     cluster_name: String,
+    /// The cluster's service-account issuer URL, which roles trust; read
+    /// from the apiserver's OpenID discovery document when unset.
+    #[arg(long, env = "EPHEMERA_OIDC_ISSUER")]
+    oidc_issuer: Option<String>,
+}
+
+impl From<CloudArgs> for ephemera::controller::CloudSettings {
+    fn from(args: CloudArgs) -> Self {
+        ephemera::controller::CloudSettings {
+            cluster: args.cluster_name,
+            partition: args.aws_partition,
+            account: args.aws_account_id,
+            oidc_issuer: args.oidc_issuer,
+        }
+    }
 }
 
 impl WebhookArgs {
-    fn into_settings(self, namespace: String) -> ephemera::webhook::Settings {
+    fn into_settings(
+        self,
+        namespace: String,
+        cloud: ephemera::controller::CloudSettings,
+    ) -> ephemera::webhook::Settings {
         use ephemera::webhook::TlsSource;
         let tls = match (self.tls_cert_file, self.tls_key_file, &self.register_url) {
             (Some(cert), Some(key), _) => TlsSource::Files { cert, key },
@@ -132,20 +165,21 @@ impl WebhookArgs {
             register_url: self.register_url,
             namespace_label: self.webhook_namespace_label,
             aws_region: self.aws_region,
-            aws_account: self.aws_account_id,
-            aws_partition: self.aws_partition,
-            cluster_name: self.cluster_name,
+            aws_account: cloud.account,
+            aws_partition: cloud.partition,
+            cluster_name: cloud.cluster,
         }
     }
 }
 
-impl From<ControllerArgs> for ephemera::controller::Settings {
-    fn from(args: ControllerArgs) -> Self {
+impl ControllerArgs {
+    fn into_settings(self, cloud: ephemera::controller::CloudSettings) -> ephemera::controller::Settings {
         ephemera::controller::Settings {
-            admin_addr: args.admin_addr,
-            leader_election: args.leader_elect,
-            namespace: args.namespace,
-            identity: args.identity,
+            admin_addr: self.admin_addr,
+            leader_election: self.leader_elect,
+            namespace: self.namespace,
+            identity: self.identity,
+            cloud,
         }
     }
 }
@@ -169,11 +203,16 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
-        Command::Controller(args) => ephemera::controller::run(args.into()).await,
-        Command::Webhook { webhook, namespace } => ephemera::webhook::run(webhook.into_settings(namespace)).await,
-        Command::Run { controller, webhook } => {
-            let webhook = webhook.into_settings(controller.namespace.clone());
-            Box::pin(run_all(controller.into(), webhook)).await
+        Command::Controller { controller, cloud } => {
+            Box::pin(ephemera::controller::run(controller.into_settings(cloud.into()))).await
+        }
+        Command::Webhook { webhook, cloud, namespace } => {
+            ephemera::webhook::run(webhook.into_settings(namespace, cloud.into())).await
+        }
+        Command::Run { controller, webhook, cloud } => {
+            let cloud: ephemera::controller::CloudSettings = cloud.into();
+            let webhook = webhook.into_settings(controller.namespace.clone(), cloud.clone());
+            Box::pin(run_all(controller.into_settings(cloud), webhook)).await
         }
         Command::Crdgen { output_dir } => ephemera::crdgen::run(output_dir.as_deref()),
         Command::Version => {

@@ -40,7 +40,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -69,6 +69,13 @@ pub struct AdmissionLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of the leases gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// `Pending`, `Provisioning`, `Ready`, `Reaping`.
+    pub phase: &'static str,
+}
+
 /// Every metric ephemera exports, registered in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -82,6 +89,12 @@ pub struct Metrics {
     pub admission_requests: Family<AdmissionLabels, Counter>,
     /// `ephemera_admission_duration_seconds{webhook,outcome}`.
     pub admission_duration: Family<AdmissionLabels, Histogram>,
+    /// `ephemera_leases{phase}`.
+    pub leases: Family<PhaseLabels, Gauge>,
+    /// `ephemera_provision_latency_seconds`: lease created -> gate lifted.
+    pub provision_latency: Histogram,
+    /// `ephemera_ghost_window_seconds`: workload over -> role deleted.
+    pub ghost_window: Histogram,
 }
 
 impl Default for Metrics {
@@ -113,6 +126,21 @@ impl Default for Metrics {
             "Time to answer one AdmissionReview (includes making the ServiceAccount and lease)",
             admission_duration.clone(),
         );
+        let leases = Family::<PhaseLabels, Gauge>::default();
+        registry.register("leases", "Live IdentityLeases by phase", leases.clone());
+        let lifecycle_buckets = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0];
+        let provision_latency = Histogram::new(lifecycle_buckets);
+        registry.register(
+            "provision_latency_seconds",
+            "From lease creation (pod admission) to the role verified and the gate lifted",
+            provision_latency.clone(),
+        );
+        let ghost_window = Histogram::new(lifecycle_buckets);
+        registry.register(
+            "ghost_window_seconds",
+            "From the workload ending to its role being deleted",
+            ghost_window.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -120,6 +148,9 @@ impl Default for Metrics {
             reconcile_duration,
             admission_requests,
             admission_duration,
+            leases,
+            provision_latency,
+            ghost_window,
         }
     }
 }

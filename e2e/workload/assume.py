@@ -6,11 +6,16 @@ AWS_DEFAULT_REGION (botocore reads only the latter), plus AWS_ENDPOINT_URL
 pointing at the emulator. boto3's default credential chain reads them the
 way every AWS SDK does, so a success here is what an application would see.
 
-Prints one JSON line: {"ok": true, "arn": ...} or {"ok": false, "error": code}.
-Exit status 0 when the identity works, 1 when AWS refused it.
+With E2E_S3_OBJECTS="bucket/key,bucket/key" it also reads each object with
+the assumed identity and reports "ok" or the error code per object.
+
+Prints one JSON line: {"ok": true, "arn": ..., "s3": {...}} or
+{"ok": false, "error": code}. Exit status 0 when the identity works, 1 when
+AWS refused it.
 """
 
 import json
+import os
 import sys
 
 import boto3
@@ -27,7 +32,18 @@ def main() -> int:
     except BotoCoreError as err:
         print(json.dumps({"ok": False, "error": type(err).__name__, "message": str(err)}))
         return 1
-    print(json.dumps({"ok": True, "arn": identity["Arn"]}))
+    s3 = {}
+    objects = [o for o in os.environ.get("E2E_S3_OBJECTS", "").split(",") if o]
+    if objects:
+        client = session.client("s3")
+        for obj in objects:
+            bucket, key = obj.split("/", 1)
+            try:
+                client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                s3[obj] = "ok"
+            except ClientError as err:
+                s3[obj] = err.response["Error"]["Code"]
+    print(json.dumps({"ok": True, "arn": identity["Arn"], "s3": s3}))
     return 0
 
 

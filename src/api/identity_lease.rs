@@ -46,6 +46,14 @@ pub struct IdentityLeaseSpec {
     #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("serviceAccount is immutable"))]
     pub service_account: String,
 
+    /// The IAM role the workload was told to assume (its `AWS_ROLE_ARN`),
+    /// fixed at admission so a later boundary change cannot make the role
+    /// and the pod disagree. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("roleArn is immutable"))]
+    pub role_arn: Option<String>,
+
     /// When the identity is reaped even if the workload still runs (the
     /// boundary's `maxLifetime` after admission).
     pub expires_at: Time,

@@ -64,6 +64,15 @@ pub fn role_arn(partition: &str, account: &str, path: &str, name: &str) -> Strin
     format!("arn:{partition}:iam::{account}:role{path}{name}")
 }
 
+/// The path (`/ephemera/`) and name of a role from its ARN.
+#[must_use]
+pub fn split_role_arn(arn: &str) -> Option<(String, String)> {
+    let resource = arn.splitn(6, ':').nth(5)?;
+    let rest = resource.strip_prefix("role")?;
+    let (path, name) = rest.rsplit_once('/')?;
+    (!name.is_empty()).then(|| (format!("{path}/"), name.to_owned()))
+}
+
 /// `AWS_ROLE_SESSION_NAME` for a workload: `<namespace>.<workload>`, limited
 /// to what STS accepts (2 to 64 of `[\w+=,.@-]`), so CloudTrail shows who it was.
 #[must_use]
@@ -115,6 +124,15 @@ mod tests {
         assert!(a.len() <= MAX_ROLE_NAME && b.len() <= MAX_ROLE_NAME, "{a} {b}");
         assert_ne!(a, b);
         assert_ne!(a, role_name("ephemera", "other-cluster", &ns, "report-x7k2p"));
+    }
+
+    #[test]
+    fn role_arns_split_into_path_and_name() {
+        let arn = role_arn("aws", "1", "/ephemera/team/", "r");
+        assert_eq!(split_role_arn(&arn), Some(("/ephemera/team/".into(), "r".into())));
+        assert_eq!(split_role_arn("arn:aws:iam::1:role/r"), Some(("/".into(), "r".into())));
+        assert_eq!(split_role_arn("arn:aws:iam::1:user/r"), None);
+        assert_eq!(split_role_arn("nonsense"), None);
     }
 
     #[test]

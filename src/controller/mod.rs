@@ -3,9 +3,11 @@
 //!   of its namespace and publishes the effective identity in its status;
 //! - [`boundary`]: boundary status and the instance-metadata NetworkPolicies.
 //!
-//! The lease controller (provision and reap) joins them with issue #6.
+//! - [`lease`]: provisions each lease's role, lifts the pod's gate, reaps it
+//!   when the workload ends, and sweeps orphaned roles.
 
 pub mod boundary;
+pub mod lease;
 pub mod workload_identity;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -36,6 +38,22 @@ pub struct Settings {
     pub namespace: String,
     /// Identity of this replica in the leader election (the pod name).
     pub identity: String,
+    /// Where roles are made.
+    pub cloud: CloudSettings,
+}
+
+/// Where roles are made and who trusts them; shared by controller and webhook.
+#[derive(Clone, Debug)]
+pub struct CloudSettings {
+    /// This cluster's name (role names, tags; the sweep only touches its own).
+    pub cluster: String,
+    /// AWS partition (`aws`).
+    pub partition: String,
+    /// AWS account of the roles; `None`: asked from STS.
+    pub account: Option<String>,
+    /// The service-account issuer URL; `None`: read from the apiserver's
+    /// OpenID discovery document.
+    pub oidc_issuer: Option<String>,
 }
 
 /// Shared by every reconciliation.
@@ -75,8 +93,9 @@ pub async fn run(settings: Settings) -> Result<()> {
     let mut leadership =
         if settings.leader_election { Some(acquire_leadership(&client, &settings).await?) } else { None };
 
+    let cloud = lease_cloud(&client, &settings.cloud).await?;
     let controllers = async {
-        tokio::join!(workload_identity::run(ctx.clone()), boundary::run(ctx.clone()));
+        tokio::join!(workload_identity::run(ctx.clone()), boundary::run(ctx.clone()), lease::run(ctx.clone(), cloud));
     };
     let result = tokio::select! {
         () = controllers => Ok(()),
@@ -105,6 +124,37 @@ pub async fn run(settings: Settings) -> Result<()> {
         release_leadership(leadership).await;
     }
     result
+}
+
+/// AWS clients and the issuer the roles trust.
+async fn lease_cloud(client: &Client, settings: &CloudSettings) -> Result<lease::Cloud> {
+    let provider = crate::cloud::aws::AwsProvider::from_env().await;
+    let account = match &settings.account {
+        Some(account) => account.clone(),
+        None => provider.account().await?,
+    };
+    let issuer = match &settings.oidc_issuer {
+        Some(issuer) => issuer.clone(),
+        None => discover_issuer(client).await?,
+    };
+    let issuer_host = issuer.trim_start_matches("https://").trim_end_matches('/').to_owned();
+    let provider_arn = format!("arn:{}:iam::{account}:oidc-provider/{issuer_host}", settings.partition);
+    tracing::info!(issuer = %issuer, account, "roles will trust this cluster's service-account issuer");
+    Ok(lease::Cloud { provider, cluster: settings.cluster.clone(), issuer_host, provider_arn })
+}
+
+/// The issuer from the apiserver's OpenID discovery document.
+async fn discover_issuer(client: &Client) -> Result<String> {
+    let request = http::Request::get("/.well-known/openid-configuration")
+        .body(Vec::new())
+        .map_err(|e| Error::Config(format!("building the discovery request: {e}")))?;
+    let text = client.request_text(request).await.map_err(Error::kube("reading the OpenID discovery document"))?;
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Serialization { what: "OpenID discovery document", message: e.to_string() })?;
+    doc["issuer"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| Error::Config("the OpenID discovery document has no issuer; set --oidc-issuer".into()))
 }
 
 type Leadership = (

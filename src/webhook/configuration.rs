@@ -184,8 +184,8 @@ pub async fn register(
 
 /// The object with `apiVersion`/`kind`, as server-side apply wants it.
 fn apply_body<T: serde::Serialize>(obj: &T, kind: &str) -> Result<serde_json::Value> {
-    let mut value =
-        serde_json::to_value(obj).map_err(|e| Error::Serialization { what: "webhook configuration", message: e.to_string() })?;
+    let mut value = serde_json::to_value(obj)
+        .map_err(|e| Error::Serialization { what: "webhook configuration", message: e.to_string() })?;
     value["apiVersion"] = "admissionregistration.k8s.io/v1".into();
     value["kind"] = kind.into();
     Ok(value)
@@ -199,10 +199,8 @@ mod tests {
     fn the_control_plane_and_the_operator_namespace_are_never_sent() {
         let m = mutating("ephemera", &Target::Url("https://127.0.0.1:1".into()), "CA", "ephemera-system", None);
         let hook = &m.webhooks.unwrap()[0];
-        let excluded = hook.namespace_selector.as_ref().unwrap().match_expressions.as_ref().unwrap()[0]
-            .values
-            .clone()
-            .unwrap();
+        let excluded =
+            hook.namespace_selector.as_ref().unwrap().match_expressions.as_ref().unwrap()[0].values.clone().unwrap();
         for ns in ["kube-system", "kube-public", "kube-node-lease", "ephemera-system"] {
             assert!(excluded.contains(&ns.to_owned()), "{ns}");
         }

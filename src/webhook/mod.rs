@@ -86,13 +86,9 @@ pub async fn run(settings: Settings) -> Result<()> {
 
     let account = match &settings.aws_account {
         Some(account) => account.clone(),
-        None => caller_account().await?,
+        None => crate::cloud::aws::AwsProvider::from_env().await.account().await?,
     };
-    let aws = AwsTarget {
-        partition: settings.aws_partition.clone(),
-        account,
-        cluster: settings.cluster_name.clone(),
-    };
+    let aws = AwsTarget { partition: settings.aws_partition.clone(), account, cluster: settings.cluster_name.clone() };
     let (stores, watchers) = start_stores(&client);
     let watchers = tokio::spawn(watchers);
     let (tls, ca_bundle) = serving_config(&client, &settings).await?;
@@ -226,17 +222,6 @@ async fn keep_secret_fresh(
         }
         current = bundle;
     }
-}
-
-/// The account of the credentials the process runs with.
-async fn caller_account() -> Result<String> {
-    let sts = crate::cloud::aws::sts_client().await;
-    let identity = sts
-        .get_caller_identity()
-        .send()
-        .await
-        .map_err(|e| Error::Cloud { operation: "GetCallerIdentity", message: aws_sdk_sts::error::DisplayErrorContext(e).to_string() })?;
-    identity.account.ok_or_else(|| Error::Config("STS GetCallerIdentity returned no account; set --aws-account-id".into()))
 }
 
 /// Reflectors for what admission reads; the returned future drives them.

@@ -141,7 +141,8 @@ pub fn decide(pod: &Pod, env: &Environment<'_>) -> Decision {
     // The first governing boundary with AWS settings names the role (the
     // controller makes it under the same name).
     let aws = governing.iter().find_map(|b| b.spec.aws.as_ref());
-    let (prefix, path) = aws.map_or(("ephemera", "/ephemera/"), |a| (a.role_name_prefix.as_str(), a.role_path.as_str()));
+    let (prefix, path) =
+        aws.map_or(("ephemera", "/ephemera/"), |a| (a.role_name_prefix.as_str(), a.role_path.as_str()));
     let role = naming::role_name(prefix, &env.aws.cluster, env.namespace, &lease_name);
     let lifetime = governing.iter().map(|b| b.spec.max_lifetime).min().unwrap_or_default();
     let expires_at = env
@@ -149,10 +150,11 @@ pub fn decide(pod: &Pod, env: &Environment<'_>) -> Decision {
         .checked_add(SignedDuration::from_secs(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX)))
         .unwrap_or(Timestamp::MAX);
 
+    let role_arn = naming::role_arn(&env.aws.partition, &env.aws.account, path, &role);
     admission.identity = Some(ResolvedIdentity {
         lease: lease_name.clone(),
         service_account: lease_name.clone(),
-        role_arn: naming::role_arn(&env.aws.partition, &env.aws.account, path, &role),
+        role_arn: role_arn.clone(),
         session_name: naming::session_name(env.namespace, &holder.name),
         audience: if identity.spec.token.audience.is_empty() {
             DEFAULT_AUDIENCE.to_owned()
@@ -174,6 +176,7 @@ pub fn decide(pod: &Pod, env: &Environment<'_>) -> Decision {
             holder,
             workload_identity: identity_name,
             service_account: lease_name,
+            role_arn: Some(role_arn),
             expires_at: Time(expires_at),
             purpose: annotations.get(ANNOTATION_PURPOSE).cloned(),
             owner: annotations.get(ANNOTATION_OWNER).cloned(),
@@ -228,8 +231,11 @@ pub async fn provision(client: &Client, lease: &IdentityLease) -> Result<()> {
     let stored = match leases.create(&PostParams::default(), lease).await {
         Ok(created) => created,
         Err(kube::Error::Api(s)) if s.is_already_exists() => {
-            let existing = leases.get(&name).await.map_err(Error::kube(format!("reading IdentityLease {namespace}/{name}")))?;
-            if existing.spec.workload_identity != lease.spec.workload_identity || existing.meta().deletion_timestamp.is_some() {
+            let existing =
+                leases.get(&name).await.map_err(Error::kube(format!("reading IdentityLease {namespace}/{name}")))?;
+            if existing.spec.workload_identity != lease.spec.workload_identity
+                || existing.meta().deletion_timestamp.is_some()
+            {
                 return Err(Error::Config(format!(
                     "IdentityLease {namespace}/{name} exists for another workload or is being reaped"
                 )));
@@ -280,10 +286,7 @@ fn select_identity<'a>(pod: &Pod, env: &Environment<'a>) -> Result<Option<&'a Wo
     let live = || env.identities.iter().filter(|wi| wi.meta().deletion_timestamp.is_none());
     if let Some(name) = pod.labels().get(LABEL_IDENTITY) {
         return live().find(|wi| wi.name_any() == *name).map(Some).ok_or_else(|| {
-            format!(
-                "metadata.labels[{LABEL_IDENTITY}]: no WorkloadIdentity {name:?} in namespace {}",
-                env.namespace
-            )
+            format!("metadata.labels[{LABEL_IDENTITY}]: no WorkloadIdentity {name:?} in namespace {}", env.namespace)
         });
     }
     let labels = pod.labels();
@@ -308,7 +311,9 @@ fn select_identity<'a>(pod: &Pod, env: &Environment<'a>) -> Result<Option<&'a Wo
 fn foreign_service_account(pod: &Pod, env: &Environment<'_>, own: Option<&str>) -> Option<String> {
     let sa = pod.spec.as_ref()?.service_account_name.as_deref()?;
     (env.leases.iter().any(|l| l == sa) && Some(sa) != own).then(|| {
-        format!("spec.serviceAccountName: {sa:?} belongs to another workload's IdentityLease; identities are not shared")
+        format!(
+            "spec.serviceAccountName: {sa:?} belongs to another workload's IdentityLease; identities are not shared"
+        )
     })
 }
 
@@ -499,7 +504,10 @@ spec: {{containers: [{{name: main}}]}}
         let (a, la, _) = admitted(f.decide(&job_pod("nightly-abc")));
         let (b, _, _) = admitted(f.decide(&job_pod("nightly-def")));
         assert_eq!(a.identity.unwrap().lease, b.identity.unwrap().lease);
-        assert_eq!(la.unwrap().spec.holder, Holder { kind: HolderKind::Job, name: "nightly".into(), uid: Some("job-uid-1".into()) });
+        assert_eq!(
+            la.unwrap().spec.holder,
+            Holder { kind: HolderKind::Job, name: "nightly".into(), uid: Some("job-uid-1".into()) }
+        );
         // A Job-scoped identity on a bare pod: its own identity, with a warning.
         let (_, lease, warnings) = admitted(f.decide(&pod(PLAIN)));
         assert_eq!(lease.unwrap().spec.holder.kind, HolderKind::Pod);
@@ -543,7 +551,10 @@ spec: {containers: [{name: main}]}
 ");
         let (admission, _, warnings) = admitted(f.decide(&p));
         assert!(!admission.keep_default_token);
-        assert!(warnings[0].contains("ignored, IdentityBoundary team-a does not set allowDefaultToken"), "{warnings:?}");
+        assert!(
+            warnings[0].contains("ignored, IdentityBoundary team-a does not set allowDefaultToken"),
+            "{warnings:?}"
+        );
         f.boundaries[0].spec.allow_default_token = true;
         let (admission, _, _) = admitted(f.decide(&p));
         assert!(admission.keep_default_token);

@@ -233,7 +233,8 @@ async fn namespace_labels(state: &AppState, namespace: &str) -> Result<BTreeMap<
 async fn validate_identity(state: &AppState, req: AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     let allow = AdmissionResponse::from(&req);
     if req.kind.group != crate::api::GROUP || req.kind.kind != "WorkloadIdentity" {
-        return allow.deny(format!("this webhook validates WorkloadIdentities, not {}/{}", req.kind.group, req.kind.kind));
+        return allow
+            .deny(format!("this webhook validates WorkloadIdentities, not {}/{}", req.kind.group, req.kind.kind));
     }
     if !matches!(req.operation, Operation::Create | Operation::Update) {
         return allow;
@@ -280,10 +281,7 @@ async fn escalation(
     let user = req.user_info.username.as_deref().unwrap_or("the requester");
     let shown: Vec<String> = missing.iter().take(5).map(ToString::to_string).collect();
     let more = if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() };
-    Err(format!(
-        "{user} may not grant what they do not hold in namespace {namespace}: {}{more}",
-        shown.join("; ")
-    ))
+    Err(format!("{user} may not grant what they do not hold in namespace {namespace}: {}{more}", shown.join("; ")))
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use axum_server::tls_rustls::RustlsConfig;
 use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{
     Api, Client, ResourceExt,
-    api::{PostParams, Patch, PatchParams},
+    api::{Patch, PatchParams, PostParams},
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -294,12 +294,12 @@ fn from_secret(secret: &Secret) -> Option<CertBundle> {
 /// # Errors
 /// When a configuration exists but cannot be patched.
 pub async fn publish_ca_bundle(client: &Client, configuration: &str, ca_bundle: &str) -> Result<()> {
-    use k8s_openapi::api::admissionregistration::v1::{
-        MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
-    };
+    use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
     let context = |kind: &str| format!("publishing caBundle on {kind} {configuration}");
     let mutating = Api::<MutatingWebhookConfiguration>::all(client.clone());
-    if let Some(existing) = mutating.get_opt(configuration).await.map_err(Error::kube(context("MutatingWebhookConfiguration")))? {
+    if let Some(existing) =
+        mutating.get_opt(configuration).await.map_err(Error::kube(context("MutatingWebhookConfiguration")))?
+    {
         let patch = ca_patch(existing.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref()), ca_bundle);
         if !patch.0.is_empty() {
             mutating
@@ -309,7 +309,9 @@ pub async fn publish_ca_bundle(client: &Client, configuration: &str, ca_bundle: 
         }
     }
     let validating = Api::<ValidatingWebhookConfiguration>::all(client.clone());
-    if let Some(existing) = validating.get_opt(configuration).await.map_err(Error::kube(context("ValidatingWebhookConfiguration")))? {
+    if let Some(existing) =
+        validating.get_opt(configuration).await.map_err(Error::kube(context("ValidatingWebhookConfiguration")))?
+    {
         let patch = ca_patch(existing.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref()), ca_bundle);
         if !patch.0.is_empty() {
             validating

@@ -6,6 +6,7 @@
 
 mod crds;
 mod identity;
+mod lifecycle;
 mod support;
 mod testbed;
 mod webhook;

@@ -10,13 +10,15 @@ use std::{
 };
 
 use k8s_openapi::api::{
+    admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
     authentication::v1::{TokenRequest, TokenRequestSpec},
     core::v1::{Namespace, ServiceAccount},
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ObjectMeta, PostParams},
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
+use serde_json::json;
 
 /// Where the test bed is, read from `.ephemera/dev.env` (exported by `make e2e`).
 pub struct TestBed {
@@ -109,18 +111,53 @@ impl TestBed {
     /// Runs `e2e/workload/assume.py` as an application pod would: with only the
     /// env an injected pod has, and the token in a file.
     pub fn assume_with_boto3(&self, role_arn: &str, token: &str) -> WorkloadResult {
+        self.workload(role_arn, token, &[])
+    }
+
+    /// Like [`Self::assume_with_boto3`], then reads each `bucket/key` from S3
+    /// with the assumed identity.
+    pub fn workload(&self, role_arn: &str, token: &str, s3_objects: &[&str]) -> WorkloadResult {
+        self.run_workload(
+            &[("AWS_ROLE_ARN", role_arn), ("AWS_ROLE_SESSION_NAME", "e2e-boto3")],
+            Some(token),
+            s3_objects,
+        )
+    }
+
+    /// The workload with session credentials obtained earlier (to prove that
+    /// reaping revokes sessions already handed out).
+    pub fn workload_with_session(
+        &self,
+        creds: &aws_sdk_sts::types::Credentials,
+        s3_objects: &[&str],
+    ) -> WorkloadResult {
+        self.run_workload(
+            &[
+                ("AWS_ACCESS_KEY_ID", creds.access_key_id()),
+                ("AWS_SECRET_ACCESS_KEY", creds.secret_access_key()),
+                ("AWS_SESSION_TOKEN", creds.session_token()),
+            ],
+            None,
+            s3_objects,
+        )
+    }
+
+    fn run_workload(&self, vars: &[(&str, &str)], token: Option<&str>, s3_objects: &[&str]) -> WorkloadResult {
         let dir = std::env::temp_dir().join(unique_name("ephemera-token"));
         std::fs::create_dir_all(&dir).expect("temp dir for the token file");
         let token_file = dir.join("token");
-        std::fs::write(&token_file, token).expect("writing the token file");
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("e2e/workload/assume.py");
-        let output = Command::new(&self.python)
+        let mut command = Command::new(&self.python);
+        command
             .arg(script)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("AWS_ROLE_ARN", role_arn)
-            .env("AWS_WEB_IDENTITY_TOKEN_FILE", &token_file)
-            .env("AWS_ROLE_SESSION_NAME", "e2e-boto3")
+            .envs(vars.iter().copied());
+        if let Some(token) = token {
+            std::fs::write(&token_file, token).expect("writing the token file");
+            command.env("AWS_WEB_IDENTITY_TOKEN_FILE", &token_file);
+        }
+        let output = command
             .env("AWS_REGION", required_env("AWS_REGION"))
             .env("AWS_DEFAULT_REGION", required_env("AWS_REGION"))
             .env("AWS_ENDPOINT_URL", required_env("AWS_ENDPOINT_URL"))
@@ -128,6 +165,7 @@ impl TestBed {
             .env("AWS_CONFIG_FILE", "/dev/null")
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
             .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("E2E_S3_OBJECTS", s3_objects.join(","))
             .output()
             .expect("running the boto3 workload");
         let _ = std::fs::remove_dir_all(&dir);
@@ -143,7 +181,18 @@ impl TestBed {
             ok: output.status.success() && parsed["ok"] == true,
             arn: parsed["arn"].as_str().map(str::to_owned),
             error: parsed["error"].as_str().map(str::to_owned),
+            s3: parsed["s3"]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect())
+                .unwrap_or_default(),
         }
+    }
+
+    /// Makes S3 objects with the administrator's credentials.
+    pub fn seed_s3(&self, objects: &[&str]) {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("e2e/workload/seed_s3.py");
+        let status = Command::new(&self.python).arg(script).args(objects).status().expect("running seed_s3.py");
+        assert!(status.success(), "seeding S3 failed");
     }
 }
 
@@ -151,6 +200,8 @@ impl TestBed {
 #[derive(Debug)]
 pub struct WorkloadResult {
     pub ok: bool,
+    /// `bucket/key` -> `ok` or the S3 error code.
+    pub s3: std::collections::BTreeMap<String, String>,
     pub arn: Option<String>,
     pub error: Option<String>,
 }
@@ -314,4 +365,65 @@ impl Drop for EphemeraProcess {
 /// A free loopback port (bound and released: good enough on a test machine).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()
+}
+
+/// Label that puts a namespace under one test's webhook.
+const WEBHOOK_LABEL: &str = "ephemera-e2e-webhook";
+/// How long a webhook may take to register.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A webhook process registered for namespaces labelled `WEBHOOK_LABEL=<id>`, and
+/// its configurations, removed when dropped.
+pub struct Webhook {
+    pub id: String,
+    pub url: String,
+    _process: EphemeraProcess,
+    _mutating: DeleteOnDrop<MutatingWebhookConfiguration>,
+    _validating: DeleteOnDrop<ValidatingWebhookConfiguration>,
+}
+
+impl Webhook {
+    pub async fn start(client: &Client) -> Webhook {
+        let id = unique_name("wh");
+        let url = format!("https://127.0.0.1:{}", free_port());
+        let addr = url.trim_start_matches("https://").to_owned();
+        let mut process = EphemeraProcess::spawn(
+            "webhook",
+            &[
+                "webhook",
+                "--webhook-addr",
+                &addr,
+                "--webhook-admin-addr",
+                "127.0.0.1:0",
+                "--register-url",
+                &url,
+                "--webhook-configuration",
+                &id,
+                "--webhook-namespace-label",
+                &format!("{WEBHOOK_LABEL}={id}"),
+                "--cluster-name",
+                "e2e",
+            ],
+        );
+        let configs = Api::<MutatingWebhookConfiguration>::all(client.clone());
+        let start = std::time::Instant::now();
+        while configs.get_opt(&id).await.ok().flatten().is_none() {
+            assert!(process.is_running(), "the webhook stopped; see {}", process.log.display());
+            assert!(start.elapsed() < WAIT, "webhook not registered after {WAIT:?}; see {}", process.log.display());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Webhook { _mutating: DeleteOnDrop::new(&id), _validating: DeleteOnDrop::new(&id), id, url, _process: process }
+    }
+
+    /// Puts a namespace under this webhook.
+    pub async fn watch_namespace(&self, client: &Client, namespace: &str, extra: serde_json::Value) {
+        let mut labels = json!({ WEBHOOK_LABEL: self.id });
+        if let (Some(l), Some(e)) = (labels.as_object_mut(), extra.as_object()) {
+            l.extend(e.clone());
+        }
+        Api::<Namespace>::all(client.clone())
+            .patch(namespace, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": labels}})))
+            .await
+            .expect("labelling the namespace");
+    }
 }

@@ -10,9 +10,8 @@
 use std::time::Duration;
 
 use k8s_openapi::api::{
-    admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
     batch::v1::Job,
-    core::v1::{Namespace, Pod, ServiceAccount},
+    core::v1::{Pod, ServiceAccount},
     rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
 };
 use kube::{
@@ -21,69 +20,12 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::support::{DeleteOnDrop, EphemeraProcess, TestBed, ensure_crds, free_port, unique_name, wait_until};
+use crate::support::{DeleteOnDrop, TestBed, Webhook, ensure_crds, unique_name, wait_until};
 use ephemera::api::{HolderKind, IdentityBoundary, IdentityLease, WorkloadIdentity};
 
 const WAIT: Duration = Duration::from_secs(30);
-const LABEL: &str = "ephemera-e2e-webhook";
 
-/// A webhook process registered for namespaces labelled `LABEL=<id>`, and
-/// its configurations, removed when dropped.
-struct Webhook {
-    id: String,
-    url: String,
-    _process: EphemeraProcess,
-    _mutating: DeleteOnDrop<MutatingWebhookConfiguration>,
-    _validating: DeleteOnDrop<ValidatingWebhookConfiguration>,
-}
-
-impl Webhook {
-    async fn start(client: &Client) -> Webhook {
-        let id = unique_name("wh");
-        let url = format!("https://127.0.0.1:{}", free_port());
-        let addr = url.trim_start_matches("https://").to_owned();
-        let mut process = EphemeraProcess::spawn(
-            "webhook",
-            &[
-                "webhook",
-                "--webhook-addr",
-                &addr,
-                "--webhook-admin-addr",
-                "127.0.0.1:0",
-                "--register-url",
-                &url,
-                "--webhook-configuration",
-                &id,
-                "--webhook-namespace-label",
-                &format!("{LABEL}={id}"),
-                "--cluster-name",
-                "e2e",
-            ],
-        );
-        let configs = Api::<MutatingWebhookConfiguration>::all(client.clone());
-        let start = std::time::Instant::now();
-        while configs.get_opt(&id).await.ok().flatten().is_none() {
-            assert!(process.is_running(), "the webhook stopped; see {}", process.log.display());
-            assert!(start.elapsed() < WAIT, "webhook not registered after {WAIT:?}; see {}", process.log.display());
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Webhook { _mutating: DeleteOnDrop::new(&id), _validating: DeleteOnDrop::new(&id), id, url, _process: process }
-    }
-
-    /// Puts a namespace under this webhook.
-    async fn watch_namespace(&self, client: &Client, namespace: &str, extra: serde_json::Value) {
-        let mut labels = json!({ LABEL: self.id });
-        if let (Some(l), Some(e)) = (labels.as_object_mut(), extra.as_object()) {
-            l.extend(e.clone());
-        }
-        Api::<Namespace>::all(client.clone())
-            .patch(namespace, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": labels}})))
-            .await
-            .expect("labelling the namespace");
-    }
-}
-
-async fn boundary(client: &Client, team: &str, extra: serde_json::Value) -> DeleteOnDrop<IdentityBoundary> {
+pub async fn boundary(client: &Client, team: &str, extra: serde_json::Value) -> DeleteOnDrop<IdentityBoundary> {
     let name = unique_name("e2e-wh-boundary");
     let mut spec = json!({
         "namespaceSelector": {"matchLabels": {"e2e-team": team}},
@@ -104,13 +46,14 @@ async fn boundary(client: &Client, team: &str, extra: serde_json::Value) -> Dele
     DeleteOnDrop::new(&name)
 }
 
-fn identity(name: &str, spec: serde_json::Value) -> WorkloadIdentity {
-    let mut value = json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity", "metadata": {"name": name}});
+pub fn identity(name: &str, spec: serde_json::Value) -> WorkloadIdentity {
+    let mut value =
+        json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity", "metadata": {"name": name}});
     value["spec"] = spec;
     serde_json::from_value(value).unwrap()
 }
 
-fn pod(meta: serde_json::Value) -> Pod {
+pub fn pod(meta: serde_json::Value) -> Pod {
     let mut value = json!({
         "apiVersion": "v1", "kind": "Pod",
         "spec": {"containers": [{"name": "main", "image": "busybox"}], "initContainers": [
@@ -125,13 +68,13 @@ fn volume_names(pod: &Pod) -> Vec<String> {
     pod.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default().into_iter().map(|v| v.name).collect()
 }
 
-fn env_of(pod: &Pod, name: &str) -> Option<String> {
+pub fn env_of(pod: &Pod, name: &str) -> Option<String> {
     pod.spec.as_ref()?.containers[0].env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
 }
 
 /// Waits until the webhook's caches have seen `identity` (they are watches,
 /// so a just-created identity is not there at once).
-async fn admitted_with_identity(pods: &Api<Pod>, probe: &Pod) -> Pod {
+pub async fn admitted_with_identity(pods: &Api<Pod>, probe: &Pod) -> Pod {
     wait_until("the webhook to know the new WorkloadIdentity", WAIT, || async {
         let created = pods.create(&PostParams::default(), probe).await.ok()?;
         if created.labels().contains_key("ephemera.dev/lease") {
@@ -220,7 +163,10 @@ async fn pods_get_their_own_identity_and_lose_the_default_token() {
     // own ServiceAccount, which the ServiceAccount plugin checks even then).
     let before = leases.list(&ListParams::default()).await.unwrap().items.len();
     let dry = pods
-        .create(&PostParams { dry_run: true, ..PostParams::default() }, &pod(json!({"name": "dry", "labels": {"app": "report"}})))
+        .create(
+            &PostParams { dry_run: true, ..PostParams::default() },
+            &pod(json!({"name": "dry", "labels": {"app": "report"}})),
+        )
         .await
         .expect("dry-run create");
     assert!(dry.labels().contains_key("ephemera.dev/lease"));
@@ -274,7 +220,9 @@ async fn pods_of_one_job_run_share_one_identity() {
     // The webhook's cache must know the identity before the Job controller
     // makes pods: wait for a labelled probe pod to be mutated.
     let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
-    let probe = admitted_with_identity(&pods, &pod(json!({"name": "probe", "labels": {"ephemera.dev/identity": "batch"}}))).await;
+    let probe =
+        admitted_with_identity(&pods, &pod(json!({"name": "probe", "labels": {"ephemera.dev/identity": "batch"}})))
+            .await;
     pods.delete(&probe.name_any(), &kube::api::DeleteParams::default()).await.unwrap();
 
     let job: Job = serde_json::from_value(json!({
@@ -332,7 +280,11 @@ async fn workload_identities_cannot_escalate() {
     Api::<Role>::namespaced(bed.client.clone(), &ns.name).create(&PostParams::default(), &role).await.unwrap();
     let binding = RoleBinding {
         metadata: ObjectMeta { name: Some("identity-author".into()), ..ObjectMeta::default() },
-        role_ref: RoleRef { api_group: Some("rbac.authorization.k8s.io".into()), kind: "Role".into(), name: "identity-author".into() },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: "identity-author".into(),
+        },
         subjects: Some(vec![Subject {
             kind: "User".into(),
             name: user.clone(),
@@ -340,19 +292,24 @@ async fn workload_identities_cannot_escalate() {
             namespace: None,
         }]),
     };
-    Api::<RoleBinding>::namespaced(bed.client.clone(), &ns.name).create(&PostParams::default(), &binding).await.unwrap();
+    Api::<RoleBinding>::namespaced(bed.client.clone(), &ns.name)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
     let mut config = kube::Config::infer().await.unwrap();
     config.auth_info.impersonate = Some(user.clone());
     let alice = Api::<WorkloadIdentity>::namespaced(Client::try_from(config).unwrap(), &ns.name);
 
-    let configmaps = json!({"kubernetes": {"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]}});
+    let configmaps =
+        json!({"kubernetes": {"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]}});
     // The webhook's namespace cache may lag the label: retry until it governs.
     wait_until("alice's own rights to be grantable", WAIT, || async {
         alice.create(&PostParams::default(), &identity("reads-config", configmaps.clone())).await.ok()
     })
     .await;
 
-    let secrets = json!({"kubernetes": {"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}]}});
+    let secrets =
+        json!({"kubernetes": {"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}]}});
     let err = alice.create(&PostParams::default(), &identity("reads-secrets", secrets.clone())).await.unwrap_err();
     let message = err.to_string();
     assert!(message.contains(&format!("{user} may not grant what they do not hold")), "{message}");

@@ -1,0 +1,695 @@
+//! The lease controller: provisions each `IdentityLease`'s IAM role and RBAC,
+//! proves the role usable, lifts the pod's scheduling gate, and reaps it all
+//! the moment the workload ends.
+//!
+//! Reaping is deletion: when the workload is over the controller deletes the
+//! lease, and the `ephemera.dev/reaper` finalizer revokes live sessions and
+//! deletes the role, the Role and RoleBinding and the ServiceAccount before
+//! the lease may go. A crash anywhere leaves the finalizer in place, so the
+//! next leader finishes the job; every step is idempotent.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        batch::v1::Job,
+        core::v1::{Namespace, Pod, ServiceAccount},
+        rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
+    },
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType},
+        finalizer::{Event as Finalizer, finalizer},
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use serde_json::json;
+
+use super::{Context, RESYNC, condition, drain, retry, workload_identity::evaluate};
+use crate::{
+    Error, Result,
+    api::{
+        HolderKind, IdentityBoundary, IdentityLease, IdentityLeaseStatus, LeasePhase, WorkloadIdentity,
+        well_known::{
+            FIELD_MANAGER, FINALIZER_REAPER, LABEL_LEASE, LABEL_MANAGED_BY, MANAGED_BY, SCHEDULING_GATE,
+            condition as cond,
+        },
+    },
+    cloud::{
+        aws::{self, AwsProvider, RoleSpec},
+        naming,
+    },
+};
+
+const CONTROLLER: &str = "lease";
+/// A lease whose pod (or Job) never showed up is reaped after this: the
+/// create was refused by a later admission step, after our webhook ran.
+pub const HOLDER_GRACE: Duration = Duration::from_mins(2);
+/// How often a role that is not assumable yet (IAM propagation) is retried.
+const VERIFY_RETRY: Duration = Duration::from_millis(500);
+/// How often the sweep looks for roles without a lease.
+const SWEEP_EVERY: Duration = Duration::from_mins(5);
+/// Annotation recording why and when the controller decided to reap.
+const ANNOTATION_REAP: &str = "ephemera.dev/reap";
+
+/// Where roles are made and who trusts them.
+#[derive(Clone, Debug)]
+pub struct Cloud {
+    /// IAM and STS.
+    pub provider: AwsProvider,
+    /// This cluster's name (role tags; the sweep only touches its own).
+    pub cluster: String,
+    /// Host of the service-account issuer (`oidc.eks.eu-west-1.amazonaws.com/id/..`).
+    pub issuer_host: String,
+    /// ARN of the IAM OIDC provider for the issuer.
+    pub provider_arn: String,
+}
+
+struct LeaseContext {
+    base: Arc<Context>,
+    cloud: Cloud,
+    leases: Store<IdentityLease>,
+}
+
+/// Runs the lease controller and the orphan sweep until shutdown.
+pub async fn run(ctx: Arc<Context>, cloud: Cloud) {
+    let client = ctx.client.clone();
+    let controller = Controller::new(Api::<IdentityLease>::all(client.clone()), watcher::Config::default());
+    let leases = controller.store();
+    let by_job = leases.clone();
+    let lctx = Arc::new(LeaseContext { base: ctx.clone(), cloud, leases: leases.clone() });
+    let sweep = tokio::spawn(sweep_forever(lctx.clone()));
+    let stream = controller
+        // A pod's phase and deletion decide when its lease ends.
+        .watches(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(LABEL_LEASE), |pod| {
+            let ns = pod.namespace()?;
+            pod.labels().get(LABEL_LEASE).map(|l| ObjectRef::new(l).within(&ns))
+        })
+        // A Job's completion ends the lease its pods share.
+        .watches(Api::<Job>::all(client.clone()), watcher::Config::default(), move |job| {
+            let uid = job.uid();
+            by_job
+                .state()
+                .iter()
+                .filter(|l| l.spec.holder.kind == HolderKind::Job && l.spec.holder.uid == uid)
+                .map(|l| ObjectRef::from_obj(&**l))
+                .collect::<Vec<_>>()
+        })
+        .shutdown_on_signal()
+        .run(reconcile, |_, err, ctx| retry(&ctx.base, CONTROLLER, err), lctx);
+    drain(CONTROLLER, stream).await;
+    sweep.abort();
+}
+
+async fn reconcile(lease: Arc<IdentityLease>, ctx: Arc<LeaseContext>) -> Result<Action> {
+    let _timer = ctx.base.metrics.reconcile_started(CONTROLLER);
+    let namespace = lease.namespace().unwrap_or_default();
+    let api = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &namespace);
+    finalizer(&api, FINALIZER_REAPER, lease, |event| async {
+        match event {
+            Finalizer::Apply(lease) => apply(&lease, &ctx).await,
+            Finalizer::Cleanup(lease) => reap(&lease, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Config(format!("finalizer {FINALIZER_REAPER}: {other}")),
+    })
+}
+
+/// Why a lease ends now, if it does.
+async fn end_reason(lease: &IdentityLease, client: &Client, now: Timestamp) -> Result<Option<String>> {
+    let namespace = lease.namespace().unwrap_or_default();
+    let holder = &lease.spec.holder;
+    if lease.spec.expires_at.0 <= now {
+        return Ok(Some(format!("expired at {} (the boundary's maxLifetime)", lease.spec.expires_at.0)));
+    }
+    let identities = Api::<WorkloadIdentity>::namespaced(client.clone(), &namespace);
+    if identities
+        .get_opt(&lease.spec.workload_identity)
+        .await
+        .map_err(Error::kube(format!("reading WorkloadIdentity {namespace}/{}", lease.spec.workload_identity)))?
+        .is_none_or(|wi| wi.meta().deletion_timestamp.is_some())
+    {
+        return Ok(Some(format!("WorkloadIdentity {} was deleted", lease.spec.workload_identity)));
+    }
+    let age =
+        lease.meta().creation_timestamp.as_ref().map_or(Duration::ZERO, |t| now.duration_since(t.0).unsigned_abs());
+    let missing = |what: &str| {
+        if holder.uid.is_some() {
+            Some(format!("{what} {} was deleted", holder.name))
+        } else if age > HOLDER_GRACE {
+            Some(format!("{what} {} never appeared (its creation was refused after admission)", holder.name))
+        } else {
+            None
+        }
+    };
+    match holder.kind {
+        HolderKind::Pod => {
+            let pod = Api::<Pod>::namespaced(client.clone(), &namespace)
+                .get_opt(&holder.name)
+                .await
+                .map_err(Error::kube(format!("reading pod {namespace}/{}", holder.name)))?;
+            let Some(pod) = pod else { return Ok(missing("pod")) };
+            if holder.uid.is_some() && pod.uid() != holder.uid {
+                return Ok(Some(format!("pod {} was replaced by another of the same name", holder.name)));
+            }
+            if pod.meta().deletion_timestamp.is_some() {
+                return Ok(Some(format!("pod {} is being deleted", holder.name)));
+            }
+            match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+                Some(phase @ ("Succeeded" | "Failed")) => {
+                    Ok(Some(format!("pod {} {}", holder.name, phase.to_lowercase())))
+                }
+                _ => Ok(None),
+            }
+        }
+        HolderKind::Job => {
+            let job = Api::<Job>::namespaced(client.clone(), &namespace)
+                .get_opt(&holder.name)
+                .await
+                .map_err(Error::kube(format!("reading Job {namespace}/{}", holder.name)))?;
+            let Some(job) = job else { return Ok(missing("Job")) };
+            if holder.uid.is_some() && job.uid() != holder.uid {
+                return Ok(Some(format!("Job {} was replaced by another of the same name", holder.name)));
+            }
+            let finished = job.status.as_ref().and_then(|s| s.conditions.as_ref()).and_then(|cs| {
+                cs.iter().find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+            });
+            Ok(finished
+                .map(|c| format!("Job {} {}", holder.name, if c.type_ == "Complete" { "completed" } else { "failed" })))
+        }
+    }
+}
+
+async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
+    let client = &ctx.base.client;
+    let namespace = lease.namespace().unwrap_or_default();
+    let name = lease.name_any();
+    let now = Timestamp::now();
+
+    if let Some(reason) = end_reason(lease, client, now).await? {
+        return start_reaping(lease, ctx, &reason, now).await;
+    }
+    bind_holder_uid(lease, client).await?;
+
+    let status = lease.status.clone().unwrap_or_default();
+    if status.phase == Some(LeasePhase::Ready) {
+        // Pods of a Job may arrive after the first one: lift their gates too.
+        lift_gates(lease, client).await?;
+        let until_expiry = lease.spec.expires_at.0.duration_since(now).unsigned_abs();
+        return Ok(Action::requeue(until_expiry.min(RESYNC) + Duration::from_secs(1)));
+    }
+
+    if status.phase != Some(LeasePhase::Provisioning) {
+        write_status(lease, ctx, LeasePhase::Provisioning, None, None, "provisioning the role").await?;
+    }
+    let Some(role_arn) = lease.spec.role_arn.clone() else {
+        return Err(Error::Config(format!("IdentityLease {namespace}/{name} has no spec.roleArn")));
+    };
+    let (spec, rules) = match role_spec(lease, &role_arn, ctx).await {
+        Ok(found) => found,
+        Err(e) => {
+            write_status(lease, ctx, LeasePhase::Provisioning, None, Some(e.to_string()), "cannot provision").await?;
+            return Err(e);
+        }
+    };
+    if let Err(e) = ctx.cloud.provider.provision(&spec).await {
+        write_status(lease, ctx, LeasePhase::Provisioning, None, Some(e.to_string()), "cannot provision").await?;
+        publish(ctx, lease, EventType::Warning, "ProvisionFailed", e.to_string()).await;
+        return Err(e);
+    }
+    ensure_rbac(lease, client, &rules).await?;
+
+    // Ready only once STS really accepts a token of the pod's account.
+    let audience = Api::<WorkloadIdentity>::namespaced(client.clone(), &namespace)
+        .get(&lease.spec.workload_identity)
+        .await
+        .map_err(Error::kube("reading the lease's WorkloadIdentity"))?
+        .spec
+        .token
+        .audience;
+    let token = token_for(client, &namespace, &lease.spec.service_account, &audience).await?;
+    let session = naming::session_name(&namespace, &format!("ephemera-verify-{name}"));
+    if !ctx.cloud.provider.verify(&role_arn, &session, &token).await? {
+        return Ok(Action::requeue(VERIFY_RETRY));
+    }
+    lift_gates(lease, client).await?;
+    write_status(lease, ctx, LeasePhase::Ready, Some(role_arn.clone()), None, "role verified usable").await?;
+    if let Some(created) = &lease.meta().creation_timestamp {
+        let took = now.duration_since(created.0).as_secs_f64().max(0.0);
+        ctx.base.metrics.provision_latency.observe(took);
+    }
+    publish(ctx, lease, EventType::Normal, "Ready", format!("role {role_arn} verified; scheduling gate lifted")).await;
+    tracing::info!(namespace, lease = name, role = role_arn, "lease ready");
+    let until_expiry = lease.spec.expires_at.0.duration_since(now).unsigned_abs();
+    Ok(Action::requeue(until_expiry.min(RESYNC) + Duration::from_secs(1)))
+}
+
+/// What the role is made of: the identity clamped to today's boundaries.
+async fn role_spec(
+    lease: &IdentityLease,
+    role_arn: &str,
+    ctx: &LeaseContext,
+) -> Result<(RoleSpec, Vec<crate::api::KubernetesRule>)> {
+    let client = &ctx.base.client;
+    let namespace = lease.namespace().unwrap_or_default();
+    let identity = Api::<WorkloadIdentity>::namespaced(client.clone(), &namespace)
+        .get(&lease.spec.workload_identity)
+        .await
+        .map_err(Error::kube("reading the lease's WorkloadIdentity"))?;
+    let labels = Api::<Namespace>::all(client.clone())
+        .get(&namespace)
+        .await
+        .map_err(Error::kube(format!("reading namespace {namespace}")))?
+        .labels()
+        .clone();
+    let boundaries = Api::<IdentityBoundary>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("listing IdentityBoundaries"))?
+        .items;
+    let eval = evaluate(&identity.spec, &labels, &boundaries);
+    if eval.governing.is_empty() {
+        return Err(Error::Config(format!("namespace {namespace} is governed by no IdentityBoundary")));
+    }
+    let governing: Vec<&IdentityBoundary> =
+        boundaries.iter().filter(|b| eval.governing.contains(&b.name_any())).collect();
+    let max_session = governing
+        .iter()
+        .filter_map(|b| b.spec.aws.as_ref().map(|a| Duration::from_secs(a.max_session_duration.as_secs())))
+        .min()
+        .unwrap_or(Duration::from_hours(1));
+    let (path, name) = naming::split_role_arn(role_arn)
+        .ok_or_else(|| Error::Config(format!("spec.roleArn {role_arn:?} is not a role ARN")))?;
+    let allowed: Vec<_> = eval.statements.iter().filter(|s| !s.actions.is_empty()).cloned().collect();
+    let mut tags = vec![
+        (aws::TAG_CLUSTER.to_owned(), ctx.cloud.cluster.clone()),
+        (aws::TAG_NAMESPACE.to_owned(), namespace.clone()),
+        (aws::TAG_LEASE.to_owned(), lease.name_any()),
+        ("ephemera.dev/workload-identity".to_owned(), lease.spec.workload_identity.clone()),
+        ("ephemera.dev/expires-at".to_owned(), lease.spec.expires_at.0.to_string()),
+    ];
+    if let Some(owner) = &lease.spec.owner {
+        tags.push(("ephemera.dev/owner".to_owned(), owner.chars().take(256).collect()));
+    }
+    let spec = RoleSpec {
+        name,
+        path,
+        trust_policy: aws::trust_policy(
+            &ctx.cloud.provider_arn,
+            &ctx.cloud.issuer_host,
+            &namespace,
+            &lease.spec.service_account,
+            &identity.spec.token.audience,
+        ),
+        policy: (!allowed.is_empty()).then(|| aws::permissions_policy(&allowed)),
+        managed_policy_arns: eval.managed_policy_arns.clone(),
+        permissions_boundary: eval.permissions_boundary_arns.first().cloned(),
+        max_session,
+        tags,
+    };
+    let rules = identity.spec.kubernetes.map(|k| k.rules).unwrap_or_default();
+    // Kubernetes rules outside a boundary are dropped, as AWS statements are.
+    let rules = rules
+        .into_iter()
+        .filter(|r| {
+            governing.iter().all(|b| {
+                crate::policy::rule_admitted(
+                    r,
+                    b.spec.kubernetes.as_ref().map(|k| k.allowed_rules.as_slice()).unwrap_or_default(),
+                )
+            })
+        })
+        .collect();
+    Ok((spec, rules))
+}
+
+/// Role + RoleBinding for the identity's Kubernetes rules, owned by the lease.
+async fn ensure_rbac(lease: &IdentityLease, client: &Client, rules: &[crate::api::KubernetesRule]) -> Result<()> {
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let namespace = lease.namespace().unwrap_or_default();
+    let name = lease.name_any();
+    let meta = ObjectMeta {
+        name: Some(name.clone()),
+        namespace: Some(namespace.clone()),
+        labels: Some(BTreeMap::from([
+            (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+            (LABEL_LEASE.to_owned(), name.clone()),
+        ])),
+        owner_references: Some(vec![owner_ref(lease)]),
+        ..ObjectMeta::default()
+    };
+    let role = Role {
+        metadata: meta.clone(),
+        rules: Some(
+            rules
+                .iter()
+                .map(|r| PolicyRule {
+                    api_groups: Some(r.api_groups.clone()),
+                    resources: Some(r.resources.clone()),
+                    resource_names: (!r.resource_names.is_empty()).then(|| r.resource_names.clone()),
+                    verbs: r.verbs.clone(),
+                    non_resource_urls: None,
+                })
+                .collect(),
+        ),
+    };
+    let binding = RoleBinding {
+        metadata: meta,
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: name.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: lease.spec.service_account.clone(),
+            namespace: Some(namespace.clone()),
+            api_group: None,
+        }]),
+    };
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    Api::<Role>::namespaced(client.clone(), &namespace)
+        .patch(&name, &params, &Patch::Apply(with_kind(&role, "rbac.authorization.k8s.io/v1", "Role")?))
+        .await
+        .map_err(Error::kube(format!("applying Role {namespace}/{name}")))?;
+    Api::<RoleBinding>::namespaced(client.clone(), &namespace)
+        .patch(&name, &params, &Patch::Apply(with_kind(&binding, "rbac.authorization.k8s.io/v1", "RoleBinding")?))
+        .await
+        .map_err(Error::kube(format!("applying RoleBinding {namespace}/{name}")))?;
+    Ok(())
+}
+
+fn with_kind<T: serde::Serialize>(obj: &T, api_version: &str, kind: &str) -> Result<serde_json::Value> {
+    let mut v =
+        serde_json::to_value(obj).map_err(|e| Error::Serialization { what: "RBAC object", message: e.to_string() })?;
+    v["apiVersion"] = api_version.into();
+    v["kind"] = kind.into();
+    Ok(v)
+}
+
+fn owner_ref(lease: &IdentityLease) -> OwnerReference {
+    OwnerReference {
+        api_version: "ephemera.dev/v1alpha1".into(),
+        kind: "IdentityLease".into(),
+        name: lease.name_any(),
+        uid: lease.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }
+}
+
+/// A short-lived token of the pod's ServiceAccount, as the kubelet projects it.
+async fn token_for(client: &Client, namespace: &str, service_account: &str, audience: &str) -> Result<String> {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.to_owned()]),
+            expiration_seconds: Some(600),
+            ..TokenRequestSpec::default()
+        }),
+        ..TokenRequest::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(service_account, &PostParams::default(), &request)
+        .await
+        .map_err(Error::kube(format!("requesting a token for ServiceAccount {namespace}/{service_account}")))?
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| Error::Config("TokenRequest returned no token".into()))
+}
+
+/// Records the pod's uid on the lease the first time the pod is seen, so a
+/// later pod of the same name is not mistaken for it.
+async fn bind_holder_uid(lease: &IdentityLease, client: &Client) -> Result<()> {
+    if lease.spec.holder.uid.is_some() || lease.spec.holder.kind != HolderKind::Pod {
+        return Ok(());
+    }
+    let namespace = lease.namespace().unwrap_or_default();
+    let Some(pod) = Api::<Pod>::namespaced(client.clone(), &namespace)
+        .get_opt(&lease.spec.holder.name)
+        .await
+        .map_err(Error::kube("reading the lease's pod"))?
+    else {
+        return Ok(());
+    };
+    if pod.labels().get(LABEL_LEASE) != Some(&lease.name_any()) {
+        return Ok(());
+    }
+    Api::<IdentityLease>::namespaced(client.clone(), &namespace)
+        .patch(
+            &lease.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"holder": {"uid": pod.uid()}}})),
+        )
+        .await
+        .map_err(Error::kube("binding the lease to its pod's uid"))?;
+    Ok(())
+}
+
+/// Removes ephemera's scheduling gate from every pod of the lease.
+async fn lift_gates(lease: &IdentityLease, client: &Client) -> Result<()> {
+    let namespace = lease.namespace().unwrap_or_default();
+    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+    let selector = format!("{LABEL_LEASE}={}", lease.name_any());
+    for pod in
+        pods.list(&ListParams::default().labels(&selector)).await.map_err(Error::kube("listing the lease's pods"))?
+    {
+        let gates = pod.spec.as_ref().and_then(|s| s.scheduling_gates.clone()).unwrap_or_default();
+        let Some(index) = gates.iter().position(|g| g.name == SCHEDULING_GATE) else { continue };
+        // `test` first: if the gates changed meanwhile the patch fails and is retried.
+        let patch: json_patch::Patch = serde_json::from_value(json!([
+            {"op": "test", "path": format!("/spec/schedulingGates/{index}/name"), "value": SCHEDULING_GATE},
+            {"op": "remove", "path": format!("/spec/schedulingGates/{index}")},
+        ]))
+        .map_err(|e| Error::Serialization { what: "gate patch", message: e.to_string() })?;
+        match pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::Json::<()>(patch)).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                return Err(Error::kube(format!("lifting the scheduling gate of pod {namespace}/{}", pod.name_any()))(
+                    e,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Records why, then deletes the lease: the finalizer does the reaping.
+async fn start_reaping(lease: &IdentityLease, ctx: &LeaseContext, reason: &str, now: Timestamp) -> Result<Action> {
+    let namespace = lease.namespace().unwrap_or_default();
+    let api = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &namespace);
+    let note = json!({"reason": reason, "at": now.to_string()}).to_string();
+    api.patch(
+        &lease.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {ANNOTATION_REAP: note}}})),
+    )
+    .await
+    .map_err(Error::kube("recording why the lease is reaped"))?;
+    api.delete(&lease.name_any(), &DeleteParams::background()).await.map_err(Error::kube("deleting the lease"))?;
+    tracing::info!(namespace, lease = %lease.name_any(), reason, "reaping");
+    Ok(Action::await_change())
+}
+
+/// The finalizer: revoke, delete the role, RBAC and ServiceAccount.
+async fn reap(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
+    let client = &ctx.base.client;
+    let namespace = lease.namespace().unwrap_or_default();
+    let name = lease.name_any();
+    let note: Option<serde_json::Value> =
+        lease.annotations().get(ANNOTATION_REAP).and_then(|n| serde_json::from_str(n).ok());
+    let reason = note.as_ref().and_then(|n| n["reason"].as_str()).unwrap_or("the lease was deleted").to_owned();
+    if lease.status.as_ref().and_then(|s| s.phase) != Some(LeasePhase::Reaping) {
+        // Best effort: the namespace may be going away.
+        let _ = write_status(lease, ctx, LeasePhase::Reaping, None, None, &reason).await;
+    }
+    if let Some(role_arn) = &lease.spec.role_arn
+        && let Some((_, role)) = naming::split_role_arn(role_arn)
+    {
+        let now = Timestamp::now().to_string();
+        if let Err(e) = ctx.cloud.provider.revoke_and_delete(&role, &now).await {
+            publish(ctx, lease, EventType::Warning, "ReapFailed", e.to_string()).await;
+            return Err(e);
+        }
+    }
+    let gone = |r: std::result::Result<(), kube::Error>, what: String| match r {
+        Ok(()) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(Error::kube(what)(e)),
+    };
+    let dp = DeleteParams::background();
+    gone(
+        Api::<RoleBinding>::namespaced(client.clone(), &namespace).delete(&name, &dp).await.map(|_| ()),
+        format!("deleting RoleBinding {namespace}/{name}"),
+    )?;
+    gone(
+        Api::<Role>::namespaced(client.clone(), &namespace).delete(&name, &dp).await.map(|_| ()),
+        format!("deleting Role {namespace}/{name}"),
+    )?;
+    gone(
+        Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
+            .delete(&lease.spec.service_account, &dp)
+            .await
+            .map(|_| ()),
+        format!("deleting ServiceAccount {namespace}/{}", lease.spec.service_account),
+    )?;
+    if let Some(at) = note.as_ref().and_then(|n| n["at"].as_str()).and_then(|t| t.parse::<Timestamp>().ok()) {
+        let window = Timestamp::now().duration_since(at).as_secs_f64().max(0.0);
+        ctx.base.metrics.ghost_window.observe(window);
+    }
+    publish(
+        ctx,
+        lease,
+        EventType::Normal,
+        "Reaped",
+        format!("{reason}: sessions revoked, role and ServiceAccount deleted"),
+    )
+    .await;
+    tracing::info!(namespace, lease = name, reason, "reaped");
+    Ok(Action::await_change())
+}
+
+async fn write_status(
+    lease: &IdentityLease,
+    ctx: &LeaseContext,
+    phase: LeasePhase,
+    role_arn: Option<String>,
+    error: Option<String>,
+    message: &str,
+) -> Result<()> {
+    let previous = lease.status.clone().unwrap_or_default();
+    let ready = phase == LeasePhase::Ready;
+    let reason = match phase {
+        LeasePhase::Pending => "Pending",
+        LeasePhase::Provisioning => "Provisioning",
+        LeasePhase::Ready => "Verified",
+        LeasePhase::Reaping => "Reaping",
+    };
+    let status = IdentityLeaseStatus {
+        phase: Some(phase),
+        role_arn: role_arn.or(previous.role_arn.clone()),
+        issued_at: if ready { Some(Time(Timestamp::now())) } else { previous.issued_at.clone() },
+        revoked_at: if phase == LeasePhase::Reaping { Some(Time(Timestamp::now())) } else { None },
+        last_error: error,
+        observed_generation: lease.meta().generation,
+        conditions: vec![condition(
+            &previous.conditions,
+            cond::READY,
+            ready,
+            reason,
+            message.to_owned(),
+            lease.meta().generation,
+        )],
+    };
+    Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &lease.namespace().unwrap_or_default())
+        .patch_status(
+            &lease.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease", "status": status})),
+        )
+        .await
+        .map_err(Error::kube(format!("writing the status of IdentityLease {}", lease.name_any())))?;
+    Ok(())
+}
+
+async fn publish(ctx: &LeaseContext, lease: &IdentityLease, type_: EventType, reason: &str, note: String) {
+    let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Lifecycle".into(), secondary: None };
+    if let Err(e) = ctx.base.recorder.publish(&ev, &lease.object_ref(&())).await {
+        tracing::debug!(error = %e, "could not publish an Event");
+    }
+}
+
+// === Sweep ===
+
+async fn sweep_forever(ctx: Arc<LeaseContext>) {
+    let _ = ctx.leases.wait_until_ready().await;
+    let gauges = ctx.clone();
+    let _gauges = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            update_phase_gauge(&gauges);
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    }));
+    loop {
+        match sweep(&ctx).await {
+            Ok(0) => tracing::debug!("sweep found no orphaned role"),
+            Ok(n) => tracing::info!(deleted = n, "sweep deleted orphaned roles"),
+            Err(e) => tracing::warn!(error = %e, "sweep failed; retrying at the next round"),
+        }
+        tokio::time::sleep(SWEEP_EVERY).await;
+    }
+}
+
+/// Stops a task when the owner goes away.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Deletes roles tagged as this cluster's whose lease no longer exists (a
+/// crash between making a role and recording it, or a lease force-removed).
+async fn sweep(ctx: &LeaseContext) -> Result<usize> {
+    let boundaries = Api::<IdentityBoundary>::all(ctx.base.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("listing IdentityBoundaries"))?
+        .items;
+    let mut paths: Vec<String> =
+        boundaries.iter().filter_map(|b| b.spec.aws.as_ref().map(|a| a.role_path.clone())).collect();
+    paths.push("/ephemera/".into());
+    paths.sort();
+    paths.dedup();
+    let mut deleted = 0;
+    for path in paths {
+        for role in ctx.cloud.provider.list_owned(&path, &ctx.cloud.cluster).await? {
+            let api = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &role.namespace);
+            // The apiserver, not the cache, decides: a stale cache must never delete a live role.
+            if api.get_opt(&role.lease).await.map_err(Error::kube("checking a role's lease"))?.is_some() {
+                continue;
+            }
+            ctx.cloud.provider.revoke_and_delete(&role.name, &Timestamp::now().to_string()).await?;
+            tracing::info!(
+                role = role.name,
+                lease = role.lease,
+                namespace = role.namespace,
+                "deleted an orphaned role"
+            );
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}
+
+fn update_phase_gauge(ctx: &LeaseContext) {
+    let mut counts: BTreeMap<&'static str, i64> =
+        [("Pending", 0), ("Provisioning", 0), ("Ready", 0), ("Reaping", 0)].into();
+    for lease in ctx.leases.state() {
+        let phase = match lease.status.as_ref().and_then(|s| s.phase).unwrap_or_default() {
+            LeasePhase::Pending => "Pending",
+            LeasePhase::Provisioning => "Provisioning",
+            LeasePhase::Ready => "Ready",
+            LeasePhase::Reaping => "Reaping",
+        };
+        *counts.entry(phase).or_default() += 1;
+    }
+    for (phase, n) in counts {
+        ctx.base.metrics.leases.get_or_create(&crate::telemetry::PhaseLabels { phase }).set(n);
+    }
+}

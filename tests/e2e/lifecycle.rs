@@ -1,0 +1,232 @@
+//! The whole life of a workload identity against the real apiserver and
+//! MiniStack (AUTH on): admitted gated, role made and proven, gate lifted,
+//! the injected env works with boto3 for exactly what the identity allows,
+//! pods cannot use each other's roles, and when the pod ends the role,
+//! its sessions, the ServiceAccount and the lease are gone.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::{
+    batch::v1::Job,
+    core::v1::{Pod, ServiceAccount},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+use crate::{
+    support::{ControllerProcess, TestBed, Webhook, ensure_crds, unique_name, wait_until},
+    webhook::{admitted_with_identity, boundary, env_of, identity, pod},
+};
+use ephemera::api::{IdentityLease, LeasePhase, WorkloadIdentity};
+
+const WAIT: Duration = Duration::from_secs(45);
+
+/// The pod's gates, once ephemera's is gone.
+async fn wait_ungated(pods: &Api<Pod>, name: &str) -> Pod {
+    wait_until(&format!("pod {name}'s scheduling gate to be lifted"), WAIT, || async {
+        let p = pods.get(name).await.ok()?;
+        let gated = p.spec.as_ref()?.scheduling_gates.iter().flatten().any(|g| g.name == "ephemera.dev/identity-ready");
+        (!gated).then_some(p)
+    })
+    .await
+}
+
+async fn role_exists(bed: &TestBed, role_arn: &str) -> bool {
+    let name = role_arn.rsplit('/').next().unwrap();
+    match bed.iam.get_role().role_name(name).send().await {
+        Ok(_) => true,
+        Err(e) if aws_sdk_iam::error::ProvideErrorMetadata::code(&e) == Some("NoSuchEntity") => false,
+        Err(e) => panic!("GetRole {name}: {e:?}"),
+    }
+}
+
+async fn finish(client: &Client, namespace: &str, name: &str, phase: &str) {
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": phase}})))
+        .await
+        .unwrap_or_else(|e| panic!("marking pod {name} {phase}: {e}"));
+}
+
+#[tokio::test]
+async fn a_pod_gets_a_proven_role_for_exactly_its_access_and_loses_it_when_it_ends() {
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    let _controller = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
+    let ns = bed.namespace("e2e-lifecycle").await;
+    let team = unique_name("team");
+    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
+    let _boundary = boundary(&bed.client, &team, json!({})).await;
+    let bucket = unique_name("team-a-logs");
+    let other = unique_name("team-a-secrets");
+    let allowed = format!("{bucket}/report.csv");
+    let refused = format!("{other}/keys.txt");
+    bed.seed_s3(&[&allowed, &refused]);
+    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
+        .create(
+            &PostParams::default(),
+            &identity(
+                "reader",
+                json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": [format!("arn:aws:s3:::{bucket}/*")]}]}}),
+            ),
+        )
+        .await
+        .expect("create the identity");
+
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name);
+    let admitted = Instant::now();
+    let a =
+        admitted_with_identity(&pods, &pod(json!({"name": "worker-a", "labels": {"ephemera.dev/identity": "reader"}})))
+            .await;
+    pods.create(
+        &PostParams::default(),
+        &pod(json!({"name": "worker-b", "labels": {"ephemera.dev/identity": "reader"}})),
+    )
+    .await
+    .expect("pod b");
+    assert!(
+        a.spec.as_ref().unwrap().scheduling_gates.iter().flatten().any(|g| g.name == "ephemera.dev/identity-ready")
+    );
+
+    // The gate goes away once the role is proven; the lease says Ready.
+    let a = wait_ungated(&pods, "worker-a").await;
+    eprintln!("admission -> gate lifted: {:?}", admitted.elapsed());
+    let b = wait_ungated(&pods, "worker-b").await;
+    let (sa_a, sa_b) = (
+        a.spec.as_ref().unwrap().service_account_name.clone().unwrap(),
+        b.spec.as_ref().unwrap().service_account_name.clone().unwrap(),
+    );
+    let lease_a = leases.get(&sa_a).await.unwrap();
+    let status = lease_a.status.clone().unwrap();
+    assert_eq!(status.phase, Some(LeasePhase::Ready));
+    let role_a = env_of(&a, "AWS_ROLE_ARN").unwrap();
+    let role_b = env_of(&b, "AWS_ROLE_ARN").unwrap();
+    assert_eq!(status.role_arn.as_deref(), Some(role_a.as_str()));
+    assert_eq!(lease_a.spec.holder.uid, a.uid(), "the lease is bound to the pod's uid");
+    assert!(role_exists(&bed, &role_a).await);
+
+    // The injected env works with boto3, for exactly what the identity allows.
+    let token_a = bed.token(&ns.name, &sa_a, "sts.amazonaws.com", 600).await;
+    let token_b = bed.token(&ns.name, &sa_b, "sts.amazonaws.com", 600).await;
+    let seen = bed.workload(&role_a, &token_a, &[&allowed, &refused]);
+    assert!(seen.ok, "{seen:?}");
+    assert_eq!(seen.s3.get(&allowed).map(String::as_str), Some("ok"), "{seen:?}");
+    assert_eq!(seen.s3.get(&refused).map(String::as_str), Some("AccessDenied"), "{seen:?}");
+    // Pod A's token cannot assume pod B's role.
+    let cross = bed.assume_with_boto3(&role_b, &token_a);
+    assert!(!cross.ok, "pod A assumed pod B's role: {cross:?}");
+    // A session obtained before the end, to prove it is revoked.
+    let session = bed
+        .sts
+        .assume_role_with_web_identity()
+        .role_arn(&role_a)
+        .role_session_name("held-session")
+        .web_identity_token(&token_a)
+        .send()
+        .await
+        .expect("assume with pod A's token")
+        .credentials
+        .expect("session credentials");
+    assert_eq!(bed.workload_with_session(&session, &[&allowed]).s3.get(&allowed).map(String::as_str), Some("ok"));
+
+    // Pod A succeeds: everything it had is gone, quickly.
+    let ended = Instant::now();
+    finish(&bed.client, &ns.name, "worker-a", "Succeeded").await;
+    wait_until("pod A's role to be deleted", WAIT, || async { (!role_exists(&bed, &role_a).await).then_some(()) })
+        .await;
+    let ghost = ended.elapsed();
+    eprintln!("pod Succeeded -> role deleted (ghost window): {ghost:?}");
+    wait_until("pod A's lease to be gone", WAIT, || async {
+        leases.get_opt(&sa_a).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let sas = Api::<ServiceAccount>::namespaced(bed.client.clone(), &ns.name);
+    wait_until("pod A's ServiceAccount to be gone", WAIT, || async {
+        sas.get_opt(&sa_a).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let after = bed.assume_with_boto3(&role_a, &token_a);
+    assert!(!after.ok, "the reaped role still admits pod A's token: {after:?}");
+    let held = bed.workload_with_session(&session, &[&allowed]);
+    assert_ne!(
+        held.s3.get(&allowed).map(String::as_str),
+        Some("ok"),
+        "a session issued before reaping still reads: {held:?}"
+    );
+
+    // Pod B is untouched, until it is deleted.
+    assert!(bed.workload(&role_b, &token_b, &[&allowed]).ok);
+    pods.delete("worker-b", &kube::api::DeleteParams::default()).await.unwrap();
+    wait_until("pod B's role to be deleted", WAIT, || async { (!role_exists(&bed, &role_b).await).then_some(()) })
+        .await;
+    wait_until("pod B's lease to be gone", WAIT, || async {
+        leases.get_opt(&sa_b).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_job_run_shares_one_role_that_dies_with_the_job() {
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    let _controller = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
+    let ns = bed.namespace("e2e-lifecycle-job").await;
+    let team = unique_name("team");
+    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
+    let _boundary = boundary(&bed.client, &team, json!({})).await;
+    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
+        .create(
+            &PostParams::default(),
+            &identity(
+                "batch",
+                json!({"scope": "Job", "aws": {"statements": [
+            {"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-x/*"]}]}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    let probe =
+        admitted_with_identity(&pods, &pod(json!({"name": "probe", "labels": {"ephemera.dev/identity": "batch"}})))
+            .await;
+    pods.delete(&probe.name_any(), &kube::api::DeleteParams::default()).await.unwrap();
+
+    let job: Job = serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "nightly"},
+        "spec": {"parallelism": 2, "completions": 2, "template": {
+            "metadata": {"labels": {"ephemera.dev/identity": "batch"}},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox"}]},
+        }},
+    }))
+    .unwrap();
+    Api::<Job>::namespaced(bed.client.clone(), &ns.name).create(&PostParams::default(), &job).await.unwrap();
+    let job_pods = wait_until("two ungated pods of the Job", WAIT, || async {
+        let list = pods.list(&ListParams::default().labels("job-name=nightly")).await.ok()?;
+        let ungated = list.items.iter().filter(|p| {
+            !p.spec
+                .as_ref()
+                .is_some_and(|s| s.scheduling_gates.iter().flatten().any(|g| g.name == "ephemera.dev/identity-ready"))
+        });
+        (list.items.len() == 2 && ungated.count() == 2).then_some(list.items)
+    })
+    .await;
+    let role = env_of(&job_pods[0], "AWS_ROLE_ARN").unwrap();
+    assert_eq!(env_of(&job_pods[1], "AWS_ROLE_ARN").as_deref(), Some(role.as_str()));
+    assert!(role_exists(&bed, &role).await);
+
+    // One pod finishing does not end the Job run's identity; the Job completing does.
+    for p in &job_pods {
+        finish(&bed.client, &ns.name, &p.name_any(), "Succeeded").await;
+    }
+    let ended = Instant::now();
+    wait_until("the Job's role to be deleted", Duration::from_mins(1), || async {
+        (!role_exists(&bed, &role).await).then_some(())
+    })
+    .await;
+    eprintln!("Job pods Succeeded -> Job complete -> role deleted: {:?}", ended.elapsed());
+}

@@ -56,6 +56,15 @@ impl Error {
         }
     }
 
+    /// Whether a cloud provider refused because of rate limits.
+    #[must_use]
+    pub fn is_throttling(&self) -> bool {
+        matches!(self, Error::Cloud { message, .. }
+            if ["Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"]
+                .iter()
+                .any(|code| message.starts_with(code)))
+    }
+
     /// Wraps a Kubernetes error with what ephemera was doing at the time.
     pub fn kube(context: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
         let context = context.into();

@@ -34,7 +34,7 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{Context, RESYNC, condition, drain, retry, workload_identity::evaluate};
+use super::{Context, RESYNC, condition, drain, workload_identity::evaluate};
 use crate::{
     Error, Result,
     api::{
@@ -78,6 +78,42 @@ struct LeaseContext {
     base: Arc<Context>,
     cloud: Cloud,
     leases: Store<IdentityLease>,
+    /// Consecutive failures per lease, for exponential backoff.
+    failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<IdentityLease>, u32>>,
+}
+
+/// First retry delay after a failure; doubles per consecutive failure.
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Longest retry delay.
+const BACKOFF_MAX: Duration = Duration::from_mins(5);
+
+/// `BACKOFF_BASE * 2^failures`, capped, with "equal jitter" (half fixed,
+/// half random) so many leases failing together (IAM throttling) spread out.
+#[must_use]
+pub fn backoff(failures: u32, jitter_seed: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.min(20)).min(BACKOFF_MAX);
+    let half = exp / 2;
+    let jitter = half.mul_f64(f64::from(jitter_seed % 1000) / 1000.0);
+    half + jitter
+}
+
+fn error_policy(lease: Arc<IdentityLease>, error: &Error, ctx: Arc<LeaseContext>) -> Action {
+    ctx.base.metrics.reconcile_failed(CONTROLLER, error);
+    let key = ObjectRef::from_obj(&*lease);
+    let failures = {
+        let mut map = ctx.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let delay = backoff(failures - 1, seed);
+    tracing::warn!(lease = %lease.name_any(), failures, ?delay, error = %error, "lease reconcile failed; backing off");
+    if error.is_throttling() {
+        let note = format!("{error}; retrying in {delay:?}");
+        tokio::spawn(async move { publish(&ctx, &lease, EventType::Warning, "ThrottledRetry", note).await });
+    }
+    Action::requeue(delay)
 }
 
 /// Runs the lease controller and the orphan sweep until shutdown.
@@ -86,7 +122,12 @@ pub async fn run(ctx: Arc<Context>, cloud: Cloud) {
     let controller = Controller::new(Api::<IdentityLease>::all(client.clone()), watcher::Config::default());
     let leases = controller.store();
     let by_job = leases.clone();
-    let lctx = Arc::new(LeaseContext { base: ctx.clone(), cloud, leases: leases.clone() });
+    let lctx = Arc::new(LeaseContext {
+        base: ctx.clone(),
+        cloud,
+        leases: leases.clone(),
+        failures: std::sync::Mutex::default(),
+    });
     let sweep = tokio::spawn(sweep_forever(lctx.clone()));
     let stream = controller
         // A pod's phase and deletion decide when its lease ends.
@@ -105,7 +146,7 @@ pub async fn run(ctx: Arc<Context>, cloud: Cloud) {
                 .collect::<Vec<_>>()
         })
         .shutdown_on_signal()
-        .run(reconcile, |_, err, ctx| retry(&ctx.base, CONTROLLER, err), lctx);
+        .run(reconcile, error_policy, lctx);
     drain(CONTROLLER, stream).await;
     sweep.abort();
 }
@@ -114,7 +155,8 @@ async fn reconcile(lease: Arc<IdentityLease>, ctx: Arc<LeaseContext>) -> Result<
     let _timer = ctx.base.metrics.reconcile_started(CONTROLLER);
     let namespace = lease.namespace().unwrap_or_default();
     let api = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &namespace);
-    finalizer(&api, FINALIZER_REAPER, lease, |event| async {
+    let key = ObjectRef::from_obj(&*lease);
+    let result = finalizer(&api, FINALIZER_REAPER, lease, |event| async {
         match event {
             Finalizer::Apply(lease) => apply(&lease, &ctx).await,
             Finalizer::Cleanup(lease) => reap(&lease, &ctx).await,
@@ -124,7 +166,11 @@ async fn reconcile(lease: Arc<IdentityLease>, ctx: Arc<LeaseContext>) -> Result<
     .map_err(|e| match e {
         kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Config(format!("finalizer {FINALIZER_REAPER}: {other}")),
-    })
+    });
+    if result.is_ok() {
+        ctx.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+    }
+    result
 }
 
 /// Why a lease ends now, if it does.
@@ -616,7 +662,8 @@ async fn publish(ctx: &LeaseContext, lease: &IdentityLease, type_: EventType, re
 // === Sweep ===
 
 async fn sweep_forever(ctx: Arc<LeaseContext>) {
-    let _ = ctx.leases.wait_until_ready().await;
+    // No need to wait for the cache: the sweep asks the apiserver about each
+    // role's lease before deleting anything.
     let gauges = ctx.clone();
     let _gauges = AbortOnDrop(tokio::spawn(async move {
         loop {
@@ -691,5 +738,23 @@ fn update_phase_gauge(ctx: &LeaseContext) {
     }
     for (phase, n) in counts {
         ctx.base.metrics.leases.get_or_create(&crate::telemetry::PhaseLabels { phase }).set(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        for (failures, low, high) in [(0, 250, 500), (1, 500, 1000), (3, 2000, 4000)] {
+            for seed in [0, 499, 999] {
+                let d = backoff(failures, seed).as_millis();
+                assert!((low..=high).contains(&d), "failures {failures} seed {seed}: {d} ms");
+            }
+        }
+        assert!(backoff(40, 999) <= BACKOFF_MAX);
+        assert!(backoff(40, 0) >= BACKOFF_MAX / 2);
+        assert_ne!(backoff(2, 100), backoff(2, 900), "jitter spreads retries");
     }
 }

@@ -90,8 +90,15 @@ pub async fn run(settings: Settings) -> Result<()> {
     let reporter = Reporter { controller: "ephemera-controller".into(), instance: Some(settings.identity.clone()) };
     let ctx = Arc::new(Context { client: client.clone(), recorder: Recorder::new(client.clone(), reporter), metrics });
 
-    let mut leadership =
-        if settings.leader_election { Some(acquire_leadership(&client, &settings).await?) } else { None };
+    let mut leadership = if settings.leader_election {
+        match acquire_leadership(&client, &settings).await? {
+            Some(leadership) => Some(leadership),
+            // SIGTERM while waiting (or just as the lease was won): handed back.
+            None => return Ok(()),
+        }
+    } else {
+        None
+    };
 
     let cloud = lease_cloud(&client, &settings.cloud).await?;
     let controllers = async {
@@ -178,8 +185,9 @@ async fn release_leadership((rx, task): Leadership) {
 }
 
 /// Blocks until this replica holds the `ephemera-controller` Lease; the
-/// returned channel turns `false` if it is lost.
-async fn acquire_leadership(client: &Client, settings: &Settings) -> Result<Leadership> {
+/// returned channel turns `false` if it is lost. `None` when SIGTERM came
+/// first: whatever the manager had won by then is released.
+async fn acquire_leadership(client: &Client, settings: &Settings) -> Result<Option<Leadership>> {
     let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
         .with_namespace(&settings.namespace)
         .with_identity(&settings.identity)
@@ -190,11 +198,22 @@ async fn acquire_leadership(client: &Client, settings: &Settings) -> Result<Lead
         .map_err(|e| Error::Config(format!("leader election: {e}")))?;
     let (mut rx, task) = manager.watch().await;
     tracing::info!(lease = LEASE_NAME, namespace = %settings.namespace, "waiting for leadership");
-    while !*rx.borrow_and_update() {
-        rx.changed().await.map_err(|_| Error::Config("leader election stopped".into()))?;
+    let won = async {
+        while !*rx.borrow_and_update() {
+            rx.changed().await.map_err(|_| Error::Config("leader election stopped".into()))?;
+        }
+        Ok::<_, Error>(())
+    };
+    tokio::select! {
+        res = won => res?,
+        () = crate::shutdown_signal() => {
+            tracing::info!("stopping before leading");
+            release_leadership((rx, task)).await;
+            return Ok(None);
+        }
     }
     tracing::info!(identity = %settings.identity, "became leader");
-    Ok((rx, task))
+    Ok(Some((rx, task)))
 }
 
 /// Drives a kube-runtime controller stream to the end, logging each result.

@@ -15,13 +15,14 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::support::{ControllerProcess, DeleteOnDrop, TestBed, ensure_crds, unique_name, wait_until};
+use crate::support::{ControllerProcess, DeleteOnDrop, TestBed, controller_turn, ensure_crds, unique_name, wait_until};
 use ephemera::api::{IdentityBoundary, WorkloadIdentity};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn identities_are_clamped_to_their_boundary_and_follow_its_changes() {
+    let _turn = controller_turn().await;
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;
     let _controller = ControllerProcess::start();
@@ -168,6 +169,7 @@ async fn label_namespace(client: &Client, name: &str, team: Option<&str>) {
 async fn of_two_replicas_one_leads_and_the_other_takes_over_when_it_stops() {
     use k8s_openapi::api::coordination::v1::Lease;
 
+    let _turn = controller_turn().await;
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;
     let ns = bed.namespace("e2e-leader").await;

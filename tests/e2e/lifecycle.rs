@@ -17,7 +17,7 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    support::{ControllerProcess, TestBed, Webhook, ensure_crds, unique_name, wait_until},
+    support::{ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds, unique_name, wait_until},
     webhook::{admitted_with_identity, boundary, env_of, identity, pod},
 };
 use ephemera::api::{IdentityLease, LeasePhase, WorkloadIdentity};
@@ -52,6 +52,7 @@ async fn finish(client: &Client, namespace: &str, name: &str, phase: &str) {
 
 #[tokio::test]
 async fn a_pod_gets_a_proven_role_for_exactly_its_access_and_loses_it_when_it_ends() {
+    let _turn = controller_turn().await;
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;
     let webhook = Webhook::start(&bed.client).await;
@@ -171,6 +172,7 @@ async fn a_pod_gets_a_proven_role_for_exactly_its_access_and_loses_it_when_it_en
 
 #[tokio::test]
 async fn a_job_run_shares_one_role_that_dies_with_the_job() {
+    let _turn = controller_turn().await;
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;
     let webhook = Webhook::start(&bed.client).await;
@@ -229,4 +231,109 @@ async fn a_job_run_shares_one_role_that_dies_with_the_job() {
     })
     .await;
     eprintln!("Job pods Succeeded -> Job complete -> role deleted: {:?}", ended.elapsed());
+}
+
+#[tokio::test]
+async fn a_controller_killed_mid_life_leaves_nothing_behind() {
+    let _turn = controller_turn().await;
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    let controller = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
+    let ns = bed.namespace("e2e-lifecycle-crash").await;
+    let team = unique_name("team");
+    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
+    let _boundary = boundary(&bed.client, &team, json!({})).await;
+    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
+        .create(&PostParams::default(), &identity("reader", json!({})))
+        .await
+        .unwrap();
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    admitted_with_identity(&pods, &pod(json!({"name": "worker", "labels": {"ephemera.dev/identity": "reader"}}))).await;
+    let worker = wait_ungated(&pods, "worker").await;
+    let role = env_of(&worker, "AWS_ROLE_ARN").unwrap();
+    let lease = worker.spec.unwrap().service_account_name.unwrap();
+    assert!(role_exists(&bed, &role).await);
+
+    // SIGKILL: no cleanup of any kind. The pod ends while nobody watches.
+    drop(controller);
+    finish(&bed.client, &ns.name, "worker", "Failed").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(role_exists(&bed, &role).await, "nothing reaps while the controller is down");
+
+    // The next controller finds the ended pod and reaps everything.
+    let _next = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
+    wait_until("the role to be deleted after restart", WAIT, || async {
+        (!role_exists(&bed, &role).await).then_some(())
+    })
+    .await;
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name);
+    wait_until("the lease to be gone", WAIT, || async { leases.get_opt(&lease).await.ok()?.is_none().then_some(()) })
+        .await;
+}
+
+#[tokio::test]
+async fn orphaned_roles_are_swept_and_expired_leases_reaped() {
+    let _turn = controller_turn().await;
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let cluster = unique_name("sweep");
+    let ns = bed.namespace("e2e-sweep").await;
+
+    // A role this cluster made for a lease that no longer exists (a crash
+    // between making the role and the lease being recorded, or a lease
+    // force-deleted without its finalizer).
+    let orphan = unique_name("ephemera-orphan");
+    let tag = |k: &str, v: &str| aws_sdk_iam::types::Tag::builder().key(k).value(v).build().unwrap();
+    bed.iam
+        .create_role()
+        .role_name(&orphan)
+        .path("/ephemera/")
+        .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
+        .tags(tag("ephemera.dev/cluster", &cluster))
+        .tags(tag("ephemera.dev/namespace", &ns.name))
+        .tags(tag("ephemera.dev/lease", "gone"))
+        .send()
+        .await
+        .expect("create the orphan role");
+    // Another cluster's role with the same lease tags must survive.
+    let foreign = unique_name("ephemera-foreign");
+    bed.iam
+        .create_role()
+        .role_name(&foreign)
+        .path("/ephemera/")
+        .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
+        .tags(tag("ephemera.dev/cluster", "another-cluster"))
+        .tags(tag("ephemera.dev/namespace", &ns.name))
+        .tags(tag("ephemera.dev/lease", "gone"))
+        .send()
+        .await
+        .expect("create the foreign role");
+
+    // A lease past its expiry (its workload would still be running).
+    let expired: IdentityLease = serde_json::from_value(json!({
+        "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+        "metadata": {"name": "expired"},
+        "spec": {"holder": {"kind": "Pod", "name": "long-runner"}, "workloadIdentity": "x",
+                 "serviceAccount": "expired", "expiresAt": "2020-01-01T00:00:00Z"},
+    }))
+    .unwrap();
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name);
+    leases.create(&PostParams::default(), &expired).await.unwrap();
+
+    let _controller = ControllerProcess::start_with(&["--cluster-name", &cluster]);
+    let orphan_arn = format!("arn:aws:iam::000000000000:role/ephemera/{orphan}");
+    wait_until("the orphaned role to be swept", WAIT, || async {
+        (!role_exists(&bed, &orphan_arn).await).then_some(())
+    })
+    .await;
+    wait_until("the expired lease to be reaped", WAIT, || async {
+        leases.get_opt("expired").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        role_exists(&bed, &format!("arn:aws:iam::000000000000:role/ephemera/{foreign}")).await,
+        "another cluster's role was swept"
+    );
+    let _ = bed.iam.delete_role().role_name(&foreign).send().await;
 }

@@ -304,6 +304,13 @@ pub async fn ensure_crds(client: &Client) {
     }
 }
 
+/// Controllers act on the whole cluster, so tests that run one take turns:
+/// otherwise one test's controller would reap another test's leases.
+pub async fn controller_turn() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
+}
+
 /// An `ephemera` process of this build (controller or webhook), running
 /// against the test bed for the duration of a test; killed when dropped.
 pub struct EphemeraProcess {

@@ -3,16 +3,16 @@
 # identity lifecycle is built from: a pod scheduled onto a fake node, a
 # short-lived ServiceAccount token, an IAM role that trusts exactly that
 # ServiceAccount, and what happens to access when the role is deleted.
-# Then ephemera's own API: the CRDs, a boundary and identities, and the
-# controller clamping an identity that asks for too much.
-# (The webhook and the per-pod role lifecycle join this tour as they land.)
+# Then ephemera itself: the CRDs, a boundary and identities, the webhook
+# refusing an identity that asks too much, a Job and a Deployment admitted
+# with identities of their own, and the Job's role reaped when it finishes.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # shellcheck source=/dev/null
 source "$STATE/dev.env"
 
 NS=ephemera-demo
-STEPS=9
+STEPS=11
 n=0
 say() {
   n=$((n + 1))
@@ -104,33 +104,92 @@ workload
 
 kubectl delete namespace "$NS" --wait=false >/dev/null
 
-say "Ephemera's API: install the CRDs and start the controller"
+say "Ephemera: install the CRDs and run the operator (controller + admission webhook)"
 info "building ephemera (first time on a machine: 5-10 min; then seconds)"
 (cd "$EPHEMERA_ROOT" && cargo build --quiet) || die "cargo build failed"
 run kubectl apply --server-side -f "$EPHEMERA_ROOT/crds/"
 kubectl wait --for=condition=Established crd --all --timeout=30s >/dev/null
 kubectl api-resources >/dev/null # refresh kubectl's discovery cache: the new kinds and the `ephemera` category
-CONTROLLER_LOG=$LOGS/controller-demo.log
-"$EPHEMERA_ROOT/target/debug/ephemera" controller --admin-addr 127.0.0.1:0 >"$CONTROLLER_LOG" 2>&1 &
-CONTROLLER_PID=$!
-trap 'rm -f "$TOKEN_FILE"; kill $CONTROLLER_PID 2>/dev/null || true' EXIT
-info "controller running (pid $CONTROLLER_PID, log $CONTROLLER_LOG)"
+OPERATOR_LOG=$LOGS/operator-demo.log
+WEBHOOK_PORT=${EPHEMERA_DEMO_WEBHOOK_PORT:-18443}
+cleanup() {
+  rm -f "$TOKEN_FILE"
+  kill "${OPERATOR_PID:-0}" 2>/dev/null || true
+  # The webhook fails closed: never leave it registered without the process.
+  kubectl delete mutatingwebhookconfiguration,validatingwebhookconfiguration ephemera-demo --ignore-not-found >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+"$EPHEMERA_ROOT/target/debug/ephemera" run --admin-addr 127.0.0.1:0 --webhook-admin-addr 127.0.0.1:0 \
+  --webhook-addr "127.0.0.1:$WEBHOOK_PORT" --register-url "https://127.0.0.1:$WEBHOOK_PORT" \
+  --webhook-configuration ephemera-demo --webhook-namespace-label ephemera.dev/governed=true \
+  --cluster-name demo >"$OPERATOR_LOG" 2>&1 &
+OPERATOR_PID=$!
+for _ in $(seq 1 100); do
+  kubectl get mutatingwebhookconfiguration ephemera-demo >/dev/null 2>&1 && break
+  kill -0 "$OPERATOR_PID" 2>/dev/null || die "ephemera stopped while starting; see $OPERATOR_LOG"
+  sleep 0.2
+done
+kubectl get mutatingwebhookconfiguration ephemera-demo >/dev/null 2>&1 || die "webhook not registered after 20s; see $OPERATOR_LOG"
+info "operator running (pid $OPERATOR_PID, log $OPERATOR_LOG), webhook at https://127.0.0.1:$WEBHOOK_PORT"
 
-say "A boundary, two identities and their workloads (examples/)"
+say "A boundary and two identities (examples/); the controller clamps each to the boundary"
 kubectl delete namespace team-a --ignore-not-found --wait=true --timeout=60s >/dev/null # a previous demo's
-run kubectl apply -f "$EPHEMERA_ROOT/examples/"
+run kubectl apply -f "$EPHEMERA_ROOT/examples/00-namespace.yaml" -f "$EPHEMERA_ROOT/examples/10-identityboundary.yaml" \
+  -f "$EPHEMERA_ROOT/examples/20-workloadidentity.yaml"
 for wi in nightly-report orders-api; do
   kubectl -n team-a wait --for=condition=Ready "workloadidentity/$wi" --timeout=30s >/dev/null
 done
 run kubectl get ephemera -A
 
-say "An identity asks for more than its boundary allows: it is narrowed, and says so"
-run kubectl -n team-a patch workloadidentity orders-api --type merge \
-  -p '{"spec":{"aws":{"statements":[{"actions":["sqs:SendMessage","iam:PassRole"],"resources":["arn:aws:sqs:eu-west-1:123456789012:team-a-orders"]}]}}}'
-kubectl -n team-a wait --for=condition=BoundaryViolation workloadidentity/orders-api --timeout=30s >/dev/null
-run kubectl -n team-a get workloadidentity orders-api \
-  -o jsonpath='{range .status.conditions[*]}{.type}={.status}: {.message}{"\n"}{end}'
-# While the controller still runs: the boundary's finalizer withdraws its NetworkPolicy.
+say "Asking for more than the boundary allows is refused at the door, naming the field"
+printf '%s$ kubectl -n team-a patch workloadidentity orders-api ... iam:PassRole%s\n' "$_dim" "$_reset"
+kubectl -n team-a patch workloadidentity orders-api --type merge \
+  -p '{"spec":{"aws":{"statements":[{"actions":["sqs:SendMessage","iam:PassRole"],"resources":["arn:aws:sqs:eu-west-1:123456789012:team-a-orders"]}]}}}' 2>&1 |
+  sed 's/^/    /' || true
+
+say "A Job and a Deployment: every pod is admitted with its own ServiceAccount, token and role"
+START=$(date +%s%N)
+run kubectl apply -f "$EPHEMERA_ROOT/examples/30-job.yaml" -f "$EPHEMERA_ROOT/examples/40-deployment.yaml"
+info "pods start held by the scheduling gate ephemera.dev/identity-ready; it is lifted once STS accepts the pod's token"
+run kubectl -n team-a wait --for=jsonpath='{.status.phase}'=Ready identitylease --all --timeout=60s
+READY_MS=$((($(date +%s%N) - START) / 1000000))
+run kubectl -n team-a get identityleases
+run kubectl -n team-a get pods -l job-name=nightly-report \
+  -o jsonpath='{range .items[*]}{.metadata.name}: serviceAccount={.spec.serviceAccountName} gates={.spec.schedulingGates} volumes={.spec.volumes[*].name}{"\n"}{end}'
+info "its roles in MiniStack (IAM), made for these pods and nothing else:"
+python - <<'PY'
+import boto3
+for r in boto3.client("iam").list_roles(PathPrefix="/ephemera/team-a/")["Roles"]:
+    print(f"    {r['Arn']}")
+PY
+info "apply -> every lease Ready: ${READY_MS} ms"
+
+say "The Job finishes: its role, sessions, ServiceAccount and lease are gone at once"
+JOB_LEASE=$(kubectl -n team-a get pods -l job-name=nightly-report -o jsonpath='{.items[0].spec.serviceAccountName}')
+JOB_ROLE=$(kubectl -n team-a get identitylease "$JOB_LEASE" -o jsonpath='{.status.roleArn}')
+info "(no kubelet here: the pod's phase is set as a kubelet would, through the status subresource)"
+END=$(date +%s%N)
+for pod in $(kubectl -n team-a get pods -l job-name=nightly-report -o name); do
+  kubectl -n team-a patch "$pod" --subresource=status --type merge -p '{"status":{"phase":"Succeeded"}}' >/dev/null
+done
+python - "${JOB_ROLE##*/}" <<'PY'
+import sys, time, boto3
+iam, role, start = boto3.client("iam"), sys.argv[1], time.time()
+while time.time() - start < 60:
+    try:
+        iam.get_role(RoleName=role)
+    except iam.exceptions.NoSuchEntityException:
+        break
+    time.sleep(0.05)
+else:
+    sys.exit(f"role {role} still exists after 60 s")
+PY
+GHOST_MS=$((($(date +%s%N) - END) / 1000000))
+run kubectl -n team-a get identityleases
+info "pod Succeeded -> Job complete -> role deleted (the ghost window): ${GHOST_MS} ms"
+run kubectl -n team-a get events --field-selector involvedObject.kind=IdentityLease \
+  -o custom-columns=REASON:.reason,OBJECT:.involvedObject.name,MESSAGE:.message --sort-by=.metadata.creationTimestamp
+
 kubectl delete identityboundary team-a --timeout=60s >/dev/null
 kubectl delete namespace team-a --wait=false >/dev/null
 

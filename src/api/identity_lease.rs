@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Identity","type":"string","jsonPath":".spec.workloadIdentity","priority":1}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Role","type":"string","jsonPath":".status.roleArn"}"#,
-    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".spec.expiresAt"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".spec.expiresAt","description":"When the identity is reaped even if the workload still runs"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

@@ -70,8 +70,11 @@ e2e: cluster-up ## End-to-end tests against the test bed (starts it if needed; l
 ##@ Performance
 
 .PHONY: bench
-bench: ## Benchmarks (criterion): mutate() per call. Prints the figures; not a timed test.
+BENCH_LEASES ?= 100
+bench: cluster-up ## Benchmarks, printed not asserted: mutate() (criterion), webhook HTTPS load, BENCH_LEASES pod lifecycles on the test bed.
 	$(CARGO) bench --bench mutate -- --noplot
+	$(CARGO) bench --bench webhook
+	source $(DEV_ENV) && EPHEMERA_BENCH_LEASES=$(BENCH_LEASES) $(CARGO) test --release --features e2e --test e2e bench:: -- --ignored --nocapture
 
 .PHONY: fuzz
 FUZZ_SECONDS ?= 300

@@ -252,7 +252,7 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     let status = lease.status.clone().unwrap_or_default();
     if status.phase == Some(LeasePhase::Ready) {
         // Pods of a Job may arrive after the first one: lift their gates too.
-        lift_gates(lease, client).await?;
+        lift_gates(lease, ctx).await?;
         let until_expiry = lease.spec.expires_at.0.duration_since(now).unsigned_abs();
         return Ok(Action::requeue(until_expiry.min(RESYNC) + Duration::from_secs(1)));
     }
@@ -290,7 +290,7 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     if !ctx.cloud.provider.verify(&role_arn, &session, &token).await? {
         return Ok(Action::requeue(VERIFY_RETRY));
     }
-    lift_gates(lease, client).await?;
+    lift_gates(lease, ctx).await?;
     write_status(lease, ctx, LeasePhase::Ready, Some(role_arn.clone()), None, "role verified usable").await?;
     if let Some(created) = &lease.meta().creation_timestamp {
         let took = now.duration_since(created.0).as_secs_f64().max(0.0);
@@ -505,8 +505,10 @@ async fn bind_holder_uid(lease: &IdentityLease, client: &Client) -> Result<()> {
     Ok(())
 }
 
-/// Removes ephemera's scheduling gate from every pod of the lease.
-async fn lift_gates(lease: &IdentityLease, client: &Client) -> Result<()> {
+/// Removes ephemera's scheduling gate from every pod of the lease, with an
+/// Event on each pod (where users look first).
+async fn lift_gates(lease: &IdentityLease, ctx: &LeaseContext) -> Result<()> {
+    let client = &ctx.base.client;
     let namespace = lease.namespace().unwrap_or_default();
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
     let selector = format!("{LABEL_LEASE}={}", lease.name_any());
@@ -522,7 +524,21 @@ async fn lift_gates(lease: &IdentityLease, client: &Client) -> Result<()> {
         ]))
         .map_err(|e| Error::Serialization { what: "gate patch", message: e.to_string() })?;
         match pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::Json::<()>(patch)).await {
-            Ok(_) => {}
+            Ok(_) => {
+                let ev = Event {
+                    type_: EventType::Normal,
+                    reason: "IdentityReady".into(),
+                    note: Some(format!(
+                        "IdentityLease {} verified with STS; scheduling gate {SCHEDULING_GATE} lifted",
+                        lease.name_any()
+                    )),
+                    action: "LiftGate".into(),
+                    secondary: Some(lease.object_ref(&())),
+                };
+                if let Err(e) = ctx.base.recorder.publish(&ev, &pod.object_ref(&())).await {
+                    tracing::debug!(error = %e, "could not publish an Event");
+                }
+            }
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => {
                 return Err(Error::kube(format!("lifting the scheduling gate of pod {namespace}/{}", pod.name_any()))(

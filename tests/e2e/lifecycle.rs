@@ -109,6 +109,13 @@ async fn a_pod_gets_a_proven_role_for_exactly_its_access_and_loses_it_when_it_en
     assert_eq!(status.role_arn.as_deref(), Some(role_a.as_str()));
     assert_eq!(lease_a.spec.holder.uid, a.uid(), "the lease is bound to the pod's uid");
     assert!(role_exists(&bed, &role_a).await);
+    // Users looking at the pod see why it was held and when it was released.
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(bed.client.clone(), &ns.name);
+    wait_until("an IdentityReady Event on pod A", WAIT, || async {
+        let list = events.list(&ListParams::default().fields("involvedObject.name=worker-a")).await.ok()?;
+        list.items.iter().any(|e| e.reason.as_deref() == Some("IdentityReady")).then_some(())
+    })
+    .await;
 
     // The injected env works with boto3, for exactly what the identity allows.
     let token_a = bed.token(&ns.name, &sa_a, "sts.amazonaws.com", 600).await;

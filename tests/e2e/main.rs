@@ -4,6 +4,7 @@
 //! Run with `make e2e` (it starts the test bed and sources `.ephemera/dev.env`).
 //! Each test makes its own namespace and removes it when done.
 
+mod bench;
 mod crds;
 mod identity;
 mod lifecycle;

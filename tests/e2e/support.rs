@@ -350,6 +350,17 @@ impl EphemeraProcess {
         EphemeraProcess { child, log }
     }
 
+    /// Its resident memory in MiB, from `/proc`.
+    pub fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0.0);
+        kib / 1024.0
+    }
+
     /// Whether it is still running (else its log says why it stopped).
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

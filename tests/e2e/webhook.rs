@@ -30,7 +30,7 @@ pub async fn boundary(client: &Client, team: &str, extra: serde_json::Value) -> 
     let mut spec = json!({
         "namespaceSelector": {"matchLabels": {"e2e-team": team}},
         "aws": {"allowedActions": ["s3:Get*"], "allowedResources": ["arn:aws:s3:::team-a-*"]},
-        "kubernetes": {"allowedRules": [{"apiGroups": [""], "resources": ["configmaps", "secrets"], "verbs": ["get", "list"]}]},
+        "kubernetes": {"allowedRules": [{"apiGroups": [""], "resources": ["configmaps", "secrets", "nodes"], "verbs": ["get", "list"]}]},
         "maxTokenTTL": "30m",
         "blockInstanceMetadata": false,
     });
@@ -330,6 +330,12 @@ async fn workload_identities_cannot_escalate() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("may not grant"), "{err}");
+
+    // Cluster-scoped resources she cannot read are refused too (a Role could
+    // not grant them anyway, but the attempt is an escalation and says so).
+    let nodes = json!({"kubernetes": {"rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]}]}});
+    let err = alice.create(&PostParams::default(), &identity("lists-nodes", nodes)).await.unwrap_err();
+    assert!(err.to_string().contains("spec.kubernetes.rules[0]: list nodes (core)"), "{err}");
 
     // Beyond the boundary: refused, naming the field, whoever asks.
     let wide = json!({"aws": {"statements": [{"actions": ["iam:*"], "resources": ["*"]}]}});

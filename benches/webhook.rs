@@ -1,0 +1,247 @@
+//! Loopback load test of the webhook's HTTPS endpoint with real
+//! AdmissionReview bodies: a governed namespace, a pod that gets an identity,
+//! `dryRun` so no ServiceAccount or lease is made (the issue's "without SA
+//! creation"). The caches are filled by hand, so no apiserver is needed.
+//!
+//! Prints: open-loop latency percentiles at a fixed rate (default 500/s for
+//! 10 s), closed-loop throughput with 16 connections, and the process RSS.
+//! `make bench` runs it; figures are printed, not asserted.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use ephemera::{
+    api::{IdentityBoundary, WorkloadIdentity},
+    telemetry::Metrics,
+    webhook::{
+        mutate,
+        pods::AwsTarget,
+        server::{AppState, Stores, router},
+        tls,
+    },
+};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::{reflector, watcher};
+use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
+use serde_json::json;
+
+const RATE: u64 = 500;
+const SECONDS: u64 = 10;
+const CONNECTIONS: usize = 16;
+
+fn review(uid: usize) -> Vec<u8> {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": format!("bench-{uid}"),
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "team-a", "operation": "CREATE", "dryRun": true,
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"generateName": "orders-api-5689b45f8b-", "namespace": "team-a", "labels": {"app": "orders-api"}},
+                "spec": {
+                    "serviceAccountName": "default",
+                    "containers": [{"name": "api", "image": "registry.invalid/orders:1",
+                        "volumeMounts": [{"name": "kube-api-access-abcde", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}]}],
+                    "volumes": [{"name": "kube-api-access-abcde", "projected": {"sources": [
+                        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]}}],
+                },
+            },
+        },
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn stores() -> Stores {
+    fn filled<K>(objects: Vec<K>) -> reflector::Store<K>
+    where
+        K: kube::Resource + Clone + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
+        let (reader, mut writer) = reflector::store();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for o in objects {
+            writer.apply_watcher_event(&watcher::Event::InitApply(o));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        reader
+    }
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "team-a", "labels": {"team": "a"}}})).unwrap();
+    let boundary: IdentityBoundary = serde_json::from_value(json!({
+        "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityBoundary", "metadata": {"name": "team-a"},
+        "spec": {"namespaceSelector": {"matchLabels": {"team": "a"}},
+                 "aws": {"allowedActions": ["sqs:*"], "allowedResources": ["arn:aws:sqs:*:*:team-a-*"]}},
+    }))
+    .unwrap();
+    let identity: WorkloadIdentity = serde_json::from_value(json!({
+        "apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity",
+        "metadata": {"name": "orders-api", "namespace": "team-a"},
+        "spec": {"selector": {"matchLabels": {"app": "orders-api"}},
+                 "aws": {"statements": [{"actions": ["sqs:SendMessage"], "resources": ["arn:aws:sqs:eu-west-1:1:team-a-orders"]}]}},
+    }))
+    .unwrap();
+    Stores {
+        namespaces: filled(vec![ns]),
+        boundaries: filled(vec![boundary]),
+        identities: filled(vec![identity]),
+        leases: filled(vec![]),
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: std::net::SocketAddr, tls: Arc<rustls::ClientConfig>) -> Sender {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("HTTP handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+async fn call(sender: &mut Sender, body: Vec<u8>) -> Duration {
+    let start = Instant::now();
+    let request = hyper::Request::post("/mutate/pods")
+        .header("content-type", "application/json")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    sender.ready().await.expect("connection ready");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), 200);
+    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    let took = start.elapsed();
+    let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    // kube-core sends the patch as a JSON byte array; the apiserver accepts it (see the e2e tests).
+    assert!(!answer["response"]["patch"].is_null(), "the pod must be mutated: {answer}");
+    took
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; any filter argument is ignored here.
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let bundle = tls::generate(&["localhost".into()], &[std::net::IpAddr::from([127, 0, 0, 1])]).unwrap();
+        let server_tls = tls::server_config(bundle.cert.as_bytes(), bundle.key.as_bytes()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(bundle.ca_cert.as_bytes()).unwrap()).unwrap();
+        let client_tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        // Never called: the namespace is cached and dry runs make nothing.
+        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let state = Arc::new(AppState {
+            client,
+            stores: stores(),
+            aws: AwsTarget { partition: "aws".into(), account: "123456789012".into(), cluster: "bench".into() },
+            settings: mutate::Settings { aws_region: "eu-west-1".into() },
+            metrics: Arc::new(Metrics::default()),
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = axum_server::tls_rustls::RustlsConfig::from_config(server_tls);
+        tokio::spawn(axum_server::from_tcp_rustls(listener, config).unwrap().serve(router(state).into_make_service()));
+
+        // Warm up.
+        let mut warm = connect(addr, client_tls.clone()).await;
+        for i in 0..200 {
+            call(&mut warm, review(i)).await;
+        }
+
+        // Open loop: one request every 1/RATE s, whatever the answers do,
+        // spread over the connections (latency includes queueing).
+        let total = usize::try_from(RATE * SECONDS).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut senders = Vec::new();
+        for _ in 0..CONNECTIONS {
+            senders.push(Arc::new(tokio::sync::Mutex::new(connect(addr, client_tls.clone()).await)));
+        }
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+        let start = Instant::now();
+        for i in 0..total {
+            tick.tick().await;
+            let sender = senders[i % CONNECTIONS].clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let queued = Instant::now();
+                let mut s = sender.lock().await;
+                let _ = call(&mut s, review(i)).await;
+                let _ = tx.send(queued.elapsed());
+            });
+        }
+        drop(tx);
+        let mut latencies = Vec::with_capacity(total);
+        while let Some(l) = rx.recv().await {
+            latencies.push(l);
+        }
+        let elapsed = start.elapsed();
+        latencies.sort();
+        println!("webhook /mutate/pods over HTTPS on loopback (dryRun pod with identity, {CONNECTIONS} connections)");
+        println!(
+            "  open loop {RATE}/s for {SECONDS}s: {} requests in {:.1}s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            latencies.len(),
+            elapsed.as_secs_f64(),
+            percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+            percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+            latencies.last().unwrap().as_secs_f64() * 1e3,
+        );
+
+        // Closed loop: each connection sends its next request as soon as the
+        // previous answer is in.
+        let per_connection = 1000;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..CONNECTIONS {
+            let tls = client_tls.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut s = connect(addr, tls).await;
+                for i in 0..per_connection {
+                    call(&mut s, review(c * per_connection + i)).await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let n = CONNECTIONS * per_connection;
+        #[allow(clippy::cast_precision_loss)]
+        let rps = n as f64 / start.elapsed().as_secs_f64();
+        println!("  closed loop: {n} requests, {rps:.0} requests/s");
+        println!("  RSS of the process (server + load generator): {:.1} MiB", rss_mib());
+    });
+}

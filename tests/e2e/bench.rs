@@ -1,0 +1,180 @@
+//! Lifecycle benchmark (`make bench`; ignored by `make test`): N pods with
+//! identities created at once against the test bed, then all ended at once.
+//! Prints provision latency (pod created -> gate lifted) and ghost window
+//! (pod Succeeded -> lease gone, which happens only after the role is
+//! deleted) percentiles, and the controller's RSS. Figures, not assertions:
+//! the only checks are that every lifecycle completes and nothing leaks.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api,
+    api::{ListParams, Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
+use serde_json::json;
+
+use crate::{
+    support::{ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds, unique_name},
+    webhook::{admitted_with_identity, boundary, identity, pod},
+};
+use ephemera::api::{IdentityLease, WorkloadIdentity};
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+#[tokio::test]
+#[ignore = "benchmark: run with `make bench`"]
+async fn lifecycle_latencies() {
+    let n: usize = std::env::var("EPHEMERA_BENCH_LEASES").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let _turn = controller_turn().await;
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    let controller = ControllerProcess::start_with(&["--cluster-name", "bench"]);
+    let ns = bed.namespace("e2e-bench").await;
+    let team = unique_name("team");
+    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
+    let _boundary = boundary(&bed.client, &team, json!({"maxLeases": 10000})).await;
+    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
+        .create(
+            &PostParams::default(),
+            &identity("worker", json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-x/*"]}]}})),
+        )
+        .await
+        .unwrap();
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    let probe =
+        admitted_with_identity(&pods, &pod(json!({"name": "probe", "labels": {"ephemera.dev/identity": "worker"}})))
+            .await;
+    pods.delete(&probe.metadata.name.unwrap(), &kube::api::DeleteParams::default()).await.unwrap();
+
+    // Gate lifted: watch the pods.
+    let mut created: HashMap<String, Instant> = HashMap::new();
+    let gate_watch = watcher(pods.clone(), watcher::Config::default().labels("bench=lifecycle")).applied_objects();
+    let gates = tokio::spawn(async move {
+        let mut lifted: HashMap<String, Instant> = HashMap::new();
+        let mut stream = std::pin::pin!(gate_watch);
+        while let Some(Ok(p)) = stream.next().await {
+            let gated = p.spec.as_ref().and_then(|s| s.scheduling_gates.as_ref()).is_some_and(|g| !g.is_empty());
+            if !gated {
+                lifted.entry(p.metadata.name.clone().unwrap()).or_insert_with(Instant::now);
+                if lifted.len() == n {
+                    break;
+                }
+            }
+        }
+        lifted
+    });
+    let start = Instant::now();
+    let create_times = futures::stream::iter(0..n)
+        .map(|i| {
+            let pods = pods.clone();
+            async move {
+                let name = format!("w-{i}");
+                let t = Instant::now();
+                pods.create(
+                    &PostParams::default(),
+                    &pod(json!({"name": name, "labels": {"ephemera.dev/identity": "worker", "bench": "lifecycle"}})),
+                )
+                .await
+                .expect("create pod");
+                (name, t)
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    created.extend(create_times);
+    let lifted = tokio::time::timeout(Duration::from_mins(10), gates).await.expect("all gates lifted").unwrap();
+    let all_ready = start.elapsed();
+    let mut provision: Vec<Duration> = lifted.iter().map(|(k, t)| t.duration_since(created[k])).collect();
+    provision.sort();
+    let rss_peak = controller.rss_mib();
+
+    // End them all; the lease disappears only after its role is deleted.
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name);
+    let lease_of: HashMap<String, String> = pods
+        .list(&ListParams::default().labels("bench=lifecycle"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| (p.metadata.labels.unwrap()["ephemera.dev/lease"].clone(), p.metadata.name.unwrap()))
+        .collect();
+    let lease_watch = watcher(leases.clone(), watcher::Config::default());
+    let total = lease_of.len();
+    let deletions = tokio::spawn(async move {
+        let mut gone: HashMap<String, Instant> = HashMap::new();
+        let mut stream = std::pin::pin!(lease_watch);
+        while let Ok(Some(event)) = stream.try_next().await {
+            if let watcher::Event::Delete(l) = event {
+                gone.insert(l.metadata.name.unwrap(), Instant::now());
+                if gone.len() == total {
+                    break;
+                }
+            }
+        }
+        gone
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await; // the watch is established
+    let mut ended: HashMap<String, Instant> = HashMap::new();
+    let end_times = futures::stream::iter(lease_of.values().cloned())
+        .map(|name| {
+            let pods = pods.clone();
+            async move {
+                pods.patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": {"phase": "Succeeded"}})),
+                )
+                .await
+                .expect("end pod");
+                (name, Instant::now())
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    ended.extend(end_times);
+    let gone = tokio::time::timeout(Duration::from_mins(10), deletions).await.expect("all leases reaped").unwrap();
+    let mut ghost: Vec<Duration> =
+        gone.iter().map(|(lease, t)| t.saturating_duration_since(ended[&lease_of[lease]])).collect();
+    ghost.sort();
+    let remaining = bed
+        .iam
+        .list_roles()
+        .path_prefix("/ephemera/")
+        .send()
+        .await
+        .unwrap()
+        .roles
+        .iter()
+        .filter(|r| r.role_name.contains(&ns.name))
+        .count();
+
+    println!("lifecycle benchmark: {n} pods with identities, created 16 at a time, then all ended");
+    println!(
+        "  provision latency (pod created -> gate lifted): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; all {n} ready after {:.1} s",
+        percentile(&provision, 0.5),
+        percentile(&provision, 0.99),
+        percentile(&provision, 1.0),
+        all_ready.as_secs_f64()
+    );
+    println!(
+        "  ghost window (pod Succeeded -> role deleted, lease gone): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        percentile(&ghost, 0.5),
+        percentile(&ghost, 0.99),
+        percentile(&ghost, 1.0)
+    );
+    println!("  controller RSS with {n} live leases: {rss_peak:.1} MiB (debug build unless run with --release)");
+    assert_eq!(remaining, 0, "roles left behind");
+}

@@ -80,6 +80,10 @@ struct LeaseContext {
     leases: Store<IdentityLease>,
     /// Consecutive failures per lease, for exponential backoff.
     failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<IdentityLease>, u32>>,
+    /// Pods (namespace, name) this process has seen exist: one that is gone
+    /// was deleted, even before the lease recorded its uid, so its lease is
+    /// reaped at once instead of after the never-appeared grace period.
+    seen_pods: Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>,
 }
 
 /// First retry delay after a failure; doubles per consecutive failure.
@@ -122,17 +126,21 @@ pub async fn run(ctx: Arc<Context>, cloud: Cloud) {
     let controller = Controller::new(Api::<IdentityLease>::all(client.clone()), watcher::Config::default());
     let leases = controller.store();
     let by_job = leases.clone();
+    let seen_pods: Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>> = Arc::default();
+    let seen = seen_pods.clone();
     let lctx = Arc::new(LeaseContext {
         base: ctx.clone(),
         cloud,
         leases: leases.clone(),
         failures: std::sync::Mutex::default(),
+        seen_pods,
     });
     let sweep = tokio::spawn(sweep_forever(lctx.clone()));
     let stream = controller
         // A pod's phase and deletion decide when its lease ends.
-        .watches(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(LABEL_LEASE), |pod| {
+        .watches(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(LABEL_LEASE), move |pod| {
             let ns = pod.namespace()?;
+            seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert((ns.clone(), pod.name_any()));
             pod.labels().get(LABEL_LEASE).map(|l| ObjectRef::new(l).within(&ns))
         })
         // A Job's completion ends the lease its pods share.
@@ -174,7 +182,7 @@ async fn reconcile(lease: Arc<IdentityLease>, ctx: Arc<LeaseContext>) -> Result<
 }
 
 /// Why a lease ends now, if it does.
-async fn end_reason(lease: &IdentityLease, client: &Client, now: Timestamp) -> Result<Option<String>> {
+async fn end_reason(lease: &IdentityLease, client: &Client, now: Timestamp, seen: bool) -> Result<Option<String>> {
     let namespace = lease.namespace().unwrap_or_default();
     let holder = &lease.spec.holder;
     if lease.spec.expires_at.0 <= now {
@@ -192,7 +200,7 @@ async fn end_reason(lease: &IdentityLease, client: &Client, now: Timestamp) -> R
     let age =
         lease.meta().creation_timestamp.as_ref().map_or(Duration::ZERO, |t| now.duration_since(t.0).unsigned_abs());
     let missing = |what: &str| {
-        if holder.uid.is_some() {
+        if holder.uid.is_some() || seen {
             Some(format!("{what} {} was deleted", holder.name))
         } else if age > HOLDER_GRACE {
             Some(format!("{what} {} never appeared (its creation was refused after admission)", holder.name))
@@ -244,7 +252,13 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     let name = lease.name_any();
     let now = Timestamp::now();
 
-    if let Some(reason) = end_reason(lease, client, now).await? {
+    let seen = ctx
+        .seen_pods
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .contains(&(namespace.clone(), lease.spec.holder.name.clone()));
+    let seen = seen && lease.spec.holder.kind == HolderKind::Pod;
+    if let Some(reason) = end_reason(lease, client, now, seen).await? {
         return start_reaping(lease, ctx, &reason, now).await;
     }
     bind_holder_uid(lease, client).await?;

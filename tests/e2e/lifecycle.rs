@@ -204,6 +204,14 @@ async fn a_job_run_shares_one_role_that_dies_with_the_job() {
         admitted_with_identity(&pods, &pod(json!({"name": "probe", "labels": {"ephemera.dev/identity": "batch"}})))
             .await;
     pods.delete(&probe.name_any(), &kube::api::DeleteParams::default()).await.unwrap();
+    // Deleted before the controller recorded its uid: still reaped at once,
+    // not after the 2-minute grace for pods that never appeared.
+    let probe_lease = probe.spec.as_ref().unwrap().service_account_name.clone().unwrap();
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name);
+    wait_until("the deleted probe's lease to be reaped", Duration::from_secs(20), || async {
+        leases.get_opt(&probe_lease).await.ok()?.is_none().then_some(())
+    })
+    .await;
 
     let job: Job = serde_json::from_value(json!({
         "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "nightly"},

@@ -386,7 +386,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Label that puts a namespace under one test's webhook.
-const WEBHOOK_LABEL: &str = "ephemera-e2e-webhook";
+pub const WEBHOOK_LABEL: &str = "ephemera-e2e-webhook";
 /// How long a webhook may take to register.
 const WAIT: Duration = Duration::from_secs(30);
 

@@ -384,3 +384,95 @@ async fn malformed_reviews_get_a_400_and_wrong_kinds_are_denied() {
     assert_eq!(body["response"]["allowed"], false);
     assert!(body["response"]["status"]["message"].as_str().unwrap().contains("admits Pods, not /ConfigMap"), "{body}");
 }
+
+#[tokio::test]
+async fn a_self_managed_certificate_is_kept_in_a_secret_and_published_as_ca_bundle() {
+    use ephemera::webhook::configuration::{Target, mutating, validating};
+    use k8s_openapi::api::{
+        admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
+        core::v1::Secret,
+    };
+
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let operator = bed.namespace("e2e-webhook-tls").await;
+    let id = unique_name("wh-tls");
+    let url = format!("https://127.0.0.1:{}", crate::support::free_port());
+    let only = (crate::support::WEBHOOK_LABEL.to_owned(), id.clone());
+    // What the chart installs: the configurations, without a CA yet.
+    let target = Target::Url(url.clone());
+    let configs = Api::<MutatingWebhookConfiguration>::all(bed.client.clone());
+    configs.create(&PostParams::default(), &mutating(&id, &target, "", &operator.name, Some(&only))).await.unwrap();
+    let _m = DeleteOnDrop::<MutatingWebhookConfiguration>::new(&id);
+    Api::<ValidatingWebhookConfiguration>::all(bed.client.clone())
+        .create(&PostParams::default(), &validating(&id, &target, "", Some(&only)))
+        .await
+        .unwrap();
+    let _v = DeleteOnDrop::<ValidatingWebhookConfiguration>::new(&id);
+
+    let args = |addr: &str| {
+        vec![
+            "webhook".to_owned(),
+            "--webhook-addr".into(),
+            addr.to_owned(),
+            "--webhook-admin-addr".into(),
+            "127.0.0.1:0".into(),
+            "--namespace".into(),
+            operator.name.clone(),
+            "--webhook-configuration".into(),
+            id.clone(),
+            "--cluster-name".into(),
+            "e2e".into(),
+        ]
+    };
+    let addr = url.trim_start_matches("https://").to_owned();
+    let start = |a: Vec<String>| {
+        crate::support::EphemeraProcess::spawn("webhook-tls", &a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let process = start(args(&addr));
+    let secrets = Api::<Secret>::namespaced(bed.client.clone(), &operator.name);
+    let published = || async {
+        let secret = secrets.get_opt("ephemera-webhook-tls").await.ok()??;
+        let ca = secret.data.as_ref()?.get("ca.crt")?.0.clone();
+        let config = configs.get(&id).await.ok()?;
+        let bundle = config.webhooks?.first()?.client_config.ca_bundle.clone()?.0;
+        (bundle == ca).then_some(secret)
+    };
+    let secret = wait_until("the CA in a Secret and in the caBundle", WAIT, published).await;
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    for key in ["ca.crt", "ca.key", "tls.crt", "tls.key"] {
+        assert!(secret.data.as_ref().unwrap().contains_key(key), "{key}");
+    }
+
+    // The apiserver trusts it: pods in a governed namespace are mutated.
+    let ns = bed.namespace("e2e-webhook-tls-pods").await;
+    let team = unique_name("team");
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(bed.client.clone())
+        .patch(
+            &ns.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {crate::support::WEBHOOK_LABEL: id, "e2e-team": team}}})),
+        )
+        .await
+        .unwrap();
+    let _boundary = boundary(&bed.client, &team, json!({})).await;
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    let created = wait_until("a pod mutated through the self-managed certificate", WAIT, || async {
+        let p = pods.create(&PostParams::default(), &pod(json!({"generateName": "p-"}))).await.ok()?;
+        (p.spec.as_ref()?.automount_service_account_token == Some(false)).then_some(p)
+    })
+    .await;
+    assert!(!volume_names(&created).iter().any(|v| v.starts_with("kube-api-access-")));
+
+    // A restart (or a second replica) reuses the stored CA and certificate.
+    drop(process);
+    let _again = start(args(&addr));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = secrets.get("ephemera-webhook-tls").await.unwrap();
+    assert_eq!(after.metadata.resource_version, secret.metadata.resource_version, "the Secret was rewritten");
+    wait_until("the restarted webhook to mutate pods", WAIT, || async {
+        let p = pods.create(&PostParams::default(), &pod(json!({"generateName": "p-"}))).await.ok()?;
+        (p.spec.as_ref()?.automount_service_account_token == Some(false)).then_some(())
+    })
+    .await;
+}

@@ -80,9 +80,9 @@ struct LeaseContext {
     leases: Store<IdentityLease>,
     /// Consecutive failures per lease, for exponential backoff.
     failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<IdentityLease>, u32>>,
-    /// Pods (namespace, name) this process has seen exist: one that is gone
-    /// was deleted, even before the lease recorded its uid, so its lease is
-    /// reaped at once instead of after the never-appeared grace period.
+    /// Leases (namespace, name) whose pod this process's watch has seen: a
+    /// pod that is gone was then deleted, even before the lease recorded its
+    /// uid, so the lease is reaped at once instead of after the grace period.
     seen_pods: Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>,
 }
 
@@ -140,8 +140,9 @@ pub async fn run(ctx: Arc<Context>, cloud: Cloud) {
         // A pod's phase and deletion decide when its lease ends.
         .watches(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(LABEL_LEASE), move |pod| {
             let ns = pod.namespace()?;
-            seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert((ns.clone(), pod.name_any()));
-            pod.labels().get(LABEL_LEASE).map(|l| ObjectRef::new(l).within(&ns))
+            let lease = pod.labels().get(LABEL_LEASE)?;
+            seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert((ns.clone(), lease.clone()));
+            Some(ObjectRef::new(lease).within(&ns))
         })
         // A Job's completion ends the lease its pods share.
         .watches(Api::<Job>::all(client.clone()), watcher::Config::default(), move |job| {
@@ -182,19 +183,21 @@ async fn reconcile(lease: Arc<IdentityLease>, ctx: Arc<LeaseContext>) -> Result<
 }
 
 /// Why a lease ends now, if it does.
-async fn end_reason(lease: &IdentityLease, client: &Client, now: Timestamp, seen: bool) -> Result<Option<String>> {
+/// `identity` is the lease's `WorkloadIdentity` if it still exists; `seen`
+/// whether this process's pod watch has seen the lease's pod.
+async fn end_reason(
+    lease: &IdentityLease,
+    identity: Option<&WorkloadIdentity>,
+    client: &Client,
+    now: Timestamp,
+    seen: bool,
+) -> Result<Option<String>> {
     let namespace = lease.namespace().unwrap_or_default();
     let holder = &lease.spec.holder;
     if lease.spec.expires_at.0 <= now {
         return Ok(Some(format!("expired at {} (the boundary's maxLifetime)", lease.spec.expires_at.0)));
     }
-    let identities = Api::<WorkloadIdentity>::namespaced(client.clone(), &namespace);
-    if identities
-        .get_opt(&lease.spec.workload_identity)
-        .await
-        .map_err(Error::kube(format!("reading WorkloadIdentity {namespace}/{}", lease.spec.workload_identity)))?
-        .is_none_or(|wi| wi.meta().deletion_timestamp.is_some())
-    {
+    if identity.is_none_or(|wi| wi.meta().deletion_timestamp.is_some()) {
         return Ok(Some(format!("WorkloadIdentity {} was deleted", lease.spec.workload_identity)));
     }
     let age =
@@ -256,11 +259,15 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
         .seen_pods
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .contains(&(namespace.clone(), lease.spec.holder.name.clone()));
-    let seen = seen && lease.spec.holder.kind == HolderKind::Pod;
-    if let Some(reason) = end_reason(lease, client, now, seen).await? {
+        .contains(&(namespace.clone(), name.clone()));
+    let identity = Api::<WorkloadIdentity>::namespaced(client.clone(), &namespace)
+        .get_opt(&lease.spec.workload_identity)
+        .await
+        .map_err(Error::kube(format!("reading WorkloadIdentity {namespace}/{}", lease.spec.workload_identity)))?;
+    if let Some(reason) = end_reason(lease, identity.as_ref(), client, now, seen).await? {
         return start_reaping(lease, ctx, &reason, now).await;
     }
+    let Some(identity) = identity else { return Ok(Action::await_change()) };
     bind_holder_uid(lease, client).await?;
 
     let status = lease.status.clone().unwrap_or_default();
@@ -277,7 +284,7 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     let Some(role_arn) = lease.spec.role_arn.clone() else {
         return Err(Error::Config(format!("IdentityLease {namespace}/{name} has no spec.roleArn")));
     };
-    let (spec, rules) = match role_spec(lease, &role_arn, ctx).await {
+    let (spec, rules) = match role_spec(lease, &identity, &role_arn, ctx).await {
         Ok(found) => found,
         Err(e) => {
             write_status(lease, ctx, LeasePhase::Provisioning, None, Some(e.to_string()), "cannot provision").await?;
@@ -292,14 +299,7 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     ensure_rbac(lease, client, &rules).await?;
 
     // Ready only once STS really accepts a token of the pod's account.
-    let audience = Api::<WorkloadIdentity>::namespaced(client.clone(), &namespace)
-        .get(&lease.spec.workload_identity)
-        .await
-        .map_err(Error::kube("reading the lease's WorkloadIdentity"))?
-        .spec
-        .token
-        .audience;
-    let token = token_for(client, &namespace, &lease.spec.service_account, &audience).await?;
+    let token = token_for(client, &namespace, &lease.spec.service_account, &identity.spec.token.audience).await?;
     let session = naming::session_name(&namespace, &format!("ephemera-verify-{name}"));
     if !ctx.cloud.provider.verify(&role_arn, &session, &token).await? {
         return Ok(Action::requeue(VERIFY_RETRY));
@@ -319,15 +319,12 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
 /// What the role is made of: the identity clamped to today's boundaries.
 async fn role_spec(
     lease: &IdentityLease,
+    identity: &WorkloadIdentity,
     role_arn: &str,
     ctx: &LeaseContext,
 ) -> Result<(RoleSpec, Vec<crate::api::KubernetesRule>)> {
     let client = &ctx.base.client;
     let namespace = lease.namespace().unwrap_or_default();
-    let identity = Api::<WorkloadIdentity>::namespaced(client.clone(), &namespace)
-        .get(&lease.spec.workload_identity)
-        .await
-        .map_err(Error::kube("reading the lease's WorkloadIdentity"))?;
     let labels = Api::<Namespace>::all(client.clone())
         .get(&namespace)
         .await
@@ -379,7 +376,7 @@ async fn role_spec(
         max_session,
         tags,
     };
-    let rules = identity.spec.kubernetes.map(|k| k.rules).unwrap_or_default();
+    let rules = identity.spec.kubernetes.as_ref().map(|k| k.rules.clone()).unwrap_or_default();
     // Kubernetes rules outside a boundary are dropped, as AWS statements are.
     let rules = rules
         .into_iter()
@@ -443,22 +440,14 @@ async fn ensure_rbac(lease: &IdentityLease, client: &Client, rules: &[crate::api
     };
     let params = PatchParams::apply(FIELD_MANAGER).force();
     Api::<Role>::namespaced(client.clone(), &namespace)
-        .patch(&name, &params, &Patch::Apply(with_kind(&role, "rbac.authorization.k8s.io/v1", "Role")?))
+        .patch(&name, &params, &Patch::Apply(&role))
         .await
         .map_err(Error::kube(format!("applying Role {namespace}/{name}")))?;
     Api::<RoleBinding>::namespaced(client.clone(), &namespace)
-        .patch(&name, &params, &Patch::Apply(with_kind(&binding, "rbac.authorization.k8s.io/v1", "RoleBinding")?))
+        .patch(&name, &params, &Patch::Apply(&binding))
         .await
         .map_err(Error::kube(format!("applying RoleBinding {namespace}/{name}")))?;
     Ok(())
-}
-
-fn with_kind<T: serde::Serialize>(obj: &T, api_version: &str, kind: &str) -> Result<serde_json::Value> {
-    let mut v =
-        serde_json::to_value(obj).map_err(|e| Error::Serialization { what: "RBAC object", message: e.to_string() })?;
-    v["apiVersion"] = api_version.into();
-    v["kind"] = kind.into();
-    Ok(v)
 }
 
 fn owner_ref(lease: &IdentityLease) -> OwnerReference {

@@ -170,25 +170,16 @@ pub async fn register(
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let m = mutating(name, target, ca_bundle, own_namespace, only);
     Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .patch(name, &params, &Patch::Apply(apply_body(&m, "MutatingWebhookConfiguration")?))
+        .patch(name, &params, &Patch::Apply(&m))
         .await
         .map_err(Error::kube(format!("applying MutatingWebhookConfiguration {name}")))?;
     let v = validating(name, target, ca_bundle, only);
     Api::<ValidatingWebhookConfiguration>::all(client.clone())
-        .patch(name, &params, &Patch::Apply(apply_body(&v, "ValidatingWebhookConfiguration")?))
+        .patch(name, &params, &Patch::Apply(&v))
         .await
         .map_err(Error::kube(format!("applying ValidatingWebhookConfiguration {name}")))?;
     tracing::info!(configuration = name, ?target, "registered the admission webhooks");
     Ok(())
-}
-
-/// The object with `apiVersion`/`kind`, as server-side apply wants it.
-fn apply_body<T: serde::Serialize>(obj: &T, kind: &str) -> Result<serde_json::Value> {
-    let mut value = serde_json::to_value(obj)
-        .map_err(|e| Error::Serialization { what: "webhook configuration", message: e.to_string() })?;
-    value["apiVersion"] = "admissionregistration.k8s.io/v1".into();
-    value["kind"] = kind.into();
-    Ok(value)
 }
 
 #[cfg(test)]

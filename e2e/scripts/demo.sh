@@ -190,7 +190,12 @@ info "pod Succeeded -> Job complete -> role deleted (the ghost window): ${GHOST_
 run kubectl -n team-a get events --field-selector involvedObject.kind=IdentityLease \
   -o custom-columns=REASON:.reason,OBJECT:.involvedObject.name,MESSAGE:.message --sort-by=.metadata.creationTimestamp
 
+# Clean up while the operator still runs: the leases of the remaining pods
+# carry the reaper finalizer, so their roles are deleted before the namespace
+# can go; then the boundary's finalizer withdraws its NetworkPolicy.
+info "cleaning up: the remaining identities are reaped with their namespace"
+kubectl delete namespace team-a --wait=true --timeout=60s >/dev/null ||
+  die "namespace team-a was not deleted within 60 s; see $OPERATOR_LOG"
 kubectl delete identityboundary team-a --timeout=60s >/dev/null
-kubectl delete namespace team-a --wait=false >/dev/null
 
 printf '\n%sDone.%s The test bed keeps running: source .ephemera/dev.env to use kubectl; make cluster-down stops it.\n' "$_green" "$_reset"

@@ -14,7 +14,7 @@ use k8s_openapi::{
     api::{
         authentication::v1::{TokenRequest, TokenRequestSpec},
         batch::v1::Job,
-        core::v1::{Namespace, Pod, ServiceAccount},
+        core::v1::{Pod, ServiceAccount},
         rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
@@ -34,7 +34,10 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{Context, RESYNC, condition, drain, workload_identity::evaluate};
+use super::{
+    Context, RESYNC, condition, drain,
+    workload_identity::{evaluate, namespace_and_boundaries},
+};
 use crate::{
     Error, Result,
     api::{
@@ -325,17 +328,7 @@ async fn role_spec(
 ) -> Result<(RoleSpec, Vec<crate::api::KubernetesRule>)> {
     let client = &ctx.base.client;
     let namespace = lease.namespace().unwrap_or_default();
-    let labels = Api::<Namespace>::all(client.clone())
-        .get(&namespace)
-        .await
-        .map_err(Error::kube(format!("reading namespace {namespace}")))?
-        .labels()
-        .clone();
-    let boundaries = Api::<IdentityBoundary>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::kube("listing IdentityBoundaries"))?
-        .items;
+    let (labels, boundaries) = namespace_and_boundaries(client, &namespace).await?;
     let eval = evaluate(&identity.spec, &labels, &boundaries);
     if eval.governing.is_empty() {
         return Err(Error::Config(format!("namespace {namespace} is governed by no IdentityBoundary")));

@@ -69,17 +69,7 @@ async fn reconcile(identity: Arc<WorkloadIdentity>, ctx: Arc<Context>) -> Result
     let name = identity.name_any();
     let client = &ctx.client;
 
-    let labels = Api::<Namespace>::all(client.clone())
-        .get(&namespace)
-        .await
-        .map_err(Error::kube(format!("reading namespace {namespace}")))?
-        .labels()
-        .clone();
-    let boundaries = Api::<IdentityBoundary>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::kube("listing IdentityBoundaries"))?
-        .items;
+    let (labels, boundaries) = namespace_and_boundaries(client, &namespace).await?;
     let leases = Api::<IdentityLease>::namespaced(client.clone(), &namespace)
         .list(&ListParams::default())
         .await
@@ -105,6 +95,29 @@ async fn reconcile(identity: Arc<WorkloadIdentity>, ctx: Arc<Context>) -> Result
         .await
         .map_err(Error::kube(format!("writing the status of WorkloadIdentity {namespace}/{name}")))?;
     Ok(Action::requeue(RESYNC))
+}
+
+/// What clamping an identity in `namespace` reads: the namespace's labels
+/// and every `IdentityBoundary`.
+///
+/// # Errors
+/// When either cannot be read.
+pub async fn namespace_and_boundaries(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<(BTreeMap<String, String>, Vec<IdentityBoundary>)> {
+    let labels = Api::<Namespace>::all(client.clone())
+        .get(namespace)
+        .await
+        .map_err(Error::kube(format!("reading namespace {namespace}")))?
+        .labels()
+        .clone();
+    let boundaries = Api::<IdentityBoundary>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("listing IdentityBoundaries"))?
+        .items;
+    Ok((labels, boundaries))
 }
 
 /// Events for what a user should notice: a violation appearing or going

@@ -295,30 +295,33 @@ fn from_secret(secret: &Secret) -> Option<CertBundle> {
 /// When a configuration exists but cannot be patched.
 pub async fn publish_ca_bundle(client: &Client, configuration: &str, ca_bundle: &str) -> Result<()> {
     use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
-    let context = |kind: &str| format!("publishing caBundle on {kind} {configuration}");
-    let mutating = Api::<MutatingWebhookConfiguration>::all(client.clone());
-    if let Some(existing) =
-        mutating.get_opt(configuration).await.map_err(Error::kube(context("MutatingWebhookConfiguration")))?
-    {
-        let patch = ca_patch(existing.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref()), ca_bundle);
-        if !patch.0.is_empty() {
-            mutating
-                .patch(configuration, &PatchParams::default(), &Patch::Json::<()>(patch))
-                .await
-                .map_err(Error::kube(context("MutatingWebhookConfiguration")))?;
-        }
-    }
-    let validating = Api::<ValidatingWebhookConfiguration>::all(client.clone());
-    if let Some(existing) =
-        validating.get_opt(configuration).await.map_err(Error::kube(context("ValidatingWebhookConfiguration")))?
-    {
-        let patch = ca_patch(existing.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref()), ca_bundle);
-        if !patch.0.is_empty() {
-            validating
-                .patch(configuration, &PatchParams::default(), &Patch::Json::<()>(patch))
-                .await
-                .map_err(Error::kube(context("ValidatingWebhookConfiguration")))?;
-        }
+    publish_on(Api::<MutatingWebhookConfiguration>::all(client.clone()), configuration, ca_bundle, |c| {
+        c.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.clone()).collect()
+    })
+    .await?;
+    publish_on(Api::<ValidatingWebhookConfiguration>::all(client.clone()), configuration, ca_bundle, |c| {
+        c.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.clone()).collect()
+    })
+    .await
+}
+
+/// Patches `caBundle` into one configuration, if it exists; `bundles` lists
+/// each of its webhooks' current bundle.
+async fn publish_on<K>(
+    api: Api<K>,
+    name: &str,
+    ca_bundle: &str,
+    bundles: impl Fn(&K) -> Vec<Option<ByteString>>,
+) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + k8s_openapi::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let context = || format!("publishing caBundle on {} {name}", K::KIND);
+    let Some(existing) = api.get_opt(name).await.map_err(Error::kube(context()))? else { return Ok(()) };
+    let current = bundles(&existing);
+    let patch = ca_patch(current.iter().map(Option::as_ref), ca_bundle);
+    if !patch.0.is_empty() {
+        api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch)).await.map_err(Error::kube(context()))?;
     }
     Ok(())
 }

@@ -17,7 +17,9 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    support::{ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds, unique_name, wait_until},
+    support::{
+        ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds, two_pod_job, unique_name, wait_until,
+    },
     webhook::{admitted_with_identity, boundary, env_of, identity, pod},
 };
 use ephemera::api::{IdentityLease, LeasePhase, WorkloadIdentity};
@@ -213,14 +215,7 @@ async fn a_job_run_shares_one_role_that_dies_with_the_job() {
     })
     .await;
 
-    let job: Job = serde_json::from_value(json!({
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "nightly"},
-        "spec": {"parallelism": 2, "completions": 2, "template": {
-            "metadata": {"labels": {"ephemera.dev/identity": "batch"}},
-            "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox"}]},
-        }},
-    }))
-    .unwrap();
+    let job = two_pod_job("nightly", "batch");
     Api::<Job>::namespaced(bed.client.clone(), &ns.name).create(&PostParams::default(), &job).await.unwrap();
     let job_pods = wait_until("two ungated pods of the Job", WAIT, || async {
         let list = pods.list(&ListParams::default().labels("job-name=nightly")).await.ok()?;

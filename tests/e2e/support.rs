@@ -380,6 +380,18 @@ impl Drop for EphemeraProcess {
     }
 }
 
+/// A Job of two parallel pods that ask for `identity` by label.
+pub fn two_pod_job(name: &str, identity: &str) -> k8s_openapi::api::batch::v1::Job {
+    serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+        "spec": {"parallelism": 2, "completions": 2, "template": {
+            "metadata": {"labels": {"ephemera.dev/identity": identity}},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox"}]},
+        }},
+    }))
+    .expect("a valid Job")
+}
+
 /// A free loopback port (bound and released: good enough on a test machine).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()

@@ -20,7 +20,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::support::{DeleteOnDrop, TestBed, Webhook, ensure_crds, unique_name, wait_until};
+use crate::support::{DeleteOnDrop, TestBed, Webhook, ensure_crds, two_pod_job, unique_name, wait_until};
 use ephemera::api::{HolderKind, IdentityBoundary, IdentityLease, WorkloadIdentity};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -225,14 +225,7 @@ async fn pods_of_one_job_run_share_one_identity() {
             .await;
     pods.delete(&probe.name_any(), &kube::api::DeleteParams::default()).await.unwrap();
 
-    let job: Job = serde_json::from_value(json!({
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "nightly"},
-        "spec": {"parallelism": 2, "completions": 2, "template": {
-            "metadata": {"labels": {"ephemera.dev/identity": "batch"}},
-            "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox"}]},
-        }},
-    }))
-    .unwrap();
+    let job = two_pod_job("nightly", "batch");
     let job = Api::<Job>::namespaced(bed.client.clone(), &ns.name).create(&PostParams::default(), &job).await.unwrap();
     let job_pods = wait_until("two pods of the Job", WAIT, || async {
         let list = pods.list(&ListParams::default().labels("job-name=nightly")).await.ok()?;

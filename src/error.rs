@@ -1,6 +1,10 @@
 //! The crate's error type. Every variant says which object or call failed and
 //! maps to a short, stable label for the `*_errors_total` metrics.
 
+/// Error codes AWS uses for rate limiting.
+pub const THROTTLING_CODES: &[&str] =
+    &["Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests", "TooManyRequestsException"];
+
 /// Errors raised by ephemera's controllers, webhook and cloud providers.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -36,6 +40,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The cloud account has no room for another identity (IAM roles
+    /// quota); new leases wait, existing ones are unaffected.
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
+
     /// The subcommand exists in the CLI but its feature has not landed yet.
     #[error("`ephemera {command}` is not implemented yet (tracked in issue #{issue})")]
     NotImplemented { command: &'static str, issue: u32 },
@@ -52,6 +61,7 @@ impl Error {
             Error::Config(_) => "config",
             Error::Serialization { .. } => "serialization",
             Error::Io { .. } => "io",
+            Error::QuotaExceeded(_) => "quota",
             Error::NotImplemented { .. } => "not_implemented",
         }
     }
@@ -60,9 +70,7 @@ impl Error {
     #[must_use]
     pub fn is_throttling(&self) -> bool {
         matches!(self, Error::Cloud { message, .. }
-            if ["Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"]
-                .iter()
-                .any(|code| message.starts_with(code)))
+            if THROTTLING_CODES.iter().any(|code| message.split(':').next() == Some(code)))
     }
 
     /// Wraps a Kubernetes error with what ephemera was doing at the time.

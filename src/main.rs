@@ -74,6 +74,11 @@ struct ControllerArgs {
     /// This replica's name in the leader election.
     #[arg(long, env = "POD_NAME", default_value_t = default_identity())]
     identity: String,
+    /// Make no new IAM role while the account holds this many roles (new
+    /// leases wait and say why in their Ready condition). Default: the
+    /// account's IAM role quota. Set it lower to leave room for other roles.
+    #[arg(long, env = "EPHEMERA_AWS_ROLE_LIMIT")]
+    aws_role_limit: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -180,6 +185,7 @@ impl ControllerArgs {
             namespace: self.namespace,
             identity: self.identity,
             cloud,
+            aws_role_limit: self.aws_role_limit,
         }
     }
 }

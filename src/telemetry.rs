@@ -76,6 +76,23 @@ pub struct PhaseLabels {
     pub phase: &'static str,
 }
 
+/// Labels of the cloud call counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloudLabels {
+    /// The API operation (`CreateRole`, `AssumeRoleWithWebIdentity`, ...).
+    pub operation: &'static str,
+    /// `ok`, `already_done`, `denied`, `throttled` or `error` (see
+    /// [`crate::cloud::aws::outcome`]).
+    pub outcome: &'static str,
+}
+
+/// Labels of the cloud call latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// The API operation.
+    pub operation: &'static str,
+}
+
 /// Every metric ephemera exports, registered in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -95,6 +112,14 @@ pub struct Metrics {
     pub provision_latency: Histogram,
     /// `ephemera_ghost_window_seconds`: workload over -> role deleted.
     pub ghost_window: Histogram,
+    /// `ephemera_cloud_requests_total{operation,outcome}`.
+    pub cloud_requests: Family<CloudLabels, Counter>,
+    /// `ephemera_cloud_request_duration_seconds{operation}`.
+    pub cloud_duration: Family<OperationLabels, Histogram>,
+    /// `ephemera_iam_roles`: roles in the account, as last read plus made minus deleted since.
+    pub iam_roles: Gauge,
+    /// `ephemera_iam_roles_limit`: the account's role quota (or `--aws-role-limit`).
+    pub iam_roles_limit: Gauge,
 }
 
 impl Default for Metrics {
@@ -141,6 +166,32 @@ impl Default for Metrics {
             "From the workload ending to its role being deleted",
             ghost_window.clone(),
         );
+        let cloud_requests = Family::<CloudLabels, Counter>::default();
+        registry.register(
+            "cloud_requests",
+            "Cloud API calls (IAM, STS), by operation and outcome",
+            cloud_requests.clone(),
+        );
+        let cloud_duration = Family::<OperationLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0])
+        });
+        registry.register(
+            "cloud_request_duration_seconds",
+            "Latency of one cloud API call, SDK retries included",
+            cloud_duration.clone(),
+        );
+        let iam_roles = Gauge::default();
+        registry.register(
+            "iam_roles",
+            "IAM roles in the account (GetAccountSummary, plus roles made minus deleted since)",
+            iam_roles.clone(),
+        );
+        let iam_roles_limit = Gauge::default();
+        registry.register(
+            "iam_roles_limit",
+            "IAM roles the account may hold (RolesQuota, or --aws-role-limit)",
+            iam_roles_limit.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -151,6 +202,10 @@ impl Default for Metrics {
             leases,
             provision_latency,
             ghost_window,
+            cloud_requests,
+            cloud_duration,
+            iam_roles,
+            iam_roles_limit,
         }
     }
 }
@@ -174,6 +229,12 @@ impl Metrics {
         let labels = AdmissionLabels { webhook, outcome };
         self.admission_requests.get_or_create(&labels).inc();
         self.admission_duration.get_or_create(&labels).observe(took.as_secs_f64());
+    }
+
+    /// Counts one cloud API call and its latency.
+    pub fn cloud_call(&self, operation: &'static str, outcome: &'static str, took: std::time::Duration) {
+        self.cloud_requests.get_or_create(&CloudLabels { operation, outcome }).inc();
+        self.cloud_duration.get_or_create(&OperationLabels { operation }).observe(took.as_secs_f64());
     }
 
     /// The registry in the OpenMetrics text format.

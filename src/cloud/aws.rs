@@ -30,12 +30,18 @@ pub async fn sts_client() -> aws_sdk_sts::Client {
 
 // === Policy documents ===
 
-use std::time::Duration;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use aws_sdk_iam::{error::ProvideErrorMetadata, types::Tag};
+use aws_sdk_iam::{
+    error::{ProvideErrorMetadata, SdkError},
+    types::{SummaryKeyType, Tag},
+};
 use serde_json::{Value, json};
 
-use crate::{Error, Result, api::AwsStatement};
+use crate::{Error, Result, api::AwsStatement, telemetry::Metrics};
 
 /// Name of the inline policy holding the identity's statements.
 pub const POLICY_NAME: &str = "ephemera";
@@ -145,16 +151,42 @@ pub struct OwnedRole {
     pub lease: String,
 }
 
-/// IAM and STS, through the standard AWS configuration chain.
-#[derive(Clone, Debug)]
+/// How long a reading of the account's role count and quota is trusted; in
+/// between, this process counts the roles it makes and deletes itself.
+const BUDGET_TTL: Duration = Duration::from_mins(1);
+
+/// The account's roles against its quota, as last read plus what this
+/// process made and deleted since.
+#[derive(Debug)]
+struct RoleBudget {
+    read_at: Instant,
+    /// `(roles, limit)`; `None` when `GetAccountSummary` was refused (the
+    /// operator's policy lacks it): `CreateRole`'s `LimitExceeded` is then the
+    /// only check.
+    counts: Option<(u64, u64)>,
+}
+
+/// IAM and STS, through the standard AWS configuration chain. Every call is
+/// counted in `ephemera_cloud_requests_total{operation,outcome}`.
+#[derive(Clone)]
 pub struct AwsProvider {
     iam: aws_sdk_iam::Client,
     sts: aws_sdk_sts::Client,
+    metrics: Option<Arc<Metrics>>,
+    /// Most roles the account may hold; `None`: its `RolesQuota`.
+    role_limit: Option<u64>,
+    budget: Arc<tokio::sync::Mutex<Option<RoleBudget>>>,
+}
+
+impl std::fmt::Debug for AwsProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsProvider").field("role_limit", &self.role_limit).finish_non_exhaustive()
+    }
 }
 
 fn cloud_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
     operation: &'static str,
-    err: &aws_sdk_iam::error::SdkError<E, R>,
+    err: &SdkError<E, R>,
 ) -> Error {
     let message = match err.code() {
         Some(code) => format!("{code}: {}", err.message().unwrap_or_default()),
@@ -163,15 +195,54 @@ fn cloud_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fm
     Error::Cloud { operation, message }
 }
 
-fn is_code<E: ProvideErrorMetadata, R>(err: &aws_sdk_iam::error::SdkError<E, R>, code: &str) -> bool {
+fn is_code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>, code: &str) -> bool {
     err.code() == Some(code)
 }
 
+/// The `outcome` label of a cloud call: `ok`; `already_done` when IAM says
+/// the state is already what ephemera wants (`NoSuchEntity` while deleting,
+/// `EntityAlreadyExists` while creating); `denied`; `throttled`; `error`.
+#[must_use]
+pub fn outcome(code: Option<&str>) -> &'static str {
+    match code {
+        Some("NoSuchEntity" | "EntityAlreadyExists") => "already_done",
+        Some("AccessDenied" | "AccessDeniedException") => "denied",
+        Some(code) if crate::error::THROTTLING_CODES.contains(&code) => "throttled",
+        _ => "error",
+    }
+}
+
 impl AwsProvider {
-    /// Clients from [`sdk_config`].
-    pub async fn from_env() -> AwsProvider {
+    /// Clients from [`sdk_config`]; calls are counted in `metrics`; no role
+    /// is made while the account holds `role_limit` roles (default: the
+    /// account's quota from `GetAccountSummary`).
+    pub async fn from_env(metrics: Option<Arc<Metrics>>, role_limit: Option<u64>) -> AwsProvider {
         let config = sdk_config().await;
-        AwsProvider { iam: aws_sdk_iam::Client::new(&config), sts: aws_sdk_sts::Client::new(&config) }
+        AwsProvider {
+            iam: aws_sdk_iam::Client::new(&config),
+            sts: aws_sdk_sts::Client::new(&config),
+            metrics,
+            role_limit,
+            budget: Arc::default(),
+        }
+    }
+
+    /// Runs one SDK call and records its outcome and latency.
+    async fn call<T, E: ProvideErrorMetadata, R>(
+        &self,
+        operation: &'static str,
+        request: impl Future<Output = Result<T, SdkError<E, R>>>,
+    ) -> Result<T, SdkError<E, R>> {
+        let start = Instant::now();
+        let result = request.await;
+        if let Some(metrics) = &self.metrics {
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(e) => outcome(e.code()),
+            };
+            metrics.cloud_call(operation, outcome, start.elapsed());
+        }
+        result
     }
 
     /// The account of the credentials in use.
@@ -179,10 +250,10 @@ impl AwsProvider {
     /// # Errors
     /// When STS cannot be reached or refuses.
     pub async fn account(&self) -> Result<String> {
-        let out = self.sts.get_caller_identity().send().await.map_err(|e| Error::Cloud {
-            operation: "GetCallerIdentity",
-            message: aws_sdk_sts::error::DisplayErrorContext(e).to_string(),
-        })?;
+        let out = self
+            .call("GetCallerIdentity", self.sts.get_caller_identity().send())
+            .await
+            .map_err(|e| cloud_error("GetCallerIdentity", &e))?;
         out.account.ok_or_else(|| Error::Config("STS GetCallerIdentity returned no account".into()))
     }
 
@@ -190,60 +261,136 @@ impl AwsProvider {
     /// `spec`. Returns its ARN.
     ///
     /// # Errors
-    /// Any IAM refusal; the caller retries with backoff.
+    /// [`Error::QuotaExceeded`] when the account has no room for another
+    /// role; any IAM refusal. The caller retries with backoff.
     pub async fn provision(&self, spec: &RoleSpec) -> Result<String> {
         let trust = spec.trust_policy.to_string();
         let tags: Vec<Tag> =
             spec.tags.iter().filter_map(|(k, v)| Tag::builder().key(k).value(v).build().ok()).collect();
         let max_session = i32::try_from(spec.max_session.as_secs()).unwrap_or(3600);
+        self.reserve_role().await?;
         let created = self
-            .iam
-            .create_role()
-            .role_name(&spec.name)
-            .path(&spec.path)
-            .assume_role_policy_document(&trust)
-            .max_session_duration(max_session)
-            .set_permissions_boundary(spec.permissions_boundary.clone())
-            .set_tags(Some(tags))
-            .description("Made by ephemera for one workload; deleted when it ends")
-            .send()
+            .call(
+                "CreateRole",
+                self.iam
+                    .create_role()
+                    .role_name(&spec.name)
+                    .path(&spec.path)
+                    .assume_role_policy_document(&trust)
+                    .max_session_duration(max_session)
+                    .set_permissions_boundary(spec.permissions_boundary.clone())
+                    .set_tags(Some(tags))
+                    .description("Made by ephemera for one workload; deleted when it ends")
+                    .send(),
+            )
             .await;
         let arn = match created {
             Ok(out) => out.role.map(|r| r.arn).unwrap_or_default(),
             Err(e) if is_code(&e, "EntityAlreadyExists") => {
-                self.iam
-                    .update_assume_role_policy()
-                    .role_name(&spec.name)
-                    .policy_document(&trust)
-                    .send()
+                self.release_role().await;
+                self.call(
+                    "UpdateAssumeRolePolicy",
+                    self.iam.update_assume_role_policy().role_name(&spec.name).policy_document(&trust).send(),
+                )
+                .await
+                .map_err(|e| cloud_error("UpdateAssumeRolePolicy", &e))?;
+                let role = self
+                    .call("GetRole", self.iam.get_role().role_name(&spec.name).send())
                     .await
-                    .map_err(|e| cloud_error("UpdateAssumeRolePolicy", &e))?;
-                let role =
-                    self.iam.get_role().role_name(&spec.name).send().await.map_err(|e| cloud_error("GetRole", &e))?;
+                    .map_err(|e| cloud_error("GetRole", &e))?;
                 role.role.map(|r| r.arn).unwrap_or_default()
             }
-            Err(e) => return Err(cloud_error("CreateRole", &e)),
+            Err(e) => {
+                self.release_role().await;
+                if is_code(&e, "LimitExceeded") {
+                    return Err(Error::QuotaExceeded(format!(
+                        "IAM refused role {}: {}",
+                        spec.name,
+                        e.message().unwrap_or("LimitExceeded")
+                    )));
+                }
+                return Err(cloud_error("CreateRole", &e));
+            }
         };
         if let Some(policy) = &spec.policy {
-            self.iam
-                .put_role_policy()
-                .role_name(&spec.name)
-                .policy_name(POLICY_NAME)
-                .policy_document(policy.to_string())
-                .send()
-                .await
-                .map_err(|e| cloud_error("PutRolePolicy", &e))?;
+            self.call(
+                "PutRolePolicy",
+                self.iam
+                    .put_role_policy()
+                    .role_name(&spec.name)
+                    .policy_name(POLICY_NAME)
+                    .policy_document(policy.to_string())
+                    .send(),
+            )
+            .await
+            .map_err(|e| cloud_error("PutRolePolicy", &e))?;
         }
         for arn in &spec.managed_policy_arns {
-            self.iam
-                .attach_role_policy()
-                .role_name(&spec.name)
-                .policy_arn(arn)
-                .send()
+            self.call("AttachRolePolicy", self.iam.attach_role_policy().role_name(&spec.name).policy_arn(arn).send())
                 .await
                 .map_err(|e| cloud_error("AttachRolePolicy", &e))?;
         }
         Ok(arn)
+    }
+
+    /// Reserves room for one more role. The account's role count and quota
+    /// are read (`GetAccountSummary`) at most once per [`BUDGET_TTL`].
+    async fn reserve_role(&self) -> Result<()> {
+        let mut budget = self.budget.lock().await;
+        if budget.as_ref().is_none_or(|b| b.read_at.elapsed() > BUDGET_TTL) {
+            *budget = Some(RoleBudget { read_at: Instant::now(), counts: self.read_role_counts().await? });
+        }
+        let Some((roles, limit)) = budget.as_mut().and_then(|b| b.counts.as_mut()) else { return Ok(()) };
+        self.publish_budget(*roles, *limit);
+        if *roles >= *limit {
+            return Err(Error::QuotaExceeded(format!(
+                "the account holds {roles} IAM roles, its limit is {limit}; new roles wait until roles are \
+                 deleted or the quota is raised (GetAccountSummary RolesQuota, or --aws-role-limit)"
+            )));
+        }
+        *roles += 1;
+        self.publish_budget(*roles, *limit);
+        Ok(())
+    }
+
+    /// Gives back a reservation, or counts a deleted role.
+    async fn release_role(&self) {
+        let mut budget = self.budget.lock().await;
+        if let Some((roles, limit)) = budget.as_mut().and_then(|b| b.counts.as_mut()) {
+            *roles = roles.saturating_sub(1);
+            self.publish_budget(*roles, *limit);
+        }
+    }
+
+    fn publish_budget(&self, roles: u64, limit: u64) {
+        if let Some(metrics) = &self.metrics {
+            metrics.iam_roles.set(i64::try_from(roles).unwrap_or(i64::MAX));
+            metrics.iam_roles_limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// `(roles, limit)` of the account; `None` when the summary is refused.
+    async fn read_role_counts(&self) -> Result<Option<(u64, u64)>> {
+        match self.call("GetAccountSummary", self.iam.get_account_summary().send()).await {
+            Ok(out) => {
+                let map = out.summary_map.unwrap_or_default();
+                let get = |key| map.get(&key).and_then(|v| u64::try_from(*v).ok());
+                let roles = get(SummaryKeyType::Roles).unwrap_or(0);
+                let Some(limit) = self.role_limit.or_else(|| get(SummaryKeyType::RolesQuota)) else {
+                    return Ok(None);
+                };
+                tracing::debug!(roles, limit, "IAM role budget read");
+                Ok(Some((roles, limit)))
+            }
+            Err(e) if outcome(e.code()) == "throttled" => Err(cloud_error("GetAccountSummary", &e)),
+            Err(e) => {
+                tracing::warn!(
+                    error = %cloud_error("GetAccountSummary", &e),
+                    "cannot read the account's IAM role quota; relying on CreateRole's LimitExceeded"
+                );
+                Ok(None)
+            }
+        }
     }
 
     /// Proves the chain end to end: STS accepts `token` for the role. Returns
@@ -252,18 +399,17 @@ impl AwsProvider {
     /// # Errors
     /// Only when STS cannot be reached at all.
     pub async fn verify(&self, role_arn: &str, session: &str, token: &str) -> Result<bool> {
-        match self
+        let request = self
             .sts
             .assume_role_with_web_identity()
             .role_arn(role_arn)
             .role_session_name(session)
             .web_identity_token(token)
             .duration_seconds(900)
-            .send()
-            .await
-        {
+            .send();
+        match self.call("AssumeRoleWithWebIdentity", request).await {
             Ok(_) => Ok(true),
-            Err(aws_sdk_sts::error::SdkError::ServiceError(e)) => {
+            Err(SdkError::ServiceError(e)) => {
                 tracing::debug!(role_arn, code = ?e.err().code(), "role not assumable yet");
                 Ok(false)
             }
@@ -280,45 +426,52 @@ impl AwsProvider {
     /// # Errors
     /// Any other IAM refusal (throttling, conflicts); the caller retries.
     pub async fn revoke_and_delete(&self, role: &str, now_rfc3339: &str) -> Result<()> {
-        match self
+        let revoke = self
             .iam
             .put_role_policy()
             .role_name(role)
             .policy_name(REVOKE_POLICY_NAME)
             .policy_document(revoke_policy(now_rfc3339).to_string())
-            .send()
-            .await
-        {
+            .send();
+        match self.call("PutRolePolicy", revoke).await {
             Ok(_) => {}
             Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
             Err(e) => return Err(cloud_error("PutRolePolicy", &e)),
         }
-        let inline = match self.iam.list_role_policies().role_name(role).send().await {
+        let inline = match self.call("ListRolePolicies", self.iam.list_role_policies().role_name(role).send()).await {
             Ok(out) => out.policy_names,
             Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
             Err(e) => return Err(cloud_error("ListRolePolicies", &e)),
         };
         for name in inline {
-            match self.iam.delete_role_policy().role_name(role).policy_name(&name).send().await {
+            let delete = self.iam.delete_role_policy().role_name(role).policy_name(&name).send();
+            match self.call("DeleteRolePolicy", delete).await {
                 Ok(_) => {}
                 Err(e) if is_code(&e, "NoSuchEntity") => {}
                 Err(e) => return Err(cloud_error("DeleteRolePolicy", &e)),
             }
         }
-        let attached = match self.iam.list_attached_role_policies().role_name(role).send().await {
+        let attached = match self
+            .call("ListAttachedRolePolicies", self.iam.list_attached_role_policies().role_name(role).send())
+            .await
+        {
             Ok(out) => out.attached_policies.unwrap_or_default(),
             Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
             Err(e) => return Err(cloud_error("ListAttachedRolePolicies", &e)),
         };
         for policy in attached.into_iter().filter_map(|p| p.policy_arn) {
-            match self.iam.detach_role_policy().role_name(role).policy_arn(&policy).send().await {
+            let detach = self.iam.detach_role_policy().role_name(role).policy_arn(&policy).send();
+            match self.call("DetachRolePolicy", detach).await {
                 Ok(_) => {}
                 Err(e) if is_code(&e, "NoSuchEntity") => {}
                 Err(e) => return Err(cloud_error("DetachRolePolicy", &e)),
             }
         }
-        match self.iam.delete_role().role_name(role).send().await {
-            Ok(_) => Ok(()),
+        match self.call("DeleteRole", self.iam.delete_role().role_name(role).send()).await {
+            Ok(_) => {
+                self.release_role().await;
+                Ok(())
+            }
             Err(e) if is_code(&e, "NoSuchEntity") => Ok(()),
             Err(e) => Err(cloud_error("DeleteRole", &e)),
         }
@@ -330,14 +483,21 @@ impl AwsProvider {
     /// When IAM cannot be listed.
     pub async fn list_owned(&self, path: &str, cluster: &str) -> Result<Vec<OwnedRole>> {
         let mut roles = Vec::new();
-        let mut pages = self.iam.list_roles().path_prefix(path).into_paginator().send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| cloud_error("ListRoles", &e))?;
+        let mut marker = None;
+        loop {
+            let page = self
+                .call("ListRoles", self.iam.list_roles().path_prefix(path).set_marker(marker.take()).send())
+                .await
+                .map_err(|e| cloud_error("ListRoles", &e))?;
             roles.extend(page.roles.into_iter().map(|r| r.role_name));
+            match page.marker {
+                Some(next) if page.is_truncated => marker = Some(next),
+                _ => break,
+            }
         }
         let mut owned = Vec::new();
         for name in roles {
-            let tags = match self.iam.list_role_tags().role_name(&name).send().await {
+            let tags = match self.call("ListRoleTags", self.iam.list_role_tags().role_name(&name).send()).await {
                 Ok(out) => out.tags,
                 Err(e) if is_code(&e, "NoSuchEntity") => continue,
                 Err(e) => return Err(cloud_error("ListRoleTags", &e)),

@@ -290,13 +290,14 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     let (spec, rules) = match role_spec(lease, &identity, &role_arn, ctx).await {
         Ok(found) => found,
         Err(e) => {
-            write_status(lease, ctx, LeasePhase::Provisioning, None, Some(e.to_string()), "cannot provision").await?;
+            write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision").await?;
             return Err(e);
         }
     };
     if let Err(e) = ctx.cloud.provider.provision(&spec).await {
-        write_status(lease, ctx, LeasePhase::Provisioning, None, Some(e.to_string()), "cannot provision").await?;
-        publish(ctx, lease, EventType::Warning, "ProvisionFailed", e.to_string()).await;
+        write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision").await?;
+        let reason = if matches!(e, Error::QuotaExceeded(_)) { "QuotaExceeded" } else { "ProvisionFailed" };
+        publish(ctx, lease, EventType::Warning, reason, e.to_string()).await;
         return Err(e);
     }
     ensure_rbac(lease, client, &rules).await?;
@@ -626,32 +627,30 @@ async fn write_status(
     ctx: &LeaseContext,
     phase: LeasePhase,
     role_arn: Option<String>,
-    error: Option<String>,
+    error: Option<&Error>,
     message: &str,
 ) -> Result<()> {
     let previous = lease.status.clone().unwrap_or_default();
     let ready = phase == LeasePhase::Ready;
-    let reason = match phase {
-        LeasePhase::Pending => "Pending",
-        LeasePhase::Provisioning => "Provisioning",
-        LeasePhase::Ready => "Verified",
-        LeasePhase::Reaping => "Reaping",
+    let reason = match (phase, error) {
+        (_, Some(Error::QuotaExceeded(_))) => "QuotaExceeded",
+        (LeasePhase::Pending, _) => "Pending",
+        (LeasePhase::Provisioning, _) => "Provisioning",
+        (LeasePhase::Ready, _) => "Verified",
+        (LeasePhase::Reaping, _) => "Reaping",
+    };
+    let message = match error {
+        Some(e) => format!("{message}: {e}"),
+        None => message.to_owned(),
     };
     let status = IdentityLeaseStatus {
         phase: Some(phase),
         role_arn: role_arn.or(previous.role_arn.clone()),
         issued_at: if ready { Some(Time(Timestamp::now())) } else { previous.issued_at.clone() },
         revoked_at: if phase == LeasePhase::Reaping { Some(Time(Timestamp::now())) } else { None },
-        last_error: error,
+        last_error: error.map(ToString::to_string),
         observed_generation: lease.meta().generation,
-        conditions: vec![condition(
-            &previous.conditions,
-            cond::READY,
-            ready,
-            reason,
-            message.to_owned(),
-            lease.meta().generation,
-        )],
+        conditions: vec![condition(&previous.conditions, cond::READY, ready, reason, message, lease.meta().generation)],
     };
     Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &lease.namespace().unwrap_or_default())
         .patch_status(

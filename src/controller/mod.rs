@@ -40,6 +40,9 @@ pub struct Settings {
     pub identity: String,
     /// Where roles are made.
     pub cloud: CloudSettings,
+    /// No new role while the account holds this many; `None`: the account's
+    /// IAM `RolesQuota`.
+    pub aws_role_limit: Option<u64>,
 }
 
 /// Where roles are made and who trusts them; shared by controller and webhook.
@@ -100,7 +103,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         None
     };
 
-    let cloud = lease_cloud(&client, &settings.cloud).await?;
+    let cloud = lease_cloud(&client, &settings.cloud, ctx.metrics.clone(), settings.aws_role_limit).await?;
     let controllers = async {
         tokio::join!(workload_identity::run(ctx.clone()), boundary::run(ctx.clone()), lease::run(ctx.clone(), cloud));
     };
@@ -134,8 +137,13 @@ pub async fn run(settings: Settings) -> Result<()> {
 }
 
 /// AWS clients and the issuer the roles trust.
-async fn lease_cloud(client: &Client, settings: &CloudSettings) -> Result<lease::Cloud> {
-    let provider = crate::cloud::aws::AwsProvider::from_env().await;
+async fn lease_cloud(
+    client: &Client,
+    settings: &CloudSettings,
+    metrics: Arc<Metrics>,
+    role_limit: Option<u64>,
+) -> Result<lease::Cloud> {
+    let provider = crate::cloud::aws::AwsProvider::from_env(Some(metrics), role_limit).await;
     let account = match &settings.account {
         Some(account) => account.clone(),
         None => provider.account().await?,

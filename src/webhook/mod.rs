@@ -86,7 +86,7 @@ pub async fn run(settings: Settings) -> Result<()> {
 
     let account = match &settings.aws_account {
         Some(account) => account.clone(),
-        None => crate::cloud::aws::AwsProvider::from_env().await.account().await?,
+        None => crate::cloud::aws::AwsProvider::from_env(None, None).await.account().await?,
     };
     let aws = AwsTarget { partition: settings.aws_partition.clone(), account, cluster: settings.cluster_name.clone() };
     let (stores, watchers) = start_stores(&client);

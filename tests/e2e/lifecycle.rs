@@ -58,7 +58,7 @@ async fn a_pod_gets_a_proven_role_for_exactly_its_access_and_loses_it_when_it_en
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;
     let webhook = Webhook::start(&bed.client).await;
-    let _controller = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
+    let mut controller = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
     let ns = bed.namespace("e2e-lifecycle").await;
     let team = unique_name("team");
     webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
@@ -167,6 +167,18 @@ async fn a_pod_gets_a_proven_role_for_exactly_its_access_and_loses_it_when_it_en
         Some("ok"),
         "a session issued before reaping still reads: {held:?}"
     );
+
+    // Every cloud call is counted by operation and outcome.
+    let calls =
+        |op: &str, outcome: &str| format!("ephemera_cloud_requests_total{{operation=\"{op}\",outcome=\"{outcome}\"}}");
+    for (op, at_least) in
+        [("CreateRole", 2.0), ("PutRolePolicy", 3.0), ("AssumeRoleWithWebIdentity", 2.0), ("DeleteRole", 1.0)]
+    {
+        let n = controller.metric(&calls(op, "ok")).await.unwrap_or_default();
+        assert!(n >= at_least, "{op} ok: {n} < {at_least}");
+    }
+    assert!(controller.metric("ephemera_ghost_window_seconds_count").await >= Some(1.0));
+    assert!(controller.metric("ephemera_iam_roles_limit").await >= Some(1.0), "the account's role quota is read");
 
     // Pod B is untouched, until it is deleted.
     assert!(bed.workload(&role_b, &token_b, &[&allowed]).ok);
@@ -346,4 +358,60 @@ async fn orphaned_roles_are_swept_and_expired_leases_reaped() {
         "another cluster's role was swept"
     );
     let _ = bed.iam.delete_role().role_name(&foreign).send().await;
+}
+
+#[tokio::test]
+async fn a_full_role_quota_holds_new_leases_with_a_clear_condition() {
+    let _turn = controller_turn().await;
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    // A limit of 0: the account is "full" whatever MiniStack holds.
+    let mut full = ControllerProcess::start_with(&["--cluster-name", "e2e", "--aws-role-limit", "0"]);
+    let ns = bed.namespace("e2e-quota").await;
+    let team = unique_name("team");
+    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
+    let _boundary = boundary(&bed.client, &team, json!({})).await;
+    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
+        .create(&PostParams::default(), &identity("reader", json!({})))
+        .await
+        .unwrap();
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    let worker =
+        admitted_with_identity(&pods, &pod(json!({"name": "worker", "labels": {"ephemera.dev/identity": "reader"}})))
+            .await;
+    let lease = worker.spec.as_ref().unwrap().service_account_name.clone().unwrap();
+    let role = env_of(&worker, "AWS_ROLE_ARN").unwrap();
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name);
+
+    // The lease waits and says why; no role is made; the pod stays gated.
+    let condition = wait_until("a QuotaExceeded condition on the lease", WAIT, || async {
+        let status = leases.get(&lease).await.ok()?.status?;
+        status.conditions.into_iter().find(|c| c.type_ == "Ready" && c.reason == "QuotaExceeded")
+    })
+    .await;
+    assert_eq!(condition.status, "False");
+    assert!(condition.message.contains("limit is 0"), "{}", condition.message);
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(bed.client.clone(), &ns.name);
+    wait_until("a QuotaExceeded Event on the lease", WAIT, || async {
+        let list = events.list(&ListParams::default().fields(&format!("involvedObject.name={lease}"))).await.ok()?;
+        list.items.iter().any(|e| e.reason.as_deref() == Some("QuotaExceeded")).then_some(())
+    })
+    .await;
+    assert!(!role_exists(&bed, &role).await, "a role was made over the limit");
+    let gated = pods.get("worker").await.unwrap();
+    assert!(gated.spec.unwrap().scheduling_gates.iter().flatten().any(|g| g.name == "ephemera.dev/identity-ready"));
+    assert!(full.metric("ephemera_iam_roles_limit").await.is_some_and(|v| v < 0.5), "the limit is exported");
+    assert!(
+        full.metric("ephemera_cloud_requests_total{operation=\"CreateRole\",outcome=\"ok\"}").await.is_none(),
+        "no CreateRole call while full"
+    );
+
+    // Room again (here: the default limit, the account's quota): it proceeds.
+    drop(full);
+    let _roomy = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
+    wait_ungated(&pods, "worker").await;
+    assert!(role_exists(&bed, &role).await);
+    finish(&bed.client, &ns.name, "worker", "Succeeded").await;
+    wait_until("the role to be deleted", WAIT, || async { (!role_exists(&bed, &role).await).then_some(()) }).await;
 }

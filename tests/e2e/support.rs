@@ -361,6 +361,34 @@ impl EphemeraProcess {
         kib / 1024.0
     }
 
+    /// Base URL of its admin server (`/metrics`), from the line it logs
+    /// once listening (tests bind port 0).
+    pub async fn admin_url(&mut self) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let addr = log
+                .lines()
+                .filter(|l| l.contains("admin server listening"))
+                .find_map(|l| l.split("addr=").nth(1)?.split_whitespace().next().map(str::to_owned));
+            if let Some(addr) = addr {
+                return format!("http://{addr}");
+            }
+            assert!(self.is_running(), "it stopped before serving; see {}", self.log.display());
+            assert!(start.elapsed() < Duration::from_secs(30), "no admin server after 30s; see {}", self.log.display());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The value of one sample of its `/metrics`, e.g.
+    /// `ephemera_cloud_requests_total{operation="CreateRole",outcome="ok"}`
+    /// (labels in the order the registry writes them); `None` when absent.
+    pub async fn metric(&mut self, sample: &str) -> Option<f64> {
+        let url = format!("{}/metrics", self.admin_url().await);
+        let body = http_get(&url).await;
+        body.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
+    }
+
     /// Whether it is still running (else its log says why it stopped).
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -456,4 +484,17 @@ impl Webhook {
             .await
             .expect("labelling the namespace");
     }
+}
+
+/// GET over plain HTTP on loopback (the admin server), without a client crate.
+async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("sending the request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("reading the response");
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
 }

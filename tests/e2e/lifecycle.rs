@@ -28,7 +28,12 @@ const WAIT: Duration = Duration::from_secs(45);
 
 /// The pod's gates, once ephemera's is gone.
 async fn wait_ungated(pods: &Api<Pod>, name: &str) -> Pod {
-    wait_until(&format!("pod {name}'s scheduling gate to be lifted"), WAIT, || async {
+    wait_ungated_within(pods, name, WAIT).await
+}
+
+/// [`wait_ungated`] with a longer bound.
+pub async fn wait_ungated_within(pods: &Api<Pod>, name: &str, bound: Duration) -> Pod {
+    wait_until(&format!("pod {name}'s scheduling gate to be lifted"), bound, || async {
         let p = pods.get(name).await.ok()?;
         let gated = p.spec.as_ref()?.scheduling_gates.iter().flatten().any(|g| g.name == "ephemera.dev/identity-ready");
         (!gated).then_some(p)
@@ -36,7 +41,7 @@ async fn wait_ungated(pods: &Api<Pod>, name: &str) -> Pod {
     .await
 }
 
-async fn role_exists(bed: &TestBed, role_arn: &str) -> bool {
+pub async fn role_exists(bed: &TestBed, role_arn: &str) -> bool {
     let name = role_arn.rsplit('/').next().unwrap();
     match bed.iam.get_role().role_name(name).send().await {
         Ok(_) => true,
@@ -45,9 +50,17 @@ async fn role_exists(bed: &TestBed, role_arn: &str) -> bool {
     }
 }
 
-async fn finish(client: &Client, namespace: &str, name: &str, phase: &str) {
-    Api::<Pod>::namespaced(client.clone(), namespace)
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": phase}})))
+/// Ends pod `name` in `phase`, as its kubelet would: only once it runs.
+/// (kwok, playing the kubelet, would otherwise overwrite a terminal phase
+/// with Running when it gets to the pod.)
+pub async fn finish(client: &Client, namespace: &str, name: &str, phase: &str) {
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    wait_until(&format!("pod {name} to run"), WAIT, || async {
+        let p = pods.get(name).await.ok()?;
+        (p.status?.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": phase}})))
         .await
         .unwrap_or_else(|e| panic!("marking pod {name} {phase}: {e}"));
 }

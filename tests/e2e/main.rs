@@ -8,6 +8,7 @@ mod bench;
 mod crds;
 mod identity;
 mod lifecycle;
+mod soak;
 mod support;
 mod testbed;
 mod webhook;

@@ -33,8 +33,13 @@ lint: ## Check formatting and run clippy with warnings as errors.
 	$(CARGO) clippy --all-targets --features e2e -- -D warnings
 
 .PHONY: crds
-crds: ## Regenerate crds/*.yaml from the Rust types (a unit test fails when they drift).
+crds: ## Regenerate crds/*.yaml from the Rust types (a unit test fails when they drift), then the chart's copies and manifests/.
 	$(CARGO) run --quiet -- crdgen --output-dir crds
+	e2e/scripts/chart.sh render
+
+.PHONY: manifests
+manifests: ## Render manifests/ (GitOps) and the operator's IAM policy from charts/ephemera (chart-check fails when they drift).
+	e2e/scripts/chart.sh render
 
 .PHONY: unit
 unit: ## Run the unit tests (no cluster needed).
@@ -61,11 +66,21 @@ cluster-status: ## Show which test bed processes run.
 ##@ Testing
 
 .PHONY: test
-test: lint unit e2e ## Everything CI runs: fmt, clippy, unit and e2e tests.
+test: lint unit e2e chart-check ## Everything CI runs: fmt, clippy, unit and e2e tests, the Helm chart checks.
 
 .PHONY: e2e
 e2e: cluster-up ## End-to-end tests against the test bed (starts it if needed; leaves it running).
 	source $(DEV_ENV) && $(CARGO) test --features e2e --test e2e -- --test-threads 2
+
+.PHONY: chart-check
+chart-check: cluster-up ## Helm chart: lint, schema, dry runs, drift, install/upgrade/uninstall, RBAC can-i, GitOps idempotence.
+	e2e/scripts/chart.sh check
+
+.PHONY: soak
+SOAK_LIFECYCLES ?= 1000
+soak: cluster-up ## SOAK_LIFECYCLES pod lifecycles while the controller is SIGKILLed at random points; fails on any orphan.
+	source $(DEV_ENV) && EPHEMERA_SOAK_LIFECYCLES=$(SOAK_LIFECYCLES) EPHEMERA_SOAK_CONCURRENCY=8 \
+	  $(CARGO) test --features e2e --test e2e soak:: -- --nocapture
 
 ##@ Performance
 

@@ -6,6 +6,7 @@
 //! - [`webhook`]: admission (pod mutation, CR validation),
 //! - [`controller`]: provisioning and reaping,
 //! - [`cloud`]: cloud identity providers (AWS IAM/STS),
+//! - [`inventory`]: the live identities, for people and scripts,
 //! - [`telemetry`]: logging and metrics.
 
 pub mod api;
@@ -13,6 +14,7 @@ pub mod cloud;
 pub mod controller;
 pub mod crdgen;
 pub mod error;
+pub mod inventory;
 pub mod policy;
 pub mod telemetry;
 pub mod webhook;

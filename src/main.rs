@@ -49,6 +49,17 @@ enum Command {
         #[command(flatten)]
         cloud: CloudArgs,
     },
+    /// List every live identity: workload, owner, purpose, role, age, expiry,
+    /// and flags for stale or over-broad ones. Also `kubectl ephemera
+    /// inventory` with this binary on PATH as `kubectl-ephemera`.
+    Inventory {
+        /// Only this namespace (default: all namespaces).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// `table` or `json`.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: ephemera::inventory::Output,
+    },
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD.
     Crdgen {
         /// Write `<crd-name>.yaml` files into this directory instead of printing.
@@ -220,6 +231,7 @@ async fn main() -> ExitCode {
             let webhook = webhook.into_settings(controller.namespace.clone(), cloud.clone());
             Box::pin(run_all(controller.into_settings(cloud), webhook)).await
         }
+        Command::Inventory { namespace, output } => ephemera::inventory::run(namespace.as_deref(), output).await,
         Command::Crdgen { output_dir } => ephemera::crdgen::run(output_dir.as_deref()),
         Command::Version => {
             println!("ephemera {} (Kubernetes API {})", ephemera::VERSION, ephemera::KUBERNETES_API);

@@ -295,6 +295,13 @@ async fn a_controller_killed_mid_life_leaves_nothing_behind() {
     finish(&bed.client, &ns.name, "worker", "Failed").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(role_exists(&bed, &role).await, "nothing reaps while the controller is down");
+    // The inventory shows the ghost for what it is.
+    let rows = inventory(&ns.name);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["lease"], lease.as_str());
+    assert_eq!(rows[0]["workload"], "Pod/worker");
+    assert_eq!(rows[0]["roleArn"], role.as_str());
+    assert_eq!(rows[0]["flags"], json!(["past-workload"]), "{rows:?}");
 
     // The next controller finds the ended pod and reaps everything.
     let _next = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
@@ -305,6 +312,17 @@ async fn a_controller_killed_mid_life_leaves_nothing_behind() {
     let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name);
     wait_until("the lease to be gone", WAIT, || async { leases.get_opt(&lease).await.ok()?.is_none().then_some(()) })
         .await;
+    assert!(inventory(&ns.name).is_empty());
+}
+
+/// `ephemera inventory -n <namespace> -o json`, as an operator would run it.
+fn inventory(namespace: &str) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ephemera"))
+        .args(["inventory", "-n", namespace, "-o", "json"])
+        .output()
+        .expect("running ephemera inventory");
+    assert!(out.status.success(), "ephemera inventory: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("inventory JSON")
 }
 
 #[tokio::test]

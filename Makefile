@@ -78,9 +78,11 @@ chart-check: cluster-up ## Helm chart: lint, schema, dry runs, drift, install/up
 
 .PHONY: soak
 SOAK_LIFECYCLES ?= 1000
-soak: cluster-up ## SOAK_LIFECYCLES pod lifecycles while the controller is SIGKILLed at random points; fails on any orphan.
+FAULT_LIFECYCLES ?= 500
+soak: cluster-up ## SOAK_LIFECYCLES lifecycles under random SIGKILLs of the controller, FAULT_LIFECYCLES under 20 % IAM/STS faults; fails on any orphan.
 	source $(DEV_ENV) && EPHEMERA_SOAK_LIFECYCLES=$(SOAK_LIFECYCLES) EPHEMERA_SOAK_CONCURRENCY=8 \
-	  $(CARGO) test --features e2e --test e2e soak:: -- --nocapture
+	  EPHEMERA_FAULT_LIFECYCLES=$(FAULT_LIFECYCLES) \
+	  $(CARGO) test --features e2e --test e2e -- soak:: faults:: --nocapture --test-threads 1
 
 ##@ Performance
 

@@ -86,6 +86,13 @@ pub struct CloudLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of the cloud retry counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// The API operation, as the SDK names it.
+    pub operation: String,
+}
+
 /// Labels of the cloud call latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OperationLabels {
@@ -116,6 +123,8 @@ pub struct Metrics {
     pub cloud_requests: Family<CloudLabels, Counter>,
     /// `ephemera_cloud_request_duration_seconds{operation}`.
     pub cloud_duration: Family<OperationLabels, Histogram>,
+    /// `ephemera_cloud_retries_total{operation}`: attempts the SDK repeated.
+    pub cloud_retries: Family<RetryLabels, Counter>,
     /// `ephemera_iam_roles`: roles in the account, as last read plus made minus deleted since.
     pub iam_roles: Gauge,
     /// `ephemera_iam_roles_limit`: the account's role quota (or `--aws-role-limit`).
@@ -180,6 +189,12 @@ impl Default for Metrics {
             "Latency of one cloud API call, SDK retries included",
             cloud_duration.clone(),
         );
+        let cloud_retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "cloud_retries",
+            "Cloud API attempts the SDK repeated (throttling, 5xx, timeouts), by operation",
+            cloud_retries.clone(),
+        );
         let iam_roles = Gauge::default();
         registry.register(
             "iam_roles",
@@ -204,6 +219,7 @@ impl Default for Metrics {
             ghost_window,
             cloud_requests,
             cloud_duration,
+            cloud_retries,
             iam_roles,
             iam_roles_limit,
         }

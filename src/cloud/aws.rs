@@ -13,9 +13,54 @@ use aws_smithy_http_client::{
 /// Loads the AWS configuration from the environment with an HTTPS client that
 /// uses rustls with the ring provider (the one kube uses), so only one crypto
 /// library is compiled into the binary.
+///
+/// Calls are bounded: an endpoint that stops answering fails the attempt
+/// after [`ATTEMPT_TIMEOUT`] (the SDK retries it) and the call after
+/// [`CALL_TIMEOUT`], so a hung connection can never hold a lease forever.
 pub async fn sdk_config() -> SdkConfig {
     let http_client = Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
-    aws_config::defaults(BehaviorVersion::latest()).http_client(http_client).load().await
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+        .operation_timeout(CALL_TIMEOUT)
+        .build();
+    aws_config::defaults(BehaviorVersion::latest()).http_client(http_client).timeout_config(timeouts).load().await
+}
+
+/// Longest one attempt of a cloud call may take.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a cloud call may take, SDK retries included.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Counts the SDK's own retries (throttling, 5xx, timeouts) in
+/// `ephemera_cloud_retries_total{operation}`: they are invisible in
+/// `ephemera_cloud_requests_total`, which counts calls once.
+struct CountRetries(Arc<Metrics>);
+
+impl std::fmt::Debug for CountRetries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CountRetries")
+    }
+}
+
+impl aws_sdk_iam::config::Intercept for CountRetries {
+    fn name(&self) -> &'static str {
+        "CountRetries"
+    }
+
+    fn read_before_attempt(
+        &self,
+        _context: &aws_sdk_iam::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &aws_sdk_iam::config::RuntimeComponents,
+        cfg: &mut aws_sdk_iam::config::ConfigBag,
+    ) -> Result<(), aws_sdk_iam::error::BoxError> {
+        use aws_smithy_runtime_api::client::{orchestrator::Metadata, retries::RequestAttempts};
+        if cfg.load::<RequestAttempts>().is_some_and(|a| a.attempts() > 1) {
+            let operation = cfg.load::<Metadata>().map_or("unknown", Metadata::name).to_owned();
+            self.0.cloud_retries.get_or_create(&crate::telemetry::RetryLabels { operation }).inc();
+        }
+        Ok(())
+    }
 }
 
 /// An IAM client from [`sdk_config`].
@@ -218,9 +263,15 @@ impl AwsProvider {
     /// account's quota from `GetAccountSummary`).
     pub async fn from_env(metrics: Option<Arc<Metrics>>, role_limit: Option<u64>) -> AwsProvider {
         let config = sdk_config().await;
+        let mut iam = aws_sdk_iam::config::Builder::from(&config);
+        let mut sts = aws_sdk_sts::config::Builder::from(&config);
+        if let Some(metrics) = &metrics {
+            iam = iam.interceptor(CountRetries(metrics.clone()));
+            sts = sts.interceptor(CountRetries(metrics.clone()));
+        }
         AwsProvider {
-            iam: aws_sdk_iam::Client::new(&config),
-            sts: aws_sdk_sts::Client::new(&config),
+            iam: aws_sdk_iam::Client::from_conf(iam.build()),
+            sts: aws_sdk_sts::Client::from_conf(sts.build()),
             metrics,
             role_limit,
             budget: Arc::default(),

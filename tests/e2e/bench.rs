@@ -1,9 +1,16 @@
-//! Lifecycle benchmark (`make bench`; ignored by `make test`): N pods with
-//! identities created at once against the test bed, then all ended at once.
-//! Prints provision latency (pod created -> gate lifted) and ghost window
-//! (pod Succeeded -> lease gone, which happens only after the role is
-//! deleted) percentiles, and the controller's RSS. Figures, not assertions:
-//! the only checks are that every lifecycle completes and nothing leaks.
+//! Lifecycle benchmark (`make bench`; ignored by `make test`) against the
+//! test bed, in two parts:
+//! - one at a time: `EPHEMERA_BENCH_SEQUENTIAL` pods (default 100), each
+//!   created, ungated, run and ended before the next: the latency a
+//!   workload sees on a quiet cluster;
+//! - burst: `EPHEMERA_BENCH_LEASES` pods (default 100) created 16 at a time,
+//!   then all ended at once: throughput and tail under load, and the
+//!   controller's RSS with that many live leases.
+//!
+//! Provision latency is pod created -> gate lifted; ghost window is pod
+//! Succeeded -> lease gone (which happens only after the role is deleted).
+//! Figures, not assertions: the only checks are that every lifecycle
+//! completes and nothing leaks.
 
 use std::{
     collections::HashMap,
@@ -39,7 +46,8 @@ async fn lifecycle_latencies() {
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;
     let webhook = Webhook::start(&bed.client).await;
-    let controller = ControllerProcess::start_with(&["--cluster-name", "bench"]);
+    // MiniStack reports a quota of 1,000 roles; raise the limit for large runs.
+    let controller = ControllerProcess::start_with(&["--cluster-name", "bench", "--aws-role-limit", "100000"]);
     let ns = bed.namespace("e2e-bench").await;
     let team = unique_name("team");
     webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
@@ -56,6 +64,53 @@ async fn lifecycle_latencies() {
         admitted_with_identity(&pods, &pod(json!({"name": "probe", "labels": {"ephemera.dev/identity": "worker"}})))
             .await;
     pods.delete(&probe.metadata.name.unwrap(), &kube::api::DeleteParams::default()).await.unwrap();
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name);
+
+    // One at a time.
+    let sequential: usize = std::env::var("EPHEMERA_BENCH_SEQUENTIAL").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let (mut provision, mut ghost) = (Vec::new(), Vec::new());
+    for i in 0..sequential {
+        let name = format!("one-{i}");
+        let t = Instant::now();
+        let created = pods
+            .create(&PostParams::default(), &pod(json!({"name": name, "labels": {"ephemera.dev/identity": "worker"}})))
+            .await
+            .expect("create pod");
+        let lease = created.metadata.labels.unwrap()["ephemera.dev/lease"].clone();
+        poll(|| async {
+            let p = pods.get(&name).await.ok()?;
+            p.spec?.scheduling_gates.unwrap_or_default().is_empty().then_some(())
+        })
+        .await;
+        provision.push(t.elapsed());
+        poll(|| async { (pods.get(&name).await.ok()?.status?.phase.as_deref() == Some("Running")).then_some(()) })
+            .await;
+        let t = Instant::now();
+        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Succeeded"}})))
+            .await
+            .expect("end pod");
+        poll(|| async { leases.get_opt(&lease).await.ok()?.is_none().then_some(()) }).await;
+        ghost.push(t.elapsed());
+    }
+    if sequential > 0 {
+        provision.sort();
+        ghost.sort();
+        println!(
+            "lifecycle benchmark, one at a time: {sequential} pods, each created, ungated, run and ended before the next"
+        );
+        println!(
+            "  provision latency (pod created -> gate lifted): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            percentile(&provision, 0.5),
+            percentile(&provision, 0.99),
+            percentile(&provision, 1.0)
+        );
+        println!(
+            "  ghost window (pod Succeeded -> role deleted, lease gone): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            percentile(&ghost, 0.5),
+            percentile(&ghost, 0.99),
+            percentile(&ghost, 1.0)
+        );
+    }
 
     // Gate lifted: watch the pods.
     let mut created: HashMap<String, Instant> = HashMap::new();
@@ -100,8 +155,13 @@ async fn lifecycle_latencies() {
     provision.sort();
     let rss_peak = controller.rss_mib();
 
-    // End them all; the lease disappears only after its role is deleted.
-    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name);
+    // End them all, once running (kwok would overwrite an earlier phase);
+    // the lease disappears only after its role is deleted.
+    poll(|| async {
+        let list = pods.list(&ListParams::default().labels("bench=lifecycle")).await.ok()?;
+        list.items.iter().all(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).then_some(())
+    })
+    .await;
     let lease_of: HashMap<String, String> = pods
         .list(&ListParams::default().labels("bench=lifecycle"))
         .await
@@ -169,7 +229,7 @@ async fn lifecycle_latencies() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         remaining = roles_left().await;
     }
-    println!("lifecycle benchmark: {n} pods with identities, created 16 at a time, then all ended");
+    println!("lifecycle benchmark, burst: {n} pods with identities, created 16 at a time, then all ended");
     println!(
         "  provision latency (pod created -> gate lifted): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; all {n} ready after {:.1} s",
         percentile(&provision, 0.5),
@@ -185,4 +245,20 @@ async fn lifecycle_latencies() {
     );
     println!("  controller RSS with {n} live leases: {rss_peak:.1} MiB (debug build unless run with --release)");
     assert!(remaining.is_empty(), "roles left behind: {remaining:?}");
+}
+
+/// Polls `probe` every 10 ms until it answers (10 minutes at most).
+async fn poll<T, F, Fut>(mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_mins(10), "benchmark step did not finish in 10 minutes");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -6,6 +6,7 @@
 
 mod bench;
 mod crds;
+mod faults;
 mod identity;
 mod lifecycle;
 mod soak;

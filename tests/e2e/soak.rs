@@ -6,6 +6,8 @@
 //! `make test` runs a few lifecycles; `make soak` runs 1000
 //! (`EPHEMERA_SOAK_LIFECYCLES`, `EPHEMERA_SOAK_CONCURRENCY`; a failing run
 //! prints `EPHEMERA_SOAK_SEED` to replay its kill timings).
+//!
+//! [`Churn`] is shared with the cloud-fault test (`faults.rs`).
 
 use std::{
     sync::{
@@ -25,20 +27,27 @@ use serde_json::json;
 
 use crate::{
     lifecycle::{finish, role_exists, wait_ungated_within},
-    support::{ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds, unique_name},
+    support::{
+        ControllerProcess, DeleteOnDrop, TestBed, TestNamespace, Webhook, controller_turn, ensure_crds, unique_name,
+    },
     webhook::{admitted_with_identity, boundary, env_of, identity, pod},
 };
-use ephemera::api::{IdentityLease, WorkloadIdentity};
+use ephemera::api::{IdentityBoundary, IdentityLease, WorkloadIdentity};
 
-fn env_or(name: &str, default: u64) -> u64 {
+pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// xorshift64*: reproducible kill timings from a printed seed.
-struct Rng(u64);
+/// xorshift64*: reproducible sequences from a printed seed.
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
+    /// A seed from `var`, else from the clock (printed by the caller).
+    pub fn seed(var: &str) -> u64 {
+        env_or(var, SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos().into()) | 1
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -46,38 +55,163 @@ impl Rng {
     }
 }
 
+/// A governed namespace with an identity, where pods come and go.
+pub struct Churn {
+    pub bed: TestBed,
+    pub ns: TestNamespace,
+    pods: Api<Pod>,
+    /// Pod 0, admitted while waiting for the webhook to know the identity.
+    first: Pod,
+    _webhook: Webhook,
+    _boundary: DeleteOnDrop<IdentityBoundary>,
+}
+
+/// What [`Churn::run`] made.
+pub struct Made {
+    pub roles: Vec<String>,
+    pub took: Duration,
+}
+
+impl Churn {
+    pub async fn new(prefix: &str) -> Churn {
+        let bed = TestBed::connect().await;
+        ensure_crds(&bed.client).await;
+        let webhook = Webhook::start(&bed.client).await;
+        let ns = bed.namespace(prefix).await;
+        let team = unique_name("team");
+        webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
+        let boundary = boundary(&bed.client, &team, json!({"maxLeases": 10000})).await;
+        Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
+            .create(
+                &PostParams::default(),
+                &identity(
+                    "reader",
+                    json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-churn/*"]}]},
+                           "kubernetes": {"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]}}),
+                ),
+            )
+            .await
+            .unwrap();
+        let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+        let first = admitted_with_identity(
+            &pods,
+            &pod(json!({"name": "churn-0", "labels": {"ephemera.dev/identity": "reader"}})),
+        )
+        .await;
+        Churn { bed, ns, pods, first, _webhook: webhook, _boundary: boundary }
+    }
+
+    /// `lifecycles` pods, `concurrency` at a time: admitted, gate lifted
+    /// (within `gate_bound`, else the test fails: a pod stuck gated), then
+    /// ended as Succeeded, Failed or deleted in turn.
+    pub async fn run(&self, lifecycles: u64, concurrency: usize, gate_bound: Duration) -> Made {
+        let started = Instant::now();
+        let roles = std::sync::Mutex::new(Vec::new());
+        futures::stream::iter(0..lifecycles)
+            .for_each_concurrent(concurrency, |i| {
+                let roles = &roles;
+                async move {
+                    let name = format!("churn-{i}");
+                    let created = if i == 0 {
+                        self.first.clone()
+                    } else {
+                        let p = pod(json!({"name": name, "labels": {"ephemera.dev/identity": "reader"}}));
+                        self.pods
+                            .create(&PostParams::default(), &p)
+                            .await
+                            .unwrap_or_else(|e| panic!("creating {name}: {e}"))
+                    };
+                    roles.lock().unwrap().push(env_of(&created, "AWS_ROLE_ARN").expect("an injected role"));
+                    wait_ungated_within(&self.pods, &name, gate_bound).await;
+                    match i % 3 {
+                        0 => finish(&self.bed.client, &self.ns.name, &name, "Succeeded").await,
+                        1 => finish(&self.bed.client, &self.ns.name, &name, "Failed").await,
+                        _ => {
+                            self.pods.delete(&name, &DeleteParams::default()).await.unwrap();
+                        }
+                    }
+                }
+            })
+            .await;
+        Made { roles: roles.into_inner().unwrap(), took: started.elapsed() }
+    }
+
+    /// Waits (3 min at most) until no lease or ServiceAccount of ephemera is
+    /// left in the namespace, then checks every role is gone from IAM, and
+    /// no role tagged with the namespace exists. Returns how long it took.
+    pub async fn assert_nothing_left(&self, roles: &[String], controller: &mut ControllerProcess) -> Duration {
+        let leases = Api::<IdentityLease>::namespaced(self.bed.client.clone(), &self.ns.name);
+        let sas = Api::<ServiceAccount>::namespaced(self.bed.client.clone(), &self.ns.name);
+        let settled = Instant::now();
+        loop {
+            let left_leases = leases.list(&ListParams::default()).await.unwrap().items;
+            let left_sas =
+                sas.list(&ListParams::default().labels("app.kubernetes.io/managed-by=ephemera")).await.unwrap().items;
+            if left_leases.is_empty() && left_sas.is_empty() {
+                break;
+            }
+            if settled.elapsed() > Duration::from_mins(3) {
+                for l in &left_leases {
+                    let holder = self.pods.get_opt(&l.spec.holder.name).await.ok().flatten();
+                    eprintln!(
+                        "left: lease {} deleting={} phase={:?} error={:?}; pod {}: phase={:?}",
+                        l.name_any(),
+                        l.metadata.deletion_timestamp.is_some(),
+                        l.status.as_ref().and_then(|s| s.phase),
+                        l.status.as_ref().and_then(|s| s.last_error.clone()),
+                        l.spec.holder.name,
+                        holder.as_ref().and_then(|p| p.status.as_ref()?.phase.clone()),
+                    );
+                }
+                panic!(
+                    "{} leases and {} ServiceAccounts left 3 min later; controller log: {}",
+                    left_leases.len(),
+                    left_sas.len(),
+                    controller.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let took = settled.elapsed();
+        for role in roles {
+            assert!(
+                !role_exists(&self.bed, role).await,
+                "role {role} leaked; controller log: {}",
+                controller.log.display()
+            );
+        }
+        let mut marker = None;
+        loop {
+            let page =
+                self.bed.iam.list_roles().path_prefix("/ephemera/").set_marker(marker.take()).send().await.unwrap();
+            for role in &page.roles {
+                let tags = self.bed.iam.list_role_tags().role_name(&role.role_name).send().await;
+                let of_ns = tags
+                    .map(|t| t.tags)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|t| t.key == "ephemera.dev/namespace" && t.value == self.ns.name);
+                assert!(!of_ns, "role {} of namespace {} leaked", role.role_name, self.ns.name);
+            }
+            match page.marker {
+                Some(next) if page.is_truncated => marker = Some(next),
+                _ => break,
+            }
+        }
+        assert!(controller.is_running(), "the controller stopped; see {}", controller.log.display());
+        took
+    }
+}
+
 #[tokio::test]
 async fn controller_killed_at_random_points_leaves_no_orphans() {
     let lifecycles = env_or("EPHEMERA_SOAK_LIFECYCLES", 12);
     let concurrency = usize::try_from(env_or("EPHEMERA_SOAK_CONCURRENCY", 4)).unwrap_or(4);
-    let seed =
-        env_or("EPHEMERA_SOAK_SEED", SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos().into()) | 1;
+    let seed = Rng::seed("EPHEMERA_SOAK_SEED");
     eprintln!("soak: {lifecycles} lifecycles, {concurrency} at a time, EPHEMERA_SOAK_SEED={seed}");
 
     let _turn = controller_turn().await;
-    let bed = TestBed::connect().await;
-    ensure_crds(&bed.client).await;
-    let webhook = Webhook::start(&bed.client).await;
-    let ns = bed.namespace("e2e-soak").await;
-    let team = unique_name("team");
-    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
-    let _boundary = boundary(&bed.client, &team, json!({})).await;
-    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
-        .create(
-            &PostParams::default(),
-            &identity(
-                "reader",
-                json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-soak/*"]}]},
-                       "kubernetes": {"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]}}),
-            ),
-        )
-        .await
-        .unwrap();
-    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
-    // The first pod also waits for the webhook to know the identity.
-    let first =
-        admitted_with_identity(&pods, &pod(json!({"name": "soak-0", "labels": {"ephemera.dev/identity": "reader"}})))
-            .await;
+    let churn = Churn::new("e2e-soak").await;
     let cluster = unique_name("soak");
 
     // The killer: SIGKILL after a random 0.1-1.5 s of life, restart at once.
@@ -101,102 +235,14 @@ async fn controller_killed_at_random_points_leaves_no_orphans() {
             controller
         })
     };
-
-    // Lifecycles: admitted, gate lifted, then ended one of three ways.
-    let started = Instant::now();
-    let roles = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let leases_made = Arc::new(std::sync::Mutex::new(Vec::new()));
-    futures::stream::iter(0..lifecycles)
-        .for_each_concurrent(concurrency, |i| {
-            let (pods, client, ns, roles, leases_made, first) =
-                (pods.clone(), bed.client.clone(), ns.name.clone(), roles.clone(), leases_made.clone(), first.clone());
-            async move {
-                let name = format!("soak-{i}");
-                let created = if i == 0 {
-                    first
-                } else {
-                    let p = pod(json!({"name": name, "labels": {"ephemera.dev/identity": "reader"}}));
-                    pods.create(&PostParams::default(), &p).await.unwrap_or_else(|e| panic!("creating {name}: {e}"))
-                };
-                roles.lock().unwrap().push(env_of(&created, "AWS_ROLE_ARN").expect("an injected role"));
-                leases_made.lock().unwrap().push(created.spec.as_ref().unwrap().service_account_name.clone().unwrap());
-                // Restarts cost a few seconds each; a pod held longer than this is stuck.
-                wait_ungated_within(&pods, &name, Duration::from_mins(2)).await;
-                match i % 3 {
-                    0 => finish(&client, &ns, &name, "Succeeded").await,
-                    1 => finish(&client, &ns, &name, "Failed").await,
-                    _ => {
-                        pods.delete(&name, &DeleteParams::default()).await.unwrap();
-                    }
-                }
-            }
-        })
-        .await;
+    // Restarts cost a few seconds each; a pod held longer than this is stuck.
+    let made = churn.run(lifecycles, concurrency, Duration::from_mins(2)).await;
     done.store(true, Ordering::SeqCst);
     let mut controller = killer.await.expect("the killer task");
-    let churn = started.elapsed();
-
-    // Once a controller runs undisturbed, everything is reaped.
-    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name);
-    let sas = Api::<ServiceAccount>::namespaced(bed.client.clone(), &ns.name);
-    let settled = Instant::now();
-    loop {
-        let left_leases = leases.list(&ListParams::default()).await.unwrap().items;
-        let left_sas =
-            sas.list(&ListParams::default().labels("app.kubernetes.io/managed-by=ephemera")).await.unwrap().items;
-        if left_leases.is_empty() && left_sas.is_empty() {
-            break;
-        }
-        if settled.elapsed() > Duration::from_mins(3) {
-            for l in &left_leases {
-                let holder = pods.get_opt(&l.spec.holder.name).await.ok().flatten();
-                eprintln!(
-                    "left: lease {} deleting={} phase={:?} reap={:?}; pod {}: phase={:?} deleting={:?}",
-                    l.name_any(),
-                    l.metadata.deletion_timestamp.is_some(),
-                    l.status.as_ref().and_then(|s| s.phase),
-                    l.annotations().get("ephemera.dev/reap"),
-                    l.spec.holder.name,
-                    holder.as_ref().and_then(|p| p.status.as_ref()?.phase.clone()),
-                    holder.as_ref().map(|p| p.metadata.deletion_timestamp.is_some()),
-                );
-            }
-            for sa in &left_sas {
-                eprintln!("left: ServiceAccount {} owners={:?}", sa.name_any(), sa.owner_references());
-            }
-            panic!(
-                "{} leases and {} ServiceAccounts left 3 min after the churn; controller log: {}",
-                left_leases.len(),
-                left_sas.len(),
-                controller.log.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let roles = roles.lock().unwrap().clone();
-    for role in &roles {
-        assert!(!role_exists(&bed, role).await, "role {role} leaked; controller log: {}", controller.log.display());
-    }
-    // Nothing else of this namespace in IAM either (roles made before their lease, say).
-    let mut marker = None;
-    loop {
-        let page = bed.iam.list_roles().path_prefix("/ephemera/").set_marker(marker.take()).send().await.unwrap();
-        for role in &page.roles {
-            let tags =
-                bed.iam.list_role_tags().role_name(&role.role_name).send().await.map(|t| t.tags).unwrap_or_default();
-            let of_ns = tags.iter().any(|t| t.key == "ephemera.dev/namespace" && t.value == ns.name);
-            assert!(!of_ns, "role {} of the soak namespace leaked", role.role_name);
-        }
-        match page.marker {
-            Some(next) if page.is_truncated => marker = Some(next),
-            _ => break,
-        }
-    }
-    assert!(controller.is_running(), "the last controller stopped; see {}", controller.log.display());
+    let settled = churn.assert_nothing_left(&made.roles, &mut controller).await;
     eprintln!(
-        "soak: {lifecycles} lifecycles ({} leases) with {} SIGKILLs in {churn:?}; all reaped {:?} later; no orphans",
-        leases_made.lock().unwrap().len(),
+        "soak: {lifecycles} lifecycles with {} SIGKILLs in {:?}; all reaped {settled:?} later; no orphans",
         kills.load(Ordering::SeqCst),
-        settled.elapsed(),
+        made.took,
     );
 }

@@ -337,9 +337,16 @@ impl EphemeraProcess {
 
     /// `ephemera <args>`, logging to a temp file named after `what`.
     pub fn spawn(what: &str, args: &[&str]) -> EphemeraProcess {
+        Self::spawn_with_env(what, args, &[])
+    }
+
+    /// [`EphemeraProcess::spawn`] with extra environment variables (another
+    /// `KUBECONFIG`, `AWS_ENDPOINT_URL`, ...).
+    pub fn spawn_with_env(what: &str, args: &[&str], env: &[(&str, &str)]) -> EphemeraProcess {
         let log = std::env::temp_dir().join(unique_name(&format!("ephemera-{what}")) + ".log");
         let child = Command::new(env!("CARGO_BIN_EXE_ephemera"))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,ephemera=debug")
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())
@@ -384,9 +391,16 @@ impl EphemeraProcess {
     /// `ephemera_cloud_requests_total{operation="CreateRole",outcome="ok"}`
     /// (labels in the order the registry writes them); `None` when absent.
     pub async fn metric(&mut self, sample: &str) -> Option<f64> {
+        self.metrics_text()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
+    }
+
+    /// Its whole `/metrics` page.
+    pub async fn metrics_text(&mut self) -> String {
         let url = format!("{}/metrics", self.admin_url().await);
-        let body = http_get(&url).await;
-        body.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
+        http_get(&url).await
     }
 
     /// Whether it is still running (else its log says why it stopped).

@@ -1,0 +1,194 @@
+//! Cloud faults: a loopback proxy between the controller and MiniStack
+//! answers a share of IAM/STS requests with throttling (HTTP 400
+//! `Throttling`), server errors (500/503) or added latency, or holds them
+//! past the SDK's attempt timeout. Under that, every lifecycle must still
+//! complete: gates lifted within a bound, every role, ServiceAccount and lease
+//! reaped, and the retries visible in the metrics.
+//!
+//! `make test` runs a few lifecycles at 20 % faults; `make soak` 500
+//! (`EPHEMERA_FAULT_LIFECYCLES`, `EPHEMERA_FAULT_RATE` in percent,
+//! `EPHEMERA_FAULT_SEED`).
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+
+use crate::{
+    soak::{Churn, Rng, env_or},
+    support::{ControllerProcess, controller_turn, unique_name},
+};
+
+/// What the proxy did, by kind.
+#[derive(Default, Debug)]
+pub struct FaultCounts {
+    pub forwarded: AtomicU64,
+    pub throttled: AtomicU64,
+    pub server_errors: AtomicU64,
+    pub delayed: AtomicU64,
+    pub held: AtomicU64,
+}
+
+struct Faults {
+    upstream: String,
+    /// Share of requests that get a fault, in percent.
+    rate: u64,
+    rng: Mutex<Rng>,
+    counts: FaultCounts,
+}
+
+/// The proxy, serving until dropped.
+pub struct FaultProxy {
+    pub url: String,
+    state: Arc<Faults>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FaultProxy {
+    /// Proxies to `upstream` (`host:port`, plain HTTP), faulting `rate` % of requests.
+    pub async fn start(upstream: &str, rate: u64, seed: u64) -> FaultProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binding the fault proxy");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(Faults {
+            upstream: upstream.to_owned(),
+            rate,
+            rng: Mutex::new(Rng(seed)),
+            counts: FaultCounts::default(),
+        });
+        let serving = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = serving.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(req, state.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FaultProxy { url, state, task }
+    }
+
+    pub fn counts(&self) -> &FaultCounts {
+        &self.state.counts
+    }
+}
+
+fn aws_error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let body = format!(
+        "<ErrorResponse><Error><Type>{}</Type><Code>{code}</Code><Message>{message}</Message></Error>\
+         <RequestId>ephemera-fault-proxy</RequestId></ErrorResponse>",
+        if status < 500 { "Sender" } else { "Receiver" }
+    );
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/xml")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}
+
+async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Faults>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (fault, kind) = {
+        let mut rng = state.rng.lock().unwrap();
+        (rng.below(100) < state.rate, rng.below(100))
+    };
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
+    let counts = &state.counts;
+    if fault {
+        match kind {
+            0..40 => {
+                counts.throttled.fetch_add(1, Ordering::SeqCst);
+                return Ok(aws_error(400, "Throttling", "Rate exceeded"));
+            }
+            40..70 => {
+                counts.server_errors.fetch_add(1, Ordering::SeqCst);
+                return Ok(aws_error(500, "InternalFailure", "injected by the fault proxy"));
+            }
+            70..85 => {
+                counts.server_errors.fetch_add(1, Ordering::SeqCst);
+                return Ok(aws_error(503, "ServiceUnavailable", "injected by the fault proxy"));
+            }
+            85..97 => {
+                counts.delayed.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200 + kind * 5)).await;
+            }
+            _ => {
+                // Longer than the SDK's attempt timeout: the client gives up and retries.
+                counts.held.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(ephemera::cloud::aws::ATTEMPT_TIMEOUT + Duration::from_secs(1)).await;
+            }
+        }
+    }
+    counts.forwarded.fetch_add(1, Ordering::SeqCst);
+    Ok(forward(&state.upstream, parts, body).await.unwrap_or_else(|e| aws_error(502, "ProxyError", &e)))
+}
+
+async fn forward(
+    upstream: &str,
+    parts: hyper::http::request::Parts,
+    body: Bytes,
+) -> Result<Response<Full<Bytes>>, String> {
+    let stream =
+        tokio::net::TcpStream::connect(upstream).await.map_err(|e| format!("connecting to {upstream}: {e}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let response = sender.send_request(Request::from_parts(parts, Full::new(body))).await.map_err(|e| e.to_string())?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Response::from_parts(parts, Full::new(body)))
+}
+
+#[tokio::test]
+async fn lifecycles_complete_and_leak_nothing_under_cloud_faults() {
+    let lifecycles = env_or("EPHEMERA_FAULT_LIFECYCLES", 12);
+    let rate = env_or("EPHEMERA_FAULT_RATE", 20);
+    let seed = Rng::seed("EPHEMERA_FAULT_SEED");
+    eprintln!("faults: {lifecycles} lifecycles, {rate} % of IAM/STS requests faulted, EPHEMERA_FAULT_SEED={seed}");
+    let upstream = std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL (source .ephemera/dev.env)");
+    let proxy = FaultProxy::start(upstream.trim_start_matches("http://").trim_end_matches('/'), rate, seed).await;
+
+    let _turn = controller_turn().await;
+    let churn = Churn::new("e2e-faults").await;
+    let cluster = unique_name("faults");
+    let mut controller = ControllerProcess::spawn_with_env(
+        "controller",
+        &["controller", "--admin-addr", "127.0.0.1:0", "--cluster-name", &cluster, "--aws-account-id", "000000000000"],
+        &[("AWS_ENDPOINT_URL", &proxy.url)],
+    );
+    // A fault costs at most a few seconds of backoff; minutes mean stuck.
+    let made = churn.run(lifecycles, 4, Duration::from_mins(3)).await;
+    let settled = churn.assert_nothing_left(&made.roles, &mut controller).await;
+
+    let c = proxy.counts();
+    let injected =
+        c.throttled.load(Ordering::SeqCst) + c.server_errors.load(Ordering::SeqCst) + c.held.load(Ordering::SeqCst);
+    assert!(injected > 0, "the proxy injected nothing: {c:?}");
+    let body = controller.metrics_text().await;
+    let retries: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("ephemera_cloud_retries_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(retries > 0.0, "the SDK's retries are not in the metrics:\n{body}");
+    eprintln!(
+        "faults: {lifecycles} lifecycles in {:?}, all reaped {settled:?} later; proxy {c:?}; {retries} SDK retries counted",
+        made.took
+    );
+}

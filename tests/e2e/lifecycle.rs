@@ -142,6 +142,15 @@ async fn a_pod_gets_a_proven_role_for_exactly_its_access_and_loses_it_when_it_en
     // Pod A's token cannot assume pod B's role.
     let cross = bed.assume_with_boto3(&role_b, &token_a);
     assert!(!cross.ok, "pod A assumed pod B's role: {cross:?}");
+    // Audiences keep the two worlds apart: the STS token is no Kubernetes
+    // credential (401), and a Kubernetes token of the same account (it
+    // authenticates: 403, the account holds no pod rights) is refused by STS.
+    assert_eq!(api_status_with_token(&token_a).await, 401, "the STS token authenticated to the apiserver");
+    let issuer = std::env::var("EPHEMERA_OIDC_ISSUER").expect("EPHEMERA_OIDC_ISSUER (source .ephemera/dev.env)");
+    let kube_token = bed.token(&ns.name, &sa_a, &issuer, 600).await;
+    assert_eq!(api_status_with_token(&kube_token).await, 403, "the apiserver-audience token should authenticate");
+    let wrong_audience = bed.assume_with_boto3(&role_a, &kube_token);
+    assert!(!wrong_audience.ok, "STS accepted a token meant for the apiserver: {wrong_audience:?}");
     // A session obtained before the end, to prove it is revoked.
     let session = bed
         .sts
@@ -180,6 +189,15 @@ async fn a_pod_gets_a_proven_role_for_exactly_its_access_and_loses_it_when_it_en
         Some("ok"),
         "a session issued before reaping still reads: {held:?}"
     );
+
+    // No token ever reaches a log.
+    for log in [controller.log.clone(), webhook.log().to_path_buf()] {
+        let text = std::fs::read_to_string(&log).unwrap();
+        for token in [&token_a, &token_b, &kube_token] {
+            assert!(!text.contains(token.as_str()), "a token is in {}", log.display());
+        }
+        assert!(!text.contains("eyJhbGciOi"), "something JWT-shaped is in {}", log.display());
+    }
 
     // Every cloud call is counted by operation and outcome.
     let calls =
@@ -445,4 +463,16 @@ async fn a_full_role_quota_holds_new_leases_with_a_clear_condition() {
     assert!(role_exists(&bed, &role).await);
     finish(&bed.client, &ns.name, "worker", "Succeeded").await;
     wait_until("the role to be deleted", WAIT, || async { (!role_exists(&bed, &role).await).then_some(()) }).await;
+}
+
+/// HTTP status of listing pods in `default` with `token` as the only credential.
+async fn api_status_with_token(token: &str) -> u16 {
+    let mut config = kube::Config::infer().await.expect("the test bed's kubeconfig");
+    config.auth_info = kube::config::AuthInfo { token: Some(token.to_owned().into()), ..Default::default() };
+    let client = Client::try_from(config).expect("a client with the token");
+    match Api::<Pod>::namespaced(client, "default").list(&ListParams::default()).await {
+        Ok(_) => 200,
+        Err(kube::Error::Api(status)) => status.code,
+        Err(e) => panic!("listing pods with a token: {e}"),
+    }
 }

@@ -449,7 +449,7 @@ const WAIT: Duration = Duration::from_secs(30);
 pub struct Webhook {
     pub id: String,
     pub url: String,
-    _process: EphemeraProcess,
+    process: EphemeraProcess,
     _mutating: DeleteOnDrop<MutatingWebhookConfiguration>,
     _validating: DeleteOnDrop<ValidatingWebhookConfiguration>,
 }
@@ -484,7 +484,12 @@ impl Webhook {
             assert!(start.elapsed() < WAIT, "webhook not registered after {WAIT:?}; see {}", process.log.display());
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Webhook { _mutating: DeleteOnDrop::new(&id), _validating: DeleteOnDrop::new(&id), id, url, _process: process }
+        Webhook { _mutating: DeleteOnDrop::new(&id), _validating: DeleteOnDrop::new(&id), id, url, process }
+    }
+
+    /// Where the webhook process logs.
+    pub fn log(&self) -> &std::path::Path {
+        &self.process.log
     }
 
     /// Puts a namespace under this webhook.

@@ -489,19 +489,7 @@ impl AwsProvider {
             Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
             Err(e) => return Err(cloud_error("PutRolePolicy", &e)),
         }
-        let inline = match self.call("ListRolePolicies", self.iam.list_role_policies().role_name(role).send()).await {
-            Ok(out) => out.policy_names,
-            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
-            Err(e) => return Err(cloud_error("ListRolePolicies", &e)),
-        };
-        for name in inline {
-            let delete = self.iam.delete_role_policy().role_name(role).policy_name(&name).send();
-            match self.call("DeleteRolePolicy", delete).await {
-                Ok(_) => {}
-                Err(e) if is_code(&e, "NoSuchEntity") => {}
-                Err(e) => return Err(cloud_error("DeleteRolePolicy", &e)),
-            }
-        }
+        // Managed policies first: while they are attached the deny must stay.
         let attached = match self
             .call("ListAttachedRolePolicies", self.iam.list_attached_role_policies().role_name(role).send())
             .await
@@ -518,14 +506,44 @@ impl AwsProvider {
                 Err(e) => return Err(cloud_error("DetachRolePolicy", &e)),
             }
         }
+        // The inline policies ephemera puts, the deny last; any other one
+        // (someone added it by hand) shows up as DeleteConflict below.
+        self.delete_inline(role, &[POLICY_NAME, REVOKE_POLICY_NAME]).await?;
         match self.call("DeleteRole", self.iam.delete_role().role_name(role).send()).await {
-            Ok(_) => {
-                self.release_role().await;
-                Ok(())
+            Ok(_) => {}
+            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
+            Err(e) if is_code(&e, "DeleteConflict") => {
+                let inline =
+                    match self.call("ListRolePolicies", self.iam.list_role_policies().role_name(role).send()).await {
+                        Ok(out) => out.policy_names,
+                        Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
+                        Err(e) => return Err(cloud_error("ListRolePolicies", &e)),
+                    };
+                let names: Vec<&str> = inline.iter().map(String::as_str).collect();
+                self.delete_inline(role, &names).await?;
+                match self.call("DeleteRole", self.iam.delete_role().role_name(role).send()).await {
+                    Ok(_) => {}
+                    Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
+                    Err(e) => return Err(cloud_error("DeleteRole", &e)),
+                }
             }
-            Err(e) if is_code(&e, "NoSuchEntity") => Ok(()),
-            Err(e) => Err(cloud_error("DeleteRole", &e)),
+            Err(e) => return Err(cloud_error("DeleteRole", &e)),
         }
+        self.release_role().await;
+        Ok(())
+    }
+
+    /// Deletes inline policies of `role` by name; one already gone is fine.
+    async fn delete_inline(&self, role: &str, names: &[&str]) -> Result<()> {
+        for name in names {
+            let delete = self.iam.delete_role_policy().role_name(role).policy_name(*name).send();
+            match self.call("DeleteRolePolicy", delete).await {
+                Ok(_) => {}
+                Err(e) if is_code(&e, "NoSuchEntity") => {}
+                Err(e) => return Err(cloud_error("DeleteRolePolicy", &e)),
+            }
+        }
+        Ok(())
     }
 
     /// Roles under `path` tagged as this cluster's.

@@ -89,6 +89,12 @@ struct LeaseContext {
     seen_pods: Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>,
 }
 
+/// Leases reconciled at once. Unbounded, a burst of pods queues every call
+/// at the cloud endpoint and all of them finish late; bounded, they finish
+/// in arrival order at the same throughput (IAM answers calls one account at
+/// a time anyway).
+const LEASE_CONCURRENCY: u16 = 16;
+
 /// First retry delay after a failure; doubles per consecutive failure.
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// Longest retry delay.
@@ -157,6 +163,7 @@ pub async fn run(ctx: Arc<Context>, cloud: Cloud) {
                 .map(|l| ObjectRef::from_obj(&**l))
                 .collect::<Vec<_>>()
         })
+        .with_config(kube::runtime::controller::Config::default().concurrency(LEASE_CONCURRENCY))
         .shutdown_on_signal()
         .run(reconcile, error_policy, lctx);
     drain(CONTROLLER, stream).await;
@@ -281,9 +288,9 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
         return Ok(Action::requeue(until_expiry.min(RESYNC) + Duration::from_secs(1)));
     }
 
-    if status.phase != Some(LeasePhase::Provisioning) {
-        write_status(lease, ctx, LeasePhase::Provisioning, None, None, "provisioning the role").await?;
-    }
+    // No "Provisioning" write on the way: a lease whose role is made and
+    // proven in one pass goes from Pending to Ready (one status write, one
+    // reconcile fewer per pod); Provisioning shows while something waits.
     let Some(role_arn) = lease.spec.role_arn.clone() else {
         return Err(Error::Config(format!("IdentityLease {namespace}/{name} has no spec.roleArn")));
     };
@@ -306,6 +313,10 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     let token = token_for(client, &namespace, &lease.spec.service_account, &identity.spec.token.audience).await?;
     let session = naming::session_name(&namespace, &format!("ephemera-verify-{name}"));
     if !ctx.cloud.provider.verify(&role_arn, &session, &token).await? {
+        if status.phase != Some(LeasePhase::Provisioning) {
+            let waiting = "role made; waiting for STS to accept it (IAM propagation)";
+            write_status(lease, ctx, LeasePhase::Provisioning, None, None, waiting).await?;
+        }
         return Ok(Action::requeue(VERIFY_RETRY));
     }
     lift_gates(lease, ctx).await?;
@@ -509,9 +520,24 @@ async fn lift_gates(lease: &IdentityLease, ctx: &LeaseContext) -> Result<()> {
     let namespace = lease.namespace().unwrap_or_default();
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
     let selector = format!("{LABEL_LEASE}={}", lease.name_any());
-    for pod in
-        pods.list(&ListParams::default().labels(&selector)).await.map_err(Error::kube("listing the lease's pods"))?
-    {
+    // A pod lease has one pod: a GET, not a list that reads every pod of the
+    // namespace (a burst of N pods made that N^2).
+    let candidates = match lease.spec.holder.kind {
+        HolderKind::Pod => pods
+            .get_opt(&lease.spec.holder.name)
+            .await
+            .map_err(Error::kube("reading the lease's pod"))?
+            .into_iter()
+            .filter(|p| p.labels().get(LABEL_LEASE) == Some(&lease.name_any()))
+            .collect(),
+        HolderKind::Job => {
+            pods.list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(Error::kube("listing the lease's pods"))?
+                .items
+        }
+    };
+    for pod in candidates {
         let gates = pod.spec.as_ref().and_then(|s| s.scheduling_gates.clone()).unwrap_or_default();
         let Some(index) = gates.iter().position(|g| g.name == SCHEDULING_GATE) else { continue };
         // `test` first: if the gates changed meanwhile the patch fails and is retried.
@@ -572,15 +598,15 @@ async fn reap(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     let note: Option<serde_json::Value> =
         lease.annotations().get(ANNOTATION_REAP).and_then(|n| serde_json::from_str(n).ok());
     let reason = note.as_ref().and_then(|n| n["reason"].as_str()).unwrap_or("the lease was deleted").to_owned();
-    if lease.status.as_ref().and_then(|s| s.phase) != Some(LeasePhase::Reaping) {
-        // Best effort: the namespace may be going away.
-        let _ = write_status(lease, ctx, LeasePhase::Reaping, None, None, &reason).await;
-    }
+    // The lease is normally gone within milliseconds: status says Reaping
+    // only when something holds it (kubectl shows the deletion meanwhile).
     if let Some(role_arn) = &lease.spec.role_arn
         && let Some((_, role)) = naming::split_role_arn(role_arn)
     {
         let now = Timestamp::now().to_string();
         if let Err(e) = ctx.cloud.provider.revoke_and_delete(&role, &now).await {
+            // Best effort: the namespace may be going away.
+            let _ = write_status(lease, ctx, LeasePhase::Reaping, None, Some(&e), &reason).await;
             publish(ctx, lease, EventType::Warning, "ReapFailed", e.to_string()).await;
             return Err(e);
         }

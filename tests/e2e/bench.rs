@@ -47,7 +47,7 @@ async fn lifecycle_latencies() {
     ensure_crds(&bed.client).await;
     let webhook = Webhook::start(&bed.client).await;
     // MiniStack reports a quota of 1,000 roles; raise the limit for large runs.
-    let controller = ControllerProcess::start_with(&["--cluster-name", "bench", "--aws-role-limit", "100000"]);
+    let mut controller = ControllerProcess::start_with(&["--cluster-name", "bench", "--aws-role-limit", "100000"]);
     let ns = bed.namespace("e2e-bench").await;
     let team = unique_name("team");
     webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
@@ -244,6 +244,27 @@ async fn lifecycle_latencies() {
         percentile(&ghost, 1.0)
     );
     println!("  controller RSS with {n} live leases: {rss_peak:.1} MiB (debug build unless run with --release)");
+    // Where the controller's time went (whole run).
+    let metrics = controller.metrics_text().await;
+    println!("  where the time went (calls, mean latency):");
+    for (family, label) in [
+        ("ephemera_cloud_request_duration_seconds", "operation"),
+        ("ephemera_reconcile_duration_seconds", "controller"),
+    ] {
+        let mut rows: Vec<(String, f64, f64)> = Vec::new();
+        for line in metrics.lines().filter(|l| l.starts_with(&format!("{family}_count{{"))) {
+            let Some((key, value)) = line.rsplit_once(' ') else { continue };
+            let name = key.split(&format!("{label}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
+            let count: f64 = value.parse().unwrap_or(0.0);
+            let sum_key = key.replacen("_count{", "_sum{", 1);
+            let sum: f64 = metrics.lines().find_map(|l| l.strip_prefix(&sum_key)?.trim().parse().ok()).unwrap_or(0.0);
+            rows.push((name.to_owned(), count, sum));
+        }
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        for (name, count, sum) in rows {
+            println!("    {label} {name}: {count:.0} x {:.1} ms = {sum:.1} s", sum / count.max(1.0) * 1e3);
+        }
+    }
     assert!(remaining.is_empty(), "roles left behind: {remaining:?}");
 }
 

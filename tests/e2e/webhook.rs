@@ -469,3 +469,45 @@ async fn a_self_managed_certificate_is_kept_in_a_secret_and_published_as_ca_bund
     })
     .await;
 }
+
+/// What the README promises when the webhook is down: pod creation in a
+/// governed namespace fails (fail closed), and kube-system is never sent to
+/// the webhook, even if it carries the governing label.
+#[tokio::test]
+async fn a_webhook_that_is_down_fails_closed_but_never_blocks_kube_system() {
+    use ephemera::webhook::configuration::{Target, mutating};
+    use k8s_openapi::api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Namespace};
+
+    let bed = TestBed::connect().await;
+    let id = unique_name("down");
+    let label = ("ephemera-e2e-down".to_owned(), id.clone());
+    // The configuration the operator registers, pointing at a port nobody serves.
+    let dead = Target::Url(format!("https://127.0.0.1:{}", crate::support::free_port()));
+    let config = mutating(&id, &dead, "", "ephemera-system", Some(&label));
+    Api::<MutatingWebhookConfiguration>::all(bed.client.clone())
+        .create(&PostParams::default(), &config)
+        .await
+        .expect("registering the dead webhook");
+    let _config = DeleteOnDrop::<MutatingWebhookConfiguration>::new(&id);
+    let ns = bed.namespace("e2e-down").await;
+    let namespaces = Api::<Namespace>::all(bed.client.clone());
+    let labelled = json!({"metadata": {"labels": {&label.0: &label.1}}});
+    namespaces.patch(&ns.name, &PatchParams::default(), &Patch::Merge(&labelled)).await.unwrap();
+    namespaces.patch("kube-system", &PatchParams::default(), &Patch::Merge(&labelled)).await.unwrap();
+    let unlabel = json!({"metadata": {"labels": {&label.0: null}}});
+
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    let probe = pod(json!({"name": "probe"}));
+    // The apiserver needs a moment to see the new configuration.
+    let refused = wait_until("the dead webhook to refuse pods in the governed namespace", WAIT, || async {
+        match Api::<Pod>::namespaced(bed.client.clone(), &ns.name).create(&dry_run, &probe).await {
+            Err(kube::Error::Api(status)) => Some(status.message),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(refused.contains("pods.ephemera.dev"), "the refusal names the webhook: {refused}");
+    let system = Api::<Pod>::namespaced(bed.client.clone(), "kube-system").create(&dry_run, &probe).await;
+    namespaces.patch("kube-system", &PatchParams::default(), &Patch::Merge(&unlabel)).await.unwrap();
+    system.expect("kube-system pods are admitted while the webhook is down");
+}

@@ -129,6 +129,9 @@ pub struct Metrics {
     pub iam_roles: Gauge,
     /// `ephemera_iam_roles_limit`: the account's role quota (or `--aws-role-limit`).
     pub iam_roles_limit: Gauge,
+    /// `ephemera_webhook_certificate_expiry_timestamp_seconds`: when the
+    /// self-managed serving certificate expires (unset with cert-manager).
+    pub certificate_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -207,6 +210,12 @@ impl Default for Metrics {
             "IAM roles the account may hold (RolesQuota, or --aws-role-limit)",
             iam_roles_limit.clone(),
         );
+        let certificate_expiry = Gauge::default();
+        registry.register(
+            "webhook_certificate_expiry_timestamp_seconds",
+            "When the webhook's self-managed serving certificate expires (Unix time; renewed with a third left)",
+            certificate_expiry.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -222,6 +231,7 @@ impl Default for Metrics {
             cloud_retries,
             iam_roles,
             iam_roles_limit,
+            certificate_expiry,
         }
     }
 }

@@ -91,7 +91,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let aws = AwsTarget { partition: settings.aws_partition.clone(), account, cluster: settings.cluster_name.clone() };
     let (stores, watchers) = start_stores(&client);
     let watchers = tokio::spawn(watchers);
-    let (tls, ca_bundle) = serving_config(&client, &settings).await?;
+    let (tls, ca_bundle) = serving_config(&client, &settings, &metrics).await?;
 
     let state = Arc::new(server::AppState {
         client: client.clone(),
@@ -137,12 +137,14 @@ pub async fn run(settings: Settings) -> Result<()> {
 async fn serving_config(
     client: &Client,
     settings: &Settings,
+    metrics: &Arc<Metrics>,
 ) -> Result<(axum_server::tls_rustls::RustlsConfig, Option<String>)> {
     let local_ips = [IpAddr::from([127, 0, 0, 1])];
     match &settings.tls {
         TlsSource::Files { cert, key } => Ok((tls::from_files(cert.clone(), key.clone()).await?, None)),
         TlsSource::Ephemeral => {
             let bundle = tls::generate(&["localhost".into()], &local_ips)?;
+            metrics.certificate_expiry.set(bundle.not_after);
             let config = tls::server_config(bundle.cert.as_bytes(), bundle.key.as_bytes())?;
             Ok((axum_server::tls_rustls::RustlsConfig::from_config(config), Some(bundle.ca_cert)))
         }
@@ -155,12 +157,15 @@ async fn serving_config(
                 service.clone(),
             ];
             let bundle = tls::ensure_secret(client, ns, name, &names, &local_ips).await?;
+            metrics.certificate_expiry.set(bundle.not_after);
             let config = axum_server::tls_rustls::RustlsConfig::from_config(tls::server_config(
                 bundle.cert.as_bytes(),
                 bundle.key.as_bytes(),
             )?);
             let ca = bundle.ca_cert.clone();
-            tokio::spawn(keep_secret_fresh(client.clone(), settings.clone(), names, bundle, config.clone()));
+            let fresh =
+                keep_secret_fresh(client.clone(), settings.clone(), names, bundle, config.clone(), metrics.clone());
+            tokio::spawn(fresh);
             Ok((config, Some(ca)))
         }
     }
@@ -193,6 +198,7 @@ async fn keep_secret_fresh(
     names: Vec<String>,
     mut current: tls::CertBundle,
     config: axum_server::tls_rustls::RustlsConfig,
+    metrics: Arc<Metrics>,
 ) {
     let TlsSource::Secret { name, .. } = &settings.tls else { return };
     let ips = [IpAddr::from([127, 0, 0, 1])];
@@ -205,6 +211,7 @@ async fn keep_secret_fresh(
                 continue;
             }
         };
+        metrics.certificate_expiry.set(bundle.not_after);
         if bundle == current {
             continue;
         }

@@ -422,7 +422,7 @@ async fn a_self_managed_certificate_is_kept_in_a_secret_and_published_as_ca_bund
     let start = |a: Vec<String>| {
         crate::support::EphemeraProcess::spawn("webhook-tls", &a.iter().map(String::as_str).collect::<Vec<_>>())
     };
-    let process = start(args(&addr));
+    let mut process = start(args(&addr));
     let secrets = Api::<Secret>::namespaced(bed.client.clone(), &operator.name);
     let published = || async {
         let secret = secrets.get_opt("ephemera-webhook-tls").await.ok()??;
@@ -436,6 +436,10 @@ async fn a_self_managed_certificate_is_kept_in_a_secret_and_published_as_ca_bund
     for key in ["ca.crt", "ca.key", "tls.crt", "tls.key"] {
         assert!(secret.data.as_ref().unwrap().contains_key(key), "{key}");
     }
+    // Its expiry is exported, for the certificate alert.
+    let not_after: f64 = secret.annotations()["ephemera.dev/not-after"].parse().unwrap();
+    let exported = process.metric("ephemera_webhook_certificate_expiry_timestamp_seconds").await;
+    assert!(exported.is_some_and(|t| (t - not_after).abs() < 1.0), "{exported:?} != {not_after}");
 
     // The apiserver trusts it: pods in a governed namespace are mutated.
     let ns = bed.namespace("e2e-webhook-tls-pods").await;

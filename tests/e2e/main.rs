@@ -5,6 +5,7 @@
 //! Each test makes its own namespace and removes it when done.
 
 mod bench;
+mod chart_rbac;
 mod crds;
 mod faults;
 mod identity;

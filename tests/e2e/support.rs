@@ -268,17 +268,35 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 /// Polls `probe` until it returns `Some`, at most `timeout`; panics naming `what`.
-pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll_until(what, timeout, None, probe).await
+}
+
+/// [`wait_until`], also failing at once when `process` stops (naming its log).
+async fn poll_until<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut process: Option<&mut EphemeraProcess>,
+    mut probe: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
     let start = Instant::now();
+    let log = process.as_ref().map(|p| format!("; see {}", p.log.display())).unwrap_or_default();
     loop {
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        if let Some(p) = process.as_mut() {
+            assert!(p.is_running(), "stopped while waiting for {what}{log}");
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}{log}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -343,8 +361,26 @@ impl EphemeraProcess {
     /// [`EphemeraProcess::spawn`] with extra environment variables (another
     /// `KUBECONFIG`, `AWS_ENDPOINT_URL`, ...).
     pub fn spawn_with_env(what: &str, args: &[&str], env: &[(&str, &str)]) -> EphemeraProcess {
+        Self::launch(what, args, env, false)
+    }
+
+    /// `ephemera <args>` with only `env` (plus the log settings), nothing
+    /// inherited: a process that sees what a pod of the chart would see, and
+    /// not the test bed's admin `KUBECONFIG`, AWS credentials or
+    /// `EPHEMERA_*` settings.
+    pub fn spawn_with_only_env(what: &str, args: &[String], env: &[(String, String)]) -> EphemeraProcess {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Self::launch(what, &args, &env, true)
+    }
+
+    fn launch(what: &str, args: &[&str], env: &[(&str, &str)], clear: bool) -> EphemeraProcess {
         let log = std::env::temp_dir().join(unique_name(&format!("ephemera-{what}")) + ".log");
-        let child = Command::new(env!("CARGO_BIN_EXE_ephemera"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ephemera"));
+        if clear {
+            command.env_clear();
+        }
+        let child = command
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info,ephemera=debug")
@@ -401,6 +437,15 @@ impl EphemeraProcess {
     pub async fn metrics_text(&mut self) -> String {
         let url = format!("{}/metrics", self.admin_url().await);
         http_get(&url).await
+    }
+
+    /// [`wait_until`], failing at once if this process stops.
+    pub async fn wait_while_running<T, F, Fut>(&mut self, what: &str, timeout: Duration, probe: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        poll_until(what, timeout, Some(self), probe).await
     }
 
     /// Whether it is still running (else its log says why it stopped).
@@ -516,4 +561,11 @@ async fn http_get(url: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("reading the response");
     response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+}
+
+impl<K: ClusterObject> DeleteOnDrop<K> {
+    /// Name of the object it deletes.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
 }

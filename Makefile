@@ -66,7 +66,7 @@ cluster-status: ## Show which test bed processes run.
 ##@ Testing
 
 .PHONY: test
-test: lint unit e2e chart-check ## Everything CI runs: fmt, clippy, unit and e2e tests, the Helm chart checks.
+test: lint unit e2e chart-check fuzz-smoke ## Everything CI runs: fmt, clippy, unit and e2e tests, the Helm chart checks, 30 s of each fuzz target.
 
 .PHONY: e2e
 e2e: cluster-up ## End-to-end tests against the test bed (starts it if needed; leaves it running).
@@ -95,8 +95,13 @@ bench: cluster-up ## Benchmarks, printed not asserted: mutate() (criterion), web
 
 .PHONY: fuzz
 FUZZ_SECONDS ?= 300
-fuzz: ## Fuzz AdmissionReview decode + mutate for FUZZ_SECONDS (needs the nightly toolchain; installs cargo-fuzz into ~/.cache/ephemera).
+fuzz: ## Fuzz AdmissionReview decode + mutate and the boundary matcher, FUZZ_SECONDS each (nightly toolchain; cargo-fuzz installed into ~/.cache/ephemera).
 	e2e/scripts/fuzz.sh admission_review $(FUZZ_SECONDS)
+	e2e/scripts/fuzz.sh policy_clamp $(FUZZ_SECONDS)
+
+.PHONY: fuzz-smoke
+fuzz-smoke: ## What CI runs: each fuzz target for 30 s.
+	$(MAKE) fuzz FUZZ_SECONDS=30
 
 ##@ Demo
 

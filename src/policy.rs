@@ -64,12 +64,13 @@ pub fn action_admits(boundary: &str, identity: &str) -> bool {
 }
 
 /// Does the boundary resource pattern admit the identity resource pattern?
-/// `*` alone admits anything; otherwise both must be ARNs and each of the six
-/// segments (`arn:partition:service:region:account:resource`) must admit its
+/// `*` alone admits anything, and a pattern admits itself; otherwise both
+/// must be ARNs and each of the six segments
+/// (`arn:partition:service:region:account:resource`) must admit its
 /// counterpart.
 #[must_use]
 pub fn resource_admits(boundary: &str, identity: &str) -> bool {
-    if boundary == "*" {
+    if boundary == "*" || boundary == identity {
         return true;
     }
     match (arn_segments(boundary), arn_segments(identity)) {

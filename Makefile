@@ -79,10 +79,10 @@ chart-check: cluster-up ## Helm chart: lint, schema, dry runs, drift, install/up
 .PHONY: soak
 SOAK_LIFECYCLES ?= 1000
 FAULT_LIFECYCLES ?= 500
-soak: cluster-up ## SOAK_LIFECYCLES lifecycles under random SIGKILLs of the controller, FAULT_LIFECYCLES under 20 % IAM/STS faults; fails on any orphan.
+soak: cluster-up ## SOAK_LIFECYCLES lifecycles under random SIGKILLs of the controller, FAULT_LIFECYCLES under 20 % IAM/STS faults, apiserver restarts; fails on any orphan.
 	source $(DEV_ENV) && EPHEMERA_SOAK_LIFECYCLES=$(SOAK_LIFECYCLES) EPHEMERA_SOAK_CONCURRENCY=8 \
 	  EPHEMERA_FAULT_LIFECYCLES=$(FAULT_LIFECYCLES) \
-	  $(CARGO) test --features e2e --test e2e -- soak:: faults:: --nocapture --test-threads 1
+	  $(CARGO) test --features e2e --test e2e -- soak:: faults:: --include-ignored --nocapture --test-threads 1
 
 ##@ Performance
 

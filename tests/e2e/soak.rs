@@ -246,3 +246,73 @@ async fn controller_killed_at_random_points_leaves_no_orphans() {
         made.took,
     );
 }
+
+/// Kills the test bed's kube-apiserver (SIGKILL: a crash, and quicker than
+/// its minute of graceful draining) and starts it again with `cluster.sh
+/// up`. Returns how long it was away.
+async fn restart_apiserver() -> Duration {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pid =
+        std::fs::read_to_string(root.join(".ephemera/pids/kube-apiserver.pid")).expect("the apiserver's pid file");
+    let pid = pid.trim().to_owned();
+    let away = Instant::now();
+    let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
+    };
+    while alive() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let script = root.join("e2e/scripts/cluster.sh");
+    let up = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(script).arg("up").stdout(std::process::Stdio::null()).status()
+    })
+    .await
+    .expect("cluster.sh up")
+    .expect("running cluster.sh up");
+    assert!(up.success(), "cluster.sh up failed after stopping the apiserver; see .ephemera/logs/");
+    away.elapsed()
+}
+
+/// The apiserver goes away twice, once while roles are being provisioned and
+/// once while they are being reaped: the controller's and webhook's watches
+/// resume, the failed calls are retried, and nothing is left behind.
+/// Ignored by `make test` (it restarts the apiserver every other test uses);
+/// `make soak` runs it alone.
+#[tokio::test]
+#[ignore = "restarts the shared apiserver: run alone (make soak)"]
+async fn apiserver_restarts_mid_lifecycle_leave_nothing_behind() {
+    let _turn = controller_turn().await;
+    let churn = Churn::new("e2e-apiserver").await;
+    let mut controller = ControllerProcess::start_with(&["--cluster-name", &unique_name("restart")]);
+    let pods = Api::<Pod>::namespaced(churn.bed.client.clone(), &churn.ns.name);
+    let names: Vec<String> = (0..8).map(|i| format!("restart-{i}")).collect();
+    let mut roles = Vec::new();
+    for name in &names {
+        let p = pod(json!({"name": name, "labels": {"ephemera.dev/identity": "reader"}}));
+        let created = pods.create(&PostParams::default(), &p).await.expect("creating a pod");
+        roles.push(env_of(&created, "AWS_ROLE_ARN").expect("an injected role"));
+    }
+    // Gone while the roles are being made.
+    let away = restart_apiserver().await;
+    eprintln!("apiserver away for {away:?} during provisioning");
+    for name in &names {
+        wait_ungated_within(&pods, name, Duration::from_mins(2)).await;
+    }
+    for (i, name) in names.iter().enumerate() {
+        if i % 2 == 0 {
+            finish(&churn.bed.client, &churn.ns.name, name, "Succeeded").await;
+        } else {
+            pods.delete(name, &DeleteParams::default()).await.unwrap();
+        }
+    }
+    // Gone while they are being reaped.
+    let away = restart_apiserver().await;
+    eprintln!("apiserver away for {away:?} during reaping");
+    // And the webhook still admits, the controller still provisions.
+    let made = churn.run(4, 2, Duration::from_mins(2)).await;
+    roles.extend(made.roles);
+    let settled = churn.assert_nothing_left(&roles, &mut controller).await;
+    eprintln!("everything reaped {settled:?} after the last lifecycle");
+}

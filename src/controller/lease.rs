@@ -278,14 +278,13 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
         return start_reaping(lease, ctx, &reason, now).await;
     }
     let Some(identity) = identity else { return Ok(Action::await_change()) };
-    bind_holder_uid(lease, client).await?;
+    let uid_bound = bind_holder_uid(lease, client).await?;
 
     let status = lease.status.clone().unwrap_or_default();
     if status.phase == Some(LeasePhase::Ready) {
         // Pods of a Job may arrive after the first one: lift their gates too.
-        lift_gates(lease, ctx).await?;
-        let until_expiry = lease.spec.expires_at.0.duration_since(now).unsigned_abs();
-        return Ok(Action::requeue(until_expiry.min(RESYNC) + Duration::from_secs(1)));
+        lift_gates(lease, ctx, uid_bound).await?;
+        return Ok(Action::requeue(next_look(lease, now)));
     }
 
     // No "Provisioning" write on the way: a lease whose role is made and
@@ -319,7 +318,7 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
         }
         return Ok(Action::requeue(VERIFY_RETRY));
     }
-    lift_gates(lease, ctx).await?;
+    lift_gates(lease, ctx, uid_bound).await?;
     write_status(lease, ctx, LeasePhase::Ready, Some(role_arn.clone()), None, "role verified usable").await?;
     if let Some(created) = &lease.meta().creation_timestamp {
         let took = now.duration_since(created.0).as_secs_f64().max(0.0);
@@ -327,8 +326,22 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     }
     publish(ctx, lease, EventType::Normal, "Ready", format!("role {role_arn} verified; scheduling gate lifted")).await;
     tracing::info!(namespace, lease = name, role = role_arn, "lease ready");
+    Ok(Action::requeue(next_look(lease, now)))
+}
+
+/// When a live lease is looked at again without any event: at its expiry,
+/// at the resync, or, while no pod was ever bound to it, when the holder's
+/// grace period ends (a pod deleted while no controller watched, before its
+/// uid was recorded, is then reaped at once instead of at the next resync).
+fn next_look(lease: &IdentityLease, now: Timestamp) -> Duration {
     let until_expiry = lease.spec.expires_at.0.duration_since(now).unsigned_abs();
-    Ok(Action::requeue(until_expiry.min(RESYNC) + Duration::from_secs(1)))
+    let mut next = until_expiry.min(RESYNC);
+    if lease.spec.holder.uid.is_none() {
+        let age =
+            lease.meta().creation_timestamp.as_ref().map_or(Duration::ZERO, |t| now.duration_since(t.0).unsigned_abs());
+        next = next.min(HOLDER_GRACE.saturating_sub(age));
+    }
+    next + Duration::from_secs(1)
 }
 
 /// What the role is made of: the identity clamped to today's boundaries.
@@ -487,9 +500,10 @@ async fn token_for(client: &Client, namespace: &str, service_account: &str, audi
 
 /// Records the pod's uid on the lease the first time the pod is seen, so a
 /// later pod of the same name is not mistaken for it.
-async fn bind_holder_uid(lease: &IdentityLease, client: &Client) -> Result<()> {
+/// Returns whether the lease's pod uid is known (bound before or now).
+async fn bind_holder_uid(lease: &IdentityLease, client: &Client) -> Result<bool> {
     if lease.spec.holder.uid.is_some() || lease.spec.holder.kind != HolderKind::Pod {
-        return Ok(());
+        return Ok(true);
     }
     let namespace = lease.namespace().unwrap_or_default();
     let Some(pod) = Api::<Pod>::namespaced(client.clone(), &namespace)
@@ -497,12 +511,18 @@ async fn bind_holder_uid(lease: &IdentityLease, client: &Client) -> Result<()> {
         .await
         .map_err(Error::kube("reading the lease's pod"))?
     else {
-        return Ok(());
+        return Ok(false);
     };
     if pod.labels().get(LABEL_LEASE) != Some(&lease.name_any()) {
-        return Ok(());
+        return Ok(false);
     }
-    Api::<IdentityLease>::namespaced(client.clone(), &namespace)
+    bind_uid(lease, client, &pod).await?;
+    Ok(true)
+}
+
+/// Writes `pod`'s uid into the lease's holder (set once: CEL refuses a change).
+async fn bind_uid(lease: &IdentityLease, client: &Client, pod: &Pod) -> Result<()> {
+    Api::<IdentityLease>::namespaced(client.clone(), &lease.namespace().unwrap_or_default())
         .patch(
             &lease.name_any(),
             &PatchParams::default(),
@@ -515,7 +535,9 @@ async fn bind_holder_uid(lease: &IdentityLease, client: &Client) -> Result<()> {
 
 /// Removes ephemera's scheduling gate from every pod of the lease, with an
 /// Event on each pod (where users look first).
-async fn lift_gates(lease: &IdentityLease, ctx: &LeaseContext) -> Result<()> {
+/// `uid_bound`: whether the holder's uid is already recorded (else it is,
+/// from the pod found here, before the gate goes).
+async fn lift_gates(lease: &IdentityLease, ctx: &LeaseContext, uid_bound: bool) -> Result<()> {
     let client = &ctx.base.client;
     let namespace = lease.namespace().unwrap_or_default();
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
@@ -540,6 +562,11 @@ async fn lift_gates(lease: &IdentityLease, ctx: &LeaseContext) -> Result<()> {
     for pod in candidates {
         let gates = pod.spec.as_ref().and_then(|s| s.scheduling_gates.clone()).unwrap_or_default();
         let Some(index) = gates.iter().position(|g| g.name == SCHEDULING_GATE) else { continue };
+        // Record the pod's uid before it can run: if it is deleted while no
+        // controller watches, the uid is what says it is gone for good.
+        if !uid_bound && lease.spec.holder.kind == HolderKind::Pod {
+            bind_uid(lease, client, &pod).await?;
+        }
         // `test` first: if the gates changed meanwhile the patch fails and is retried.
         let patch: json_patch::Patch = serde_json::from_value(json!([
             {"op": "test", "path": format!("/spec/schedulingGates/{index}/name"), "value": SCHEDULING_GATE},
@@ -781,6 +808,25 @@ fn update_phase_gauge(ctx: &LeaseContext) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_without_a_bound_pod_is_looked_at_again_when_its_grace_ends() {
+        let lease = |uid: Option<&str>| -> IdentityLease {
+            serde_json::from_value(json!({
+                "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+                "metadata": {"name": "l", "namespace": "n", "creationTimestamp": "2026-11-23T10:00:00Z"},
+                "spec": {"holder": {"kind": "Pod", "name": "p", "uid": uid}, "workloadIdentity": "w",
+                         "serviceAccount": "l", "expiresAt": "2026-11-24T10:00:00Z"},
+            }))
+            .unwrap()
+        };
+        let now: Timestamp = "2026-11-23T10:00:30Z".parse().unwrap();
+        // Grace (2 min) minus 30 s of age, plus the 1 s margin.
+        assert_eq!(next_look(&lease(None), now), Duration::from_secs(91));
+        assert_eq!(next_look(&lease(Some("u")), now), RESYNC + Duration::from_secs(1));
+        let late: Timestamp = "2026-11-24T09:59:00Z".parse().unwrap();
+        assert_eq!(next_look(&lease(Some("u")), late), Duration::from_secs(61), "expiry comes first");
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_is_capped() {

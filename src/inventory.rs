@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::{
     Error, Result,
     api::{Effect, HolderKind, IdentityLease, LeasePhase, WorkloadIdentity},
-    controller::lease::HOLDER_GRACE,
+    controller::lease::{HOLDER_GRACE, job_ended, lease_age, pod_ended},
 };
 
 /// A lease still Pending or Provisioning after this is flagged `stuck`.
@@ -91,22 +91,13 @@ pub fn workload_of(lease: &IdentityLease, pods: &[Pod], jobs: &[Job]) -> Workloa
             let Some(pod) = pods.iter().find(|p| same(p.namespace(), p.name_any(), p.uid())) else {
                 return Workload::Missing;
             };
-            if pod.metadata.deletion_timestamp.is_some() {
-                return Workload::Over("pod is being deleted".into());
-            }
-            match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
-                Some(phase @ ("Succeeded" | "Failed")) => Workload::Over(format!("pod {}", phase.to_lowercase())),
-                _ => Workload::Live,
-            }
+            pod_ended(pod).map_or(Workload::Live, |how| Workload::Over(format!("pod {how}")))
         }
         HolderKind::Job => {
             let Some(job) = jobs.iter().find(|j| same(j.namespace(), j.name_any(), j.uid())) else {
                 return Workload::Missing;
             };
-            let done = job.status.as_ref().and_then(|s| s.conditions.as_ref()).and_then(|cs| {
-                cs.iter().find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
-            });
-            done.map_or(Workload::Live, |c| Workload::Over(format!("Job {}", c.type_.to_lowercase())))
+            job_ended(job).map_or(Workload::Live, |how| Workload::Over(format!("Job {how}")))
         }
     }
 }
@@ -128,8 +119,7 @@ pub fn flags(
     now: Timestamp,
 ) -> Vec<String> {
     let mut flags = Vec::new();
-    let age =
-        lease.metadata.creation_timestamp.as_ref().map_or(Duration::ZERO, |t| now.duration_since(t.0).unsigned_abs());
+    let age = lease_age(lease, now);
     match workload {
         Workload::Over(_) => flags.push("past-workload"),
         Workload::Missing if lease.spec.holder.uid.is_some() || age > HOLDER_GRACE => flags.push("past-workload"),
@@ -208,7 +198,7 @@ pub fn rows(
                 role_arn: lease.spec.role_arn.clone().or_else(|| status.and_then(|s| s.role_arn.clone())),
                 phase: format!("{phase:?}"),
                 created_at: created.map(|t| t.to_string()),
-                age_seconds: created.map_or(0, |t| now.duration_since(t).unsigned_abs().as_secs()),
+                age_seconds: lease_age(lease, now).as_secs(),
                 expires_at: lease.spec.expires_at.0.to_string(),
                 expires_in_seconds: lease.spec.expires_at.0.duration_since(now).as_secs(),
                 flags: flags(lease, identity, &workload, now),

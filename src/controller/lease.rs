@@ -210,8 +210,7 @@ async fn end_reason(
     if identity.is_none_or(|wi| wi.meta().deletion_timestamp.is_some()) {
         return Ok(Some(format!("WorkloadIdentity {} was deleted", lease.spec.workload_identity)));
     }
-    let age =
-        lease.meta().creation_timestamp.as_ref().map_or(Duration::ZERO, |t| now.duration_since(t.0).unsigned_abs());
+    let age = lease_age(lease, now);
     let missing = |what: &str| {
         if holder.uid.is_some() || seen {
             Some(format!("{what} {} was deleted", holder.name))
@@ -231,15 +230,7 @@ async fn end_reason(
             if holder.uid.is_some() && pod.uid() != holder.uid {
                 return Ok(Some(format!("pod {} was replaced by another of the same name", holder.name)));
             }
-            if pod.meta().deletion_timestamp.is_some() {
-                return Ok(Some(format!("pod {} is being deleted", holder.name)));
-            }
-            match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
-                Some(phase @ ("Succeeded" | "Failed")) => {
-                    Ok(Some(format!("pod {} {}", holder.name, phase.to_lowercase())))
-                }
-                _ => Ok(None),
-            }
+            Ok(pod_ended(&pod).map(|how| format!("pod {} {how}", holder.name)))
         }
         HolderKind::Job => {
             let job = Api::<Job>::namespaced(client.clone(), &namespace)
@@ -250,13 +241,37 @@ async fn end_reason(
             if holder.uid.is_some() && job.uid() != holder.uid {
                 return Ok(Some(format!("Job {} was replaced by another of the same name", holder.name)));
             }
-            let finished = job.status.as_ref().and_then(|s| s.conditions.as_ref()).and_then(|cs| {
-                cs.iter().find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
-            });
-            Ok(finished
-                .map(|c| format!("Job {} {}", holder.name, if c.type_ == "Complete" { "completed" } else { "failed" })))
+            Ok(job_ended(&job).map(|how| format!("Job {} {how}", holder.name)))
         }
     }
+}
+
+/// How a pod's workload ended, if it did: `is being deleted`, `succeeded`
+/// or `failed`. Shared with `ephemera inventory`.
+#[must_use]
+pub fn pod_ended(pod: &Pod) -> Option<&'static str> {
+    if pod.meta().deletion_timestamp.is_some() {
+        return Some("is being deleted");
+    }
+    match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        Some("Succeeded") => Some("succeeded"),
+        Some("Failed") => Some("failed"),
+        _ => None,
+    }
+}
+
+/// How a Job ended, if it did: `completed` or `failed`.
+#[must_use]
+pub fn job_ended(job: &Job) -> Option<&'static str> {
+    let conditions = job.status.as_ref().and_then(|s| s.conditions.as_ref())?;
+    let done = conditions.iter().find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")?;
+    Some(if done.type_ == "Complete" { "completed" } else { "failed" })
+}
+
+/// How long ago the lease was made (zero without a creation time).
+#[must_use]
+pub fn lease_age(lease: &IdentityLease, now: Timestamp) -> Duration {
+    lease.meta().creation_timestamp.as_ref().map_or(Duration::ZERO, |t| now.duration_since(t.0).unsigned_abs())
 }
 
 async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
@@ -337,9 +352,7 @@ fn next_look(lease: &IdentityLease, now: Timestamp) -> Duration {
     let until_expiry = lease.spec.expires_at.0.duration_since(now).unsigned_abs();
     let mut next = until_expiry.min(RESYNC);
     if lease.spec.holder.uid.is_none() {
-        let age =
-            lease.meta().creation_timestamp.as_ref().map_or(Duration::ZERO, |t| now.duration_since(t.0).unsigned_abs());
-        next = next.min(HOLDER_GRACE.saturating_sub(age));
+        next = next.min(HOLDER_GRACE.saturating_sub(lease_age(lease, now)));
     }
     next + Duration::from_secs(1)
 }

@@ -18,7 +18,6 @@ use std::{
 };
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api,
     api::{ListParams, Patch, PatchParams, PostParams},
@@ -27,10 +26,10 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    support::{ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds, unique_name},
-    webhook::{admitted_with_identity, boundary, identity, pod},
+    support::{ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds},
+    webhook::{admitted_with_identity, governed, identity, pod},
 };
-use ephemera::api::{IdentityLease, WorkloadIdentity};
+use ephemera::api::IdentityLease;
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
@@ -48,18 +47,12 @@ async fn lifecycle_latencies() {
     let webhook = Webhook::start(&bed.client).await;
     // MiniStack reports a quota of 1,000 roles; raise the limit for large runs.
     let mut controller = ControllerProcess::start_with(&["--cluster-name", "bench", "--aws-role-limit", "100000"]);
-    let ns = bed.namespace("e2e-bench").await;
-    let team = unique_name("team");
-    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
-    let _boundary = boundary(&bed.client, &team, json!({"maxLeases": 10000})).await;
-    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
-        .create(
-            &PostParams::default(),
-            &identity("worker", json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-x/*"]}]}})),
-        )
-        .await
-        .unwrap();
-    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    let worker = identity(
+        "worker",
+        json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-x/*"]}]}}),
+    );
+    let gov = governed(&bed, &webhook, "e2e-bench", json!({"maxLeases": 10000}), &worker).await;
+    let (ns, pods) = (&gov.ns, gov.pods.clone());
     let probe =
         admitted_with_identity(&pods, &pod(json!({"name": "probe", "labels": {"ephemera.dev/identity": "worker"}})))
             .await;

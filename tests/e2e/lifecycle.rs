@@ -20,7 +20,7 @@ use crate::{
     support::{
         ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds, two_pod_job, unique_name, wait_until,
     },
-    webhook::{admitted_with_identity, boundary, env_of, identity, pod},
+    webhook::{admitted_with_identity, boundary, env_of, governed, identity, pod},
 };
 use ephemera::api::{IdentityLease, LeasePhase, WorkloadIdentity};
 
@@ -229,22 +229,13 @@ async fn a_job_run_shares_one_role_that_dies_with_the_job() {
     ensure_crds(&bed.client).await;
     let webhook = Webhook::start(&bed.client).await;
     let _controller = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
-    let ns = bed.namespace("e2e-lifecycle-job").await;
-    let team = unique_name("team");
-    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
-    let _boundary = boundary(&bed.client, &team, json!({})).await;
-    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
-        .create(
-            &PostParams::default(),
-            &identity(
-                "batch",
-                json!({"scope": "Job", "aws": {"statements": [
+    let batch = identity(
+        "batch",
+        json!({"scope": "Job", "aws": {"statements": [
             {"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-x/*"]}]}}),
-            ),
-        )
-        .await
-        .unwrap();
-    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    );
+    let gov = governed(&bed, &webhook, "e2e-lifecycle-job", json!({}), &batch).await;
+    let (ns, pods) = (&gov.ns, gov.pods.clone());
     let probe =
         admitted_with_identity(&pods, &pod(json!({"name": "probe", "labels": {"ephemera.dev/identity": "batch"}})))
             .await;
@@ -293,15 +284,8 @@ async fn a_controller_killed_mid_life_leaves_nothing_behind() {
     ensure_crds(&bed.client).await;
     let webhook = Webhook::start(&bed.client).await;
     let controller = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
-    let ns = bed.namespace("e2e-lifecycle-crash").await;
-    let team = unique_name("team");
-    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
-    let _boundary = boundary(&bed.client, &team, json!({})).await;
-    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
-        .create(&PostParams::default(), &identity("reader", json!({})))
-        .await
-        .unwrap();
-    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    let gov = governed(&bed, &webhook, "e2e-lifecycle-crash", json!({}), &identity("reader", json!({}))).await;
+    let (ns, pods) = (&gov.ns, gov.pods.clone());
     admitted_with_identity(&pods, &pod(json!({"name": "worker", "labels": {"ephemera.dev/identity": "reader"}}))).await;
     let worker = wait_ungated(&pods, "worker").await;
     let role = env_of(&worker, "AWS_ROLE_ARN").unwrap();
@@ -417,15 +401,8 @@ async fn a_full_role_quota_holds_new_leases_with_a_clear_condition() {
     let webhook = Webhook::start(&bed.client).await;
     // A limit of 0: the account is "full" whatever MiniStack holds.
     let mut full = ControllerProcess::start_with(&["--cluster-name", "e2e", "--aws-role-limit", "0"]);
-    let ns = bed.namespace("e2e-quota").await;
-    let team = unique_name("team");
-    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
-    let _boundary = boundary(&bed.client, &team, json!({})).await;
-    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
-        .create(&PostParams::default(), &identity("reader", json!({})))
-        .await
-        .unwrap();
-    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    let gov = governed(&bed, &webhook, "e2e-quota", json!({}), &identity("reader", json!({}))).await;
+    let (ns, pods) = (&gov.ns, gov.pods.clone());
     let worker =
         admitted_with_identity(&pods, &pod(json!({"name": "worker", "labels": {"ephemera.dev/identity": "reader"}})))
             .await;

@@ -27,12 +27,10 @@ use serde_json::json;
 
 use crate::{
     lifecycle::{finish, role_exists, wait_ungated_within},
-    support::{
-        ControllerProcess, DeleteOnDrop, TestBed, TestNamespace, Webhook, controller_turn, ensure_crds, unique_name,
-    },
-    webhook::{admitted_with_identity, boundary, env_of, identity, pod},
+    support::{ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds, unique_name},
+    webhook::{Governed, admitted_with_identity, env_of, governed, identity, pod},
 };
-use ephemera::api::{IdentityBoundary, IdentityLease, WorkloadIdentity};
+use ephemera::api::IdentityLease;
 
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -58,12 +56,11 @@ impl Rng {
 /// A governed namespace with an identity, where pods come and go.
 pub struct Churn {
     pub bed: TestBed,
-    pub ns: TestNamespace,
-    pods: Api<Pod>,
+    /// The namespace, its boundary and identity `reader`.
+    pub gov: Governed,
     /// Pod 0, admitted while waiting for the webhook to know the identity.
     first: Pod,
     _webhook: Webhook,
-    _boundary: DeleteOnDrop<IdentityBoundary>,
 }
 
 /// What [`Churn::run`] made.
@@ -77,28 +74,18 @@ impl Churn {
         let bed = TestBed::connect().await;
         ensure_crds(&bed.client).await;
         let webhook = Webhook::start(&bed.client).await;
-        let ns = bed.namespace(prefix).await;
-        let team = unique_name("team");
-        webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
-        let boundary = boundary(&bed.client, &team, json!({"maxLeases": 10000})).await;
-        Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
-            .create(
-                &PostParams::default(),
-                &identity(
-                    "reader",
-                    json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-churn/*"]}]},
-                           "kubernetes": {"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]}}),
-                ),
-            )
-            .await
-            .unwrap();
-        let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+        let reader = identity(
+            "reader",
+            json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-churn/*"]}]},
+                   "kubernetes": {"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]}}),
+        );
+        let gov = governed(&bed, &webhook, prefix, json!({"maxLeases": 10000}), &reader).await;
         let first = admitted_with_identity(
-            &pods,
+            &gov.pods,
             &pod(json!({"name": "churn-0", "labels": {"ephemera.dev/identity": "reader"}})),
         )
         .await;
-        Churn { bed, ns, pods, first, _webhook: webhook, _boundary: boundary }
+        Churn { bed, gov, first, _webhook: webhook }
     }
 
     /// `lifecycles` pods, `concurrency` at a time: admitted, gate lifted
@@ -116,18 +103,19 @@ impl Churn {
                         self.first.clone()
                     } else {
                         let p = pod(json!({"name": name, "labels": {"ephemera.dev/identity": "reader"}}));
-                        self.pods
+                        self.gov
+                            .pods
                             .create(&PostParams::default(), &p)
                             .await
                             .unwrap_or_else(|e| panic!("creating {name}: {e}"))
                     };
                     roles.lock().unwrap().push(env_of(&created, "AWS_ROLE_ARN").expect("an injected role"));
-                    wait_ungated_within(&self.pods, &name, gate_bound).await;
+                    wait_ungated_within(&self.gov.pods, &name, gate_bound).await;
                     match i % 3 {
-                        0 => finish(&self.bed.client, &self.ns.name, &name, "Succeeded").await,
-                        1 => finish(&self.bed.client, &self.ns.name, &name, "Failed").await,
+                        0 => finish(&self.bed.client, &self.gov.ns.name, &name, "Succeeded").await,
+                        1 => finish(&self.bed.client, &self.gov.ns.name, &name, "Failed").await,
                         _ => {
-                            self.pods.delete(&name, &DeleteParams::default()).await.unwrap();
+                            self.gov.pods.delete(&name, &DeleteParams::default()).await.unwrap();
                         }
                     }
                 }
@@ -140,8 +128,8 @@ impl Churn {
     /// left in the namespace, then checks every role is gone from IAM, and
     /// no role tagged with the namespace exists. Returns how long it took.
     pub async fn assert_nothing_left(&self, roles: &[String], controller: &mut ControllerProcess) -> Duration {
-        let leases = Api::<IdentityLease>::namespaced(self.bed.client.clone(), &self.ns.name);
-        let sas = Api::<ServiceAccount>::namespaced(self.bed.client.clone(), &self.ns.name);
+        let leases = Api::<IdentityLease>::namespaced(self.bed.client.clone(), &self.gov.ns.name);
+        let sas = Api::<ServiceAccount>::namespaced(self.bed.client.clone(), &self.gov.ns.name);
         let settled = Instant::now();
         loop {
             let left_leases = leases.list(&ListParams::default()).await.unwrap().items;
@@ -152,7 +140,7 @@ impl Churn {
             }
             if settled.elapsed() > Duration::from_mins(3) {
                 for l in &left_leases {
-                    let holder = self.pods.get_opt(&l.spec.holder.name).await.ok().flatten();
+                    let holder = self.gov.pods.get_opt(&l.spec.holder.name).await.ok().flatten();
                     eprintln!(
                         "left: lease {} deleting={} phase={:?} error={:?}; pod {}: phase={:?}",
                         l.name_any(),
@@ -190,8 +178,8 @@ impl Churn {
                     .map(|t| t.tags)
                     .unwrap_or_default()
                     .iter()
-                    .any(|t| t.key == "ephemera.dev/namespace" && t.value == self.ns.name);
-                assert!(!of_ns, "role {} of namespace {} leaked", role.role_name, self.ns.name);
+                    .any(|t| t.key == "ephemera.dev/namespace" && t.value == self.gov.ns.name);
+                assert!(!of_ns, "role {} of namespace {} leaked", role.role_name, self.gov.ns.name);
             }
             match page.marker {
                 Some(next) if page.is_truncated => marker = Some(next),
@@ -286,7 +274,7 @@ async fn apiserver_restarts_mid_lifecycle_leave_nothing_behind() {
     let _turn = controller_turn().await;
     let churn = Churn::new("e2e-apiserver").await;
     let mut controller = ControllerProcess::start_with(&["--cluster-name", &unique_name("restart")]);
-    let pods = Api::<Pod>::namespaced(churn.bed.client.clone(), &churn.ns.name);
+    let pods = Api::<Pod>::namespaced(churn.bed.client.clone(), &churn.gov.ns.name);
     let names: Vec<String> = (0..8).map(|i| format!("restart-{i}")).collect();
     let mut roles = Vec::new();
     for name in &names {
@@ -302,7 +290,7 @@ async fn apiserver_restarts_mid_lifecycle_leave_nothing_behind() {
     }
     for (i, name) in names.iter().enumerate() {
         if i % 2 == 0 {
-            finish(&churn.bed.client, &churn.ns.name, name, "Succeeded").await;
+            finish(&churn.bed.client, &churn.gov.ns.name, name, "Succeeded").await;
         } else {
             pods.delete(name, &DeleteParams::default()).await.unwrap();
         }

@@ -46,6 +46,34 @@ pub async fn boundary(client: &Client, team: &str, extra: serde_json::Value) -> 
     DeleteOnDrop::new(&name)
 }
 
+/// A namespace under `webhook`, governed by a fresh boundary (its spec
+/// extended by `boundary_extra`), holding one `WorkloadIdentity`.
+pub struct Governed {
+    // Fields drop in order: the boundary before the namespace.
+    _boundary: DeleteOnDrop<IdentityBoundary>,
+    pub ns: crate::support::TestNamespace,
+    pub pods: Api<Pod>,
+}
+
+pub async fn governed(
+    bed: &TestBed,
+    webhook: &Webhook,
+    prefix: &str,
+    boundary_extra: serde_json::Value,
+    workload_identity: &WorkloadIdentity,
+) -> Governed {
+    let ns = bed.namespace(prefix).await;
+    let team = unique_name("team");
+    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
+    let boundary = boundary(&bed.client, &team, boundary_extra).await;
+    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
+        .create(&PostParams::default(), workload_identity)
+        .await
+        .expect("create the identity");
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    Governed { _boundary: boundary, ns, pods }
+}
+
 pub fn identity(name: &str, spec: serde_json::Value) -> WorkloadIdentity {
     let mut value =
         json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity", "metadata": {"name": name}});

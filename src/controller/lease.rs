@@ -10,6 +10,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use futures::StreamExt;
 use k8s_openapi::{
     api::{
         authentication::v1::{TokenRequest, TokenRequestSpec},
@@ -22,13 +23,13 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams, PostParams},
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::Action,
         events::{Event, EventType},
         finalizer::{Event as Finalizer, finalizer},
-        reflector::{ObjectRef, Store},
+        reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
@@ -86,8 +87,10 @@ struct LeaseContext {
     /// Leases (namespace, name) whose pod this process's watch has seen: a
     /// pod that is gone was then deleted, even before the lease recorded its
     /// uid, so the lease is reaped at once instead of after the grace period.
-    seen_pods: Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>,
+    seen_pods: SeenPods,
 }
+
+type SeenPods = Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>;
 
 /// Leases reconciled at once. Unbounded, a burst of pods queues every call
 /// at the cloud endpoint and all of them finish late; bounded, they finish
@@ -130,12 +133,25 @@ fn error_policy(lease: Arc<IdentityLease>, error: &Error, ctx: Arc<LeaseContext>
 }
 
 /// Runs the lease controller and the orphan sweep until shutdown.
+///
+/// Memory is what limits how many leases one replica carries, so the
+/// watches keep only what the reconciler reads: the lease cache drops
+/// `managedFields` (about half of a lease's size, never read here), and pods
+/// and Jobs are watched as metadata only (the reconciler reads the one pod or
+/// Job it needs from the apiserver; the watches only say which lease to look
+/// at).
 pub async fn run(ctx: Arc<Context>, cloud: Cloud) {
     let client = ctx.client.clone();
-    let controller = Controller::new(Api::<IdentityLease>::all(client.clone()), watcher::Config::default());
-    let leases = controller.store();
+    let synced = Synced::new(3);
+    let (leases, writer) = reflector::store();
+    let lease_events = watcher(Api::<IdentityLease>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|lease| lease.managed_fields_mut().clear())
+        .inspect(synced.on_init_done("leases"))
+        .reflect(writer)
+        .applied_objects();
     let by_job = leases.clone();
-    let seen_pods: Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>> = Arc::default();
+    let seen_pods: SeenPods = Arc::default();
     let seen = seen_pods.clone();
     let lctx = Arc::new(LeaseContext {
         base: ctx.clone(),
@@ -145,16 +161,25 @@ pub async fn run(ctx: Arc<Context>, cloud: Cloud) {
         seen_pods,
     });
     let sweep = tokio::spawn(sweep_forever(lctx.clone()));
-    let stream = controller
+    let pods =
+        watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default().labels(LABEL_LEASE))
+            .default_backoff()
+            .inspect(synced.on_init_done("pods"))
+            .touched_objects();
+    let jobs = watcher(Api::<PartialObjectMeta<Job>>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .inspect(synced.on_init_done("Jobs"))
+        .touched_objects();
+    let stream = Controller::for_stream(lease_events, leases)
         // A pod's phase and deletion decide when its lease ends.
-        .watches(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(LABEL_LEASE), move |pod| {
+        .watches_stream(pods, move |pod| {
             let ns = pod.namespace()?;
             let lease = pod.labels().get(LABEL_LEASE)?;
             seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert((ns.clone(), lease.clone()));
             Some(ObjectRef::new(lease).within(&ns))
         })
         // A Job's completion ends the lease its pods share.
-        .watches(Api::<Job>::all(client.clone()), watcher::Config::default(), move |job| {
+        .watches_stream(jobs, move |job| {
             let uid = job.uid();
             by_job
                 .state()
@@ -168,6 +193,35 @@ pub async fn run(ctx: Arc<Context>, cloud: Cloud) {
         .run(reconcile, error_policy, lctx);
     drain(CONTROLLER, stream).await;
     sweep.abort();
+}
+
+/// Logs once when every watch of the lease controller has listed what
+/// exists (operators and tests wait for that line: from then on a pod
+/// deleted is a pod this process saw).
+#[derive(Clone)]
+struct Synced {
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Synced {
+    fn new(watches: usize) -> Self {
+        Self { pending: Arc::new(std::sync::atomic::AtomicUsize::new(watches)) }
+    }
+
+    fn on_init_done<K>(&self, what: &'static str) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) + use<K> {
+        let pending = self.pending.clone();
+        let mut done = false;
+        move |event| {
+            if done || !matches!(event, Ok(watcher::Event::InitDone)) {
+                return;
+            }
+            done = true;
+            tracing::debug!(watch = what, "initial list done");
+            if pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                tracing::info!("lease controller watches synced");
+            }
+        }
+    }
 }
 
 async fn reconcile(lease: Arc<IdentityLease>, ctx: Arc<LeaseContext>) -> Result<Action> {
@@ -192,56 +246,83 @@ async fn reconcile(lease: Arc<IdentityLease>, ctx: Arc<LeaseContext>) -> Result<
     result
 }
 
+/// The lease's pod or Job as the apiserver has it now (`None`: not there).
+/// Read once per reconcile and passed on: deciding the end, binding the uid
+/// and lifting the gate all look at the same object.
+enum Holder {
+    Pod(Option<Box<Pod>>),
+    Job(Option<Box<Job>>),
+}
+
+impl Holder {
+    async fn read(lease: &IdentityLease, client: &Client) -> Result<Self> {
+        let namespace = lease.namespace().unwrap_or_default();
+        let name = &lease.spec.holder.name;
+        Ok(match lease.spec.holder.kind {
+            HolderKind::Pod => Self::Pod(
+                Api::<Pod>::namespaced(client.clone(), &namespace)
+                    .get_opt(name)
+                    .await
+                    .map_err(Error::kube(format!("reading pod {namespace}/{name}")))?
+                    .map(Box::new),
+            ),
+            HolderKind::Job => Self::Job(
+                Api::<Job>::namespaced(client.clone(), &namespace)
+                    .get_opt(name)
+                    .await
+                    .map_err(Error::kube(format!("reading Job {namespace}/{name}")))?
+                    .map(Box::new),
+            ),
+        })
+    }
+
+    /// The lease's own pod: there, and labelled with this lease.
+    fn pod_of(&self, lease: &IdentityLease) -> Option<&Pod> {
+        match self {
+            Self::Pod(Some(pod)) if pod.labels().get(LABEL_LEASE) == Some(&lease.name_any()) => Some(pod),
+            _ => None,
+        }
+    }
+}
+
 /// Why a lease ends now, if it does.
 /// `identity` is the lease's `WorkloadIdentity` if it still exists; `seen`
 /// whether this process's pod watch has seen the lease's pod.
-async fn end_reason(
+fn end_reason(
     lease: &IdentityLease,
     identity: Option<&WorkloadIdentity>,
-    client: &Client,
+    holder: &Holder,
     now: Timestamp,
     seen: bool,
-) -> Result<Option<String>> {
-    let namespace = lease.namespace().unwrap_or_default();
-    let holder = &lease.spec.holder;
+) -> Option<String> {
+    let spec = &lease.spec.holder;
     if lease.spec.expires_at.0 <= now {
-        return Ok(Some(format!("expired at {} (the boundary's maxLifetime)", lease.spec.expires_at.0)));
+        return Some(format!("expired at {} (the boundary's maxLifetime)", lease.spec.expires_at.0));
     }
     if identity.is_none_or(|wi| wi.meta().deletion_timestamp.is_some()) {
-        return Ok(Some(format!("WorkloadIdentity {} was deleted", lease.spec.workload_identity)));
+        return Some(format!("WorkloadIdentity {} was deleted", lease.spec.workload_identity));
     }
-    let age = lease_age(lease, now);
     let missing = |what: &str| {
-        if holder.uid.is_some() || seen {
-            Some(format!("{what} {} was deleted", holder.name))
-        } else if age > HOLDER_GRACE {
-            Some(format!("{what} {} never appeared (its creation was refused after admission)", holder.name))
+        if spec.uid.is_some() || seen {
+            Some(format!("{what} {} was deleted", spec.name))
+        } else if lease_age(lease, now) > HOLDER_GRACE {
+            Some(format!("{what} {} never appeared (its creation was refused after admission)", spec.name))
         } else {
             None
         }
     };
-    match holder.kind {
-        HolderKind::Pod => {
-            let pod = Api::<Pod>::namespaced(client.clone(), &namespace)
-                .get_opt(&holder.name)
-                .await
-                .map_err(Error::kube(format!("reading pod {namespace}/{}", holder.name)))?;
-            let Some(pod) = pod else { return Ok(missing("pod")) };
-            if holder.uid.is_some() && pod.uid() != holder.uid {
-                return Ok(Some(format!("pod {} was replaced by another of the same name", holder.name)));
-            }
-            Ok(pod_ended(&pod).map(|how| format!("pod {} {how}", holder.name)))
+    let replaced = |what: &str, uid: Option<String>| {
+        (spec.uid.is_some() && uid != spec.uid)
+            .then(|| format!("{what} {} was replaced by another of the same name", spec.name))
+    };
+    match holder {
+        Holder::Pod(None) => missing("pod"),
+        Holder::Job(None) => missing("Job"),
+        Holder::Pod(Some(pod)) => {
+            replaced("pod", pod.uid()).or_else(|| pod_ended(pod).map(|how| format!("pod {} {how}", spec.name)))
         }
-        HolderKind::Job => {
-            let job = Api::<Job>::namespaced(client.clone(), &namespace)
-                .get_opt(&holder.name)
-                .await
-                .map_err(Error::kube(format!("reading Job {namespace}/{}", holder.name)))?;
-            let Some(job) = job else { return Ok(missing("Job")) };
-            if holder.uid.is_some() && job.uid() != holder.uid {
-                return Ok(Some(format!("Job {} was replaced by another of the same name", holder.name)));
-            }
-            Ok(job_ended(&job).map(|how| format!("Job {} {how}", holder.name)))
+        Holder::Job(Some(job)) => {
+            replaced("Job", job.uid()).or_else(|| job_ended(job).map(|how| format!("Job {} {how}", spec.name)))
         }
     }
 }
@@ -289,16 +370,17 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
         .get_opt(&lease.spec.workload_identity)
         .await
         .map_err(Error::kube(format!("reading WorkloadIdentity {namespace}/{}", lease.spec.workload_identity)))?;
-    if let Some(reason) = end_reason(lease, identity.as_ref(), client, now, seen).await? {
+    let holder = Holder::read(lease, client).await?;
+    if let Some(reason) = end_reason(lease, identity.as_ref(), &holder, now, seen) {
         return start_reaping(lease, ctx, &reason, now).await;
     }
     let Some(identity) = identity else { return Ok(Action::await_change()) };
-    let uid_bound = bind_holder_uid(lease, client).await?;
+    let uid_bound = bind_holder_uid(lease, client, &holder).await?;
 
     let status = lease.status.clone().unwrap_or_default();
     if status.phase == Some(LeasePhase::Ready) {
         // Pods of a Job may arrive after the first one: lift their gates too.
-        lift_gates(lease, ctx, uid_bound).await?;
+        lift_gates(lease, ctx, uid_bound, &holder).await?;
         return Ok(Action::requeue(next_look(lease, now)));
     }
 
@@ -333,7 +415,7 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
         }
         return Ok(Action::requeue(VERIFY_RETRY));
     }
-    lift_gates(lease, ctx, uid_bound).await?;
+    lift_gates(lease, ctx, uid_bound, &holder).await?;
     write_status(lease, ctx, LeasePhase::Ready, Some(role_arn.clone()), None, "role verified usable").await?;
     if let Some(created) = &lease.meta().creation_timestamp {
         let took = now.duration_since(created.0).as_secs_f64().max(0.0);
@@ -514,22 +596,12 @@ async fn token_for(client: &Client, namespace: &str, service_account: &str, audi
 /// Records the pod's uid on the lease the first time the pod is seen, so a
 /// later pod of the same name is not mistaken for it.
 /// Returns whether the lease's pod uid is known (bound before or now).
-async fn bind_holder_uid(lease: &IdentityLease, client: &Client) -> Result<bool> {
+async fn bind_holder_uid(lease: &IdentityLease, client: &Client, holder: &Holder) -> Result<bool> {
     if lease.spec.holder.uid.is_some() || lease.spec.holder.kind != HolderKind::Pod {
         return Ok(true);
     }
-    let namespace = lease.namespace().unwrap_or_default();
-    let Some(pod) = Api::<Pod>::namespaced(client.clone(), &namespace)
-        .get_opt(&lease.spec.holder.name)
-        .await
-        .map_err(Error::kube("reading the lease's pod"))?
-    else {
-        return Ok(false);
-    };
-    if pod.labels().get(LABEL_LEASE) != Some(&lease.name_any()) {
-        return Ok(false);
-    }
-    bind_uid(lease, client, &pod).await?;
+    let Some(pod) = holder.pod_of(lease) else { return Ok(false) };
+    bind_uid(lease, client, pod).await?;
     Ok(true)
 }
 
@@ -550,38 +622,37 @@ async fn bind_uid(lease: &IdentityLease, client: &Client, pod: &Pod) -> Result<(
 /// Event on each pod (where users look first).
 /// `uid_bound`: whether the holder's uid is already recorded (else it is,
 /// from the pod found here, before the gate goes).
-async fn lift_gates(lease: &IdentityLease, ctx: &LeaseContext, uid_bound: bool) -> Result<()> {
+async fn lift_gates(lease: &IdentityLease, ctx: &LeaseContext, uid_bound: bool, holder: &Holder) -> Result<()> {
     let client = &ctx.base.client;
     let namespace = lease.namespace().unwrap_or_default();
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
     let selector = format!("{LABEL_LEASE}={}", lease.name_any());
-    // A pod lease has one pod: a GET, not a list that reads every pod of the
-    // namespace (a burst of N pods made that N^2).
-    let candidates = match lease.spec.holder.kind {
-        HolderKind::Pod => pods
-            .get_opt(&lease.spec.holder.name)
-            .await
-            .map_err(Error::kube("reading the lease's pod"))?
-            .into_iter()
-            .filter(|p| p.labels().get(LABEL_LEASE) == Some(&lease.name_any()))
-            .collect(),
-        HolderKind::Job => {
-            pods.list(&ListParams::default().labels(&selector))
+    // A pod lease has one pod, read at the start of the reconcile (the
+    // patch below tests its uid, so a pod replaced since is left alone).
+    let listed;
+    let candidates: Vec<&Pod> = match holder {
+        Holder::Pod(_) => holder.pod_of(lease).into_iter().collect(),
+        Holder::Job(_) => {
+            listed = pods
+                .list(&ListParams::default().labels(&selector))
                 .await
                 .map_err(Error::kube("listing the lease's pods"))?
-                .items
+                .items;
+            listed.iter().collect()
         }
     };
     for pod in candidates {
-        let gates = pod.spec.as_ref().and_then(|s| s.scheduling_gates.clone()).unwrap_or_default();
+        let gates = pod.spec.as_ref().and_then(|s| s.scheduling_gates.as_deref()).unwrap_or_default();
         let Some(index) = gates.iter().position(|g| g.name == SCHEDULING_GATE) else { continue };
         // Record the pod's uid before it can run: if it is deleted while no
         // controller watches, the uid is what says it is gone for good.
         if !uid_bound && lease.spec.holder.kind == HolderKind::Pod {
-            bind_uid(lease, client, &pod).await?;
+            bind_uid(lease, client, pod).await?;
         }
-        // `test` first: if the gates changed meanwhile the patch fails and is retried.
+        // `test` first: if the pod was replaced or its gates changed
+        // meanwhile, the patch fails and the lease is looked at again.
         let patch: json_patch::Patch = serde_json::from_value(json!([
+            {"op": "test", "path": "/metadata/uid", "value": pod.uid()},
             {"op": "test", "path": format!("/spec/schedulingGates/{index}/name"), "value": SCHEDULING_GATE},
             {"op": "remove", "path": format!("/spec/schedulingGates/{index}")},
         ]))
@@ -598,9 +669,7 @@ async fn lift_gates(lease: &IdentityLease, ctx: &LeaseContext, uid_bound: bool) 
                     action: "LiftGate".into(),
                     secondary: Some(lease.object_ref(&())),
                 };
-                if let Err(e) = ctx.base.recorder.publish(&ev, &pod.object_ref(&())).await {
-                    tracing::debug!(error = %e, "could not publish an Event");
-                }
+                ctx.base.events.publish(&ev, &pod.object_ref(&())).await;
             }
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => {
@@ -731,9 +800,7 @@ async fn write_status(
 
 async fn publish(ctx: &LeaseContext, lease: &IdentityLease, type_: EventType, reason: &str, note: String) {
     let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Lifecycle".into(), secondary: None };
-    if let Err(e) = ctx.base.recorder.publish(&ev, &lease.object_ref(&())).await {
-        tracing::debug!(error = %e, "could not publish an Event");
-    }
+    ctx.base.events.publish(&ev, &lease.object_ref(&())).await;
 }
 
 // === Sweep ===
@@ -743,8 +810,13 @@ async fn sweep_forever(ctx: Arc<LeaseContext>) {
     // role's lease before deleting anything.
     let gauges = ctx.clone();
     let _gauges = AbortOnDrop(tokio::spawn(async move {
+        // Until the cache is filled every lease would look gone.
+        if gauges.leases.wait_until_ready().await.is_err() {
+            return;
+        }
         loop {
             update_phase_gauge(&gauges);
+            forget_gone(&gauges);
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
     }));
@@ -801,6 +873,20 @@ async fn sweep(ctx: &LeaseContext) -> Result<usize> {
     Ok(deleted)
 }
 
+/// Drops the bookkeeping of leases that are gone; without this the maps grow
+/// with every pod the process ever saw. (A pod whose event came in before
+/// its lease reached the cache, in the instant before a round, is forgotten
+/// too: its lease then falls back to the holder grace period.)
+fn forget_gone(ctx: &LeaseContext) {
+    let live: std::collections::HashSet<(String, String)> =
+        ctx.leases.state().iter().map(|l| (l.namespace().unwrap_or_default(), l.name_any())).collect();
+    ctx.seen_pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|key| live.contains(key));
+    ctx.failures
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .retain(|key, _| live.contains(&(key.namespace.clone().unwrap_or_default(), key.name.clone())));
+}
+
 fn update_phase_gauge(ctx: &LeaseContext) {
     let mut counts: BTreeMap<&'static str, i64> =
         [("Pending", 0), ("Provisioning", 0), ("Ready", 0), ("Reaping", 0)].into();
@@ -839,6 +925,102 @@ mod tests {
         assert_eq!(next_look(&lease(Some("u")), now), RESYNC + Duration::from_secs(1));
         let late: Timestamp = "2026-11-24T09:59:00Z".parse().unwrap();
         assert_eq!(next_look(&lease(Some("u")), late), Duration::from_secs(61), "expiry comes first");
+    }
+
+    #[test]
+    fn a_lease_ends_when_its_workload_does_and_not_before() {
+        let lease = |kind: &str, uid: Option<&str>| -> IdentityLease {
+            serde_json::from_value(json!({
+                "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+                "metadata": {"name": "l", "namespace": "n", "creationTimestamp": "2026-11-23T10:00:00Z"},
+                "spec": {"holder": {"kind": kind, "name": "w", "uid": uid}, "workloadIdentity": "wi",
+                         "serviceAccount": "l", "expiresAt": "2026-11-24T10:00:00Z"},
+            }))
+            .unwrap()
+        };
+        let identity: WorkloadIdentity = serde_json::from_value(json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity",
+            "metadata": {"name": "wi", "namespace": "n"}, "spec": {},
+        }))
+        .unwrap();
+        let pod = |uid: &str, phase: &str| -> Holder {
+            Holder::Pod(Some(Box::new(
+                serde_json::from_value(json!({"metadata": {"name": "w", "uid": uid}, "status": {"phase": phase}}))
+                    .unwrap(),
+            )))
+        };
+        let job = |condition: Option<&str>| -> Holder {
+            let conditions: Vec<_> = condition.map(|c| json!({"type": c, "status": "True"})).into_iter().collect();
+            Holder::Job(Some(Box::new(
+                serde_json::from_value(
+                    json!({"metadata": {"name": "w", "uid": "j1"}, "status": {"conditions": conditions}}),
+                )
+                .unwrap(),
+            )))
+        };
+        let young: Timestamp = "2026-11-23T10:01:00Z".parse().unwrap();
+        let old: Timestamp = "2026-11-23T10:05:00Z".parse().unwrap();
+        let expired: Timestamp = "2026-11-24T10:00:00Z".parse().unwrap();
+        let wi = Some(&identity);
+        let cases: [(&str, Option<String>, Option<&str>); 12] = [
+            ("running pod", end_reason(&lease("Pod", Some("p1")), wi, &pod("p1", "Running"), young, true), None),
+            (
+                "gated pod, uid not bound yet",
+                end_reason(&lease("Pod", None), wi, &pod("p1", "Pending"), young, false),
+                None,
+            ),
+            (
+                "succeeded",
+                end_reason(&lease("Pod", Some("p1")), wi, &pod("p1", "Succeeded"), young, true),
+                Some("pod w succeeded"),
+            ),
+            (
+                "failed",
+                end_reason(&lease("Pod", Some("p1")), wi, &pod("p1", "Failed"), young, true),
+                Some("pod w failed"),
+            ),
+            (
+                "replaced",
+                end_reason(&lease("Pod", Some("p1")), wi, &pod("p2", "Running"), young, true),
+                Some("pod w was replaced by another of the same name"),
+            ),
+            (
+                "deleted after binding",
+                end_reason(&lease("Pod", Some("p1")), wi, &Holder::Pod(None), young, false),
+                Some("pod w was deleted"),
+            ),
+            (
+                "deleted, seen by the watch",
+                end_reason(&lease("Pod", None), wi, &Holder::Pod(None), young, true),
+                Some("pod w was deleted"),
+            ),
+            (
+                "not there yet, within grace",
+                end_reason(&lease("Pod", None), wi, &Holder::Pod(None), young, false),
+                None,
+            ),
+            (
+                "never appeared",
+                end_reason(&lease("Pod", None), wi, &Holder::Pod(None), old, false),
+                Some("pod w never appeared (its creation was refused after admission)"),
+            ),
+            (
+                "identity deleted",
+                end_reason(&lease("Pod", Some("p1")), None, &pod("p1", "Running"), young, true),
+                Some("WorkloadIdentity wi was deleted"),
+            ),
+            ("Job running", end_reason(&lease("Job", Some("j1")), wi, &job(None), young, true), None),
+            (
+                "Job complete",
+                end_reason(&lease("Job", Some("j1")), wi, &job(Some("Complete")), young, true),
+                Some("Job w completed"),
+            ),
+        ];
+        for (case, got, want) in cases {
+            assert_eq!(got.as_deref(), want, "{case}");
+        }
+        let past = end_reason(&lease("Pod", Some("p1")), wi, &pod("p1", "Running"), expired, true).unwrap();
+        assert!(past.starts_with("expired at"), "{past}");
     }
 
     #[test]

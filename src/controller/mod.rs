@@ -14,6 +14,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::{
+    api::core::v1::ObjectReference,
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
@@ -21,7 +22,7 @@ use kube::{
     Client,
     runtime::{
         controller::Action,
-        events::{Recorder, Reporter},
+        events::{Event, EventType, Recorder, Reporter},
     },
 };
 
@@ -64,9 +65,42 @@ pub struct Context {
     /// Kubernetes client.
     pub client: Client,
     /// Publishes Events on the objects users look at.
-    pub recorder: Recorder,
+    pub events: Events,
     /// Reconcile counters and timings.
     pub metrics: Arc<Metrics>,
+}
+
+/// Publishes Events. kube-runtime's `Recorder` keeps every Event it sent for
+/// six minutes to count repeats into a series (and scans that cache on each
+/// publish): right for warnings that recur (throttling, failures), wasted on
+/// the one-off Normal Events of a lifecycle (`Ready`, `Reaped`, `IdentityReady`),
+/// which in a burst of thousands of pods made it the controller's largest
+/// allocation. One-off Events go through a recorder that is dropped at once.
+pub struct Events {
+    client: Client,
+    reporter: Reporter,
+    recurring: Recorder,
+}
+
+impl Events {
+    /// Events reported as `reporter` (controller name, replica).
+    #[must_use]
+    pub fn new(client: Client, reporter: Reporter) -> Self {
+        Self { recurring: Recorder::new(client.clone(), reporter.clone()), client, reporter }
+    }
+
+    /// Publishes `ev` on `on`; a failure is logged, never fatal (an Event is
+    /// a courtesy to users, not state).
+    pub async fn publish(&self, ev: &Event, on: &ObjectReference) {
+        let result = if ev.type_ == EventType::Warning {
+            self.recurring.publish(ev, on).await
+        } else {
+            Recorder::new(self.client.clone(), self.reporter.clone()).publish(ev, on).await
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, reason = ev.reason, "could not publish an Event");
+        }
+    }
 }
 
 /// How long a failed reconciliation waits before it is retried.
@@ -91,7 +125,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         Arc::new(std::sync::atomic::AtomicBool::new(true)),
     ));
     let reporter = Reporter { controller: "ephemera-controller".into(), instance: Some(settings.identity.clone()) };
-    let ctx = Arc::new(Context { client: client.clone(), recorder: Recorder::new(client.clone(), reporter), metrics });
+    let ctx = Arc::new(Context { client: client.clone(), events: Events::new(client.clone(), reporter), metrics });
 
     let mut leadership = if settings.leader_election {
         match acquire_leadership(&client, &settings).await? {
@@ -225,16 +259,22 @@ async fn acquire_leadership(client: &Client, settings: &Settings) -> Result<Opti
 }
 
 /// Drives a kube-runtime controller stream to the end, logging each result.
-async fn drain<S, T, E>(name: &'static str, stream: S)
+async fn drain<S, T, E, Q>(name: &'static str, stream: S)
 where
-    S: futures::Stream<Item = Result<T, E>>,
+    S: futures::Stream<Item = Result<T, kube::runtime::controller::Error<E, Q>>>,
     T: std::fmt::Debug,
-    E: std::fmt::Display,
+    E: std::error::Error + 'static,
+    Q: std::error::Error + 'static,
 {
     stream
         .for_each(|res| async move {
             match res {
                 Ok(obj) => tracing::debug!(controller = name, ?obj, "reconciled"),
+                // A watched pod or Job whose lease is gone (or not cached yet):
+                // nothing to do, and no reason to alarm anyone.
+                Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => {
+                    tracing::debug!(controller = name, %obj, "no such object in the cache; skipped");
+                }
                 Err(e) => tracing::warn!(controller = name, error = %e, "reconcile failed"),
             }
         })

@@ -146,9 +146,7 @@ async fn publish_transitions(
     };
     if let Some((type_, reason, note)) = event {
         let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Evaluate".into(), secondary: None };
-        if let Err(e) = ctx.recorder.publish(&ev, &identity.object_ref(&())).await {
-            tracing::warn!(error = %e, "could not publish an Event");
-        }
+        ctx.events.publish(&ev, &identity.object_ref(&())).await;
     }
 }
 
@@ -451,7 +449,7 @@ mod tests {
         let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };
         let ctx = Arc::new(Context {
             client: client.clone(),
-            recorder: kube::runtime::events::Recorder::new(client, reporter),
+            events: crate::controller::Events::new(client, reporter),
             metrics: Arc::default(),
         });
         let identity: WorkloadIdentity = serde_json::from_value(json!({

@@ -228,7 +228,7 @@ async fn a_job_run_shares_one_role_that_dies_with_the_job() {
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;
     let webhook = Webhook::start(&bed.client).await;
-    let _controller = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
+    let mut controller = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
     let batch = identity(
         "batch",
         json!({"scope": "Job", "aws": {"statements": [
@@ -236,6 +236,9 @@ async fn a_job_run_shares_one_role_that_dies_with_the_job() {
     );
     let gov = governed(&bed, &webhook, "e2e-lifecycle-job", json!({}), &batch).await;
     let (ns, pods) = (&gov.ns, gov.pods.clone());
+    // The probe is deleted at once: the controller must be watching by then
+    // (on a busy machine it may still be starting).
+    controller.wait_synced().await;
     let probe =
         admitted_with_identity(&pods, &pod(json!({"name": "probe", "labels": {"ephemera.dev/identity": "batch"}})))
             .await;

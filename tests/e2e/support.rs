@@ -423,6 +423,17 @@ impl EphemeraProcess {
         }
     }
 
+    /// Waits (60 s at most) until the lease controller's watches have listed
+    /// what exists: from then on it sees every pod that comes and goes.
+    pub async fn wait_synced(&mut self) {
+        let log = self.log.clone();
+        self.wait_while_running("the controller's watches to sync", Duration::from_mins(1), || {
+            let log = log.clone();
+            async move { std::fs::read_to_string(&log).ok()?.contains("lease controller watches synced").then_some(()) }
+        })
+        .await;
+    }
+
     /// The value of one sample of its `/metrics`, e.g.
     /// `ephemera_cloud_requests_total{operation="CreateRole",outcome="ok"}`
     /// (labels in the order the registry writes them); `None` when absent.

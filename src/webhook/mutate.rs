@@ -297,6 +297,9 @@ fn aws_env(identity: &ResolvedIdentity, settings: &Settings) -> Vec<EnvVar> {
 mod tests {
     use std::path::{Path, PathBuf};
 
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
     use super::*;
 
     /// One golden case: `tests/fixtures/mutate/<case>/{pod.yaml,admission.yaml}` in,
@@ -348,5 +351,187 @@ mod tests {
             .filter_map(|c| run_case(c).err().map(|e| format!("{}: {e}", c.file_name().unwrap().to_string_lossy())))
             .collect();
         assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    }
+
+    // === Properties over generated pods ===
+
+    /// Volumes a pod may bring: the plugin's default token, a user volume, a
+    /// user volume that happens to carry one of our names, and a volume named
+    /// like the plugin's that is not a projection (not ours to remove).
+    fn volume(i: usize) -> Value {
+        match i {
+            0 => {
+                json!({"name": "kube-api-access-x1", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}})
+            }
+            1 => json!({"name": "data", "emptyDir": {}}),
+            2 => json!({"name": TOKEN_VOLUME, "emptyDir": {}}),
+            _ => json!({"name": "kube-api-access-user", "emptyDir": {}}),
+        }
+    }
+
+    fn mount(i: usize) -> Value {
+        match i {
+            0 => json!({"name": "kube-api-access-x1", "mountPath": KUBE_API_MOUNT_PATH, "readOnly": true}),
+            1 => json!({"name": "data", "mountPath": "/data"}),
+            // A user volume at our token directory: theirs is kept.
+            2 => json!({"name": "data", "mountPath": token_dir()}),
+            _ => json!({"name": "kube-api-access-user", "mountPath": "/user"}),
+        }
+    }
+
+    fn env(i: usize) -> Value {
+        match i {
+            0 => json!({"name": "AWS_ROLE_ARN", "value": "arn:aws:iam::1:role/theirs"}),
+            // Equal to what we inject: not a user's choice to report.
+            1 => json!({"name": "AWS_REGION", "value": "eu-west-1"}),
+            2 => json!({"name": "AWS_REGION", "value": "us-east-1"}),
+            _ => json!({"name": "FOO", "value": "bar"}),
+        }
+    }
+
+    fn container() -> impl Strategy<Value = Value> {
+        (
+            prop::sample::select(vec!["app", "app", "sidecar"]),
+            prop::sample::subsequence(vec![0, 1, 2, 3], 0..=4),
+            prop::sample::subsequence(vec![0, 1, 2, 3], 0..=3),
+        )
+            .prop_map(|(name, mounts, envs)| {
+                // Container env names are unique in a valid pod.
+                let mut seen = BTreeSet::new();
+                let env: Vec<Value> =
+                    envs.into_iter().map(env).filter(|e| seen.insert(e["name"].to_string())).collect();
+                // So are mount paths.
+                let mut paths = BTreeSet::new();
+                let mounts: Vec<Value> =
+                    mounts.into_iter().map(mount).filter(|m| paths.insert(m["mountPath"].to_string())).collect();
+                json!({"name": name, "image": "busybox", "volumeMounts": mounts, "env": env})
+            })
+    }
+
+    prop_compose! {
+        fn pod()(
+            named in any::<bool>(),
+            sa in prop::option::of(prop::sample::select(vec!["default", "custom"])),
+            deprecated_sa in any::<bool>(),
+            automount in prop::option::of(any::<bool>()),
+            volumes in prop::sample::subsequence(vec![0, 1, 2, 3], 0..=4),
+            containers in prop::collection::vec(container(), 1..3),
+            init in prop::collection::vec(container(), 0..2),
+            ephemeral in prop::collection::vec(container(), 0..2),
+            gates in prop::sample::subsequence(vec![SCHEDULING_GATE, "other.example/gate"], 0..=2),
+        ) -> Pod {
+            let volumes: Vec<Value> = volumes.into_iter().map(volume).collect();
+            // A valid pod: every mount names one of its volumes.
+            let valid = |mut containers: Vec<Value>| {
+                for c in &mut containers {
+                    if let Some(mounts) = c["volumeMounts"].as_array_mut() {
+                        mounts.retain(|m| volumes.iter().any(|v| v["name"] == m["name"]));
+                    }
+                }
+                containers
+            };
+            let (containers, init, ephemeral) = (valid(containers), valid(init), valid(ephemeral));
+            let mut spec = json!({
+                "containers": containers, "initContainers": init, "ephemeralContainers": ephemeral,
+                "volumes": volumes,
+                "schedulingGates": gates.into_iter().map(|g| json!({"name": g})).collect::<Vec<_>>(),
+            });
+            if let Some(sa) = sa {
+                spec["serviceAccountName"] = json!(sa);
+                if deprecated_sa {
+                    spec["serviceAccount"] = json!(sa);
+                }
+            }
+            if let Some(a) = automount {
+                spec["automountServiceAccountToken"] = json!(a);
+            }
+            let name = if named { json!("p") } else { Value::Null };
+            serde_json::from_value(json!({"metadata": {"name": name, "generateName": "p-"}, "spec": spec})).unwrap()
+        }
+    }
+
+    prop_compose! {
+        fn admission()(
+            keep_default_token in any::<bool>(),
+            identity in any::<bool>(),
+            kubernetes_token in any::<bool>(),
+            assign in any::<bool>(),
+        ) -> Admission {
+            Admission {
+                keep_default_token,
+                identity: identity.then(|| ResolvedIdentity {
+                    lease: "p-lease".into(),
+                    service_account: "p-sa".into(),
+                    role_arn: "arn:aws:iam::123456789012:role/ephemera/p".into(),
+                    session_name: "p".into(),
+                    audience: "sts.amazonaws.com".into(),
+                    ttl_seconds: 900,
+                    kubernetes_token,
+                }),
+                assign_name: assign.then(|| "p-abcde".into()),
+            }
+        }
+    }
+
+    fn containers_of(pod: &Pod) -> Vec<&Container> {
+        let spec = pod.spec.as_ref().unwrap();
+        spec.init_containers.iter().flatten().chain(&spec.containers).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The patch applies, the result is what admission promises, and a
+        /// second call (reinvocation) changes nothing.
+        #[test]
+        fn mutation_is_idempotent_and_keeps_its_promises(pod in pod(), admission in admission()) {
+            let settings = Settings { aws_region: "eu-west-1".into() };
+            let patch = mutate(&pod, &admission, &settings).unwrap();
+            let mut doc = serde_json::to_value(&pod).unwrap();
+            json_patch::patch(&mut doc, &patch).unwrap();
+            let mutated: Pod = serde_json::from_value(doc).unwrap();
+            let again = mutate(&mutated, &admission, &settings).unwrap();
+            prop_assert!(again.0.is_empty(), "second call patches again: {}", serde_json::to_string(&again).unwrap());
+
+            let spec = mutated.spec.as_ref().unwrap();
+            let volumes: Vec<&Volume> = spec.volumes.iter().flatten().collect();
+            if !admission.keep_default_token {
+                prop_assert_eq!(spec.automount_service_account_token, Some(false));
+                prop_assert!(!volumes.iter().any(|v| v.name.starts_with(DEFAULT_TOKEN_VOLUME_PREFIX) && v.projected.is_some()));
+            }
+            // No mount is left without its volume (the apiserver would refuse the pod).
+            let all_mounts = containers_of(&mutated).into_iter().flat_map(|c| c.volume_mounts.iter().flatten());
+            for m in all_mounts {
+                prop_assert!(volumes.iter().any(|v| v.name == m.name), "mount {} has no volume", m.name);
+            }
+            for c in spec.ephemeral_containers.iter().flatten() {
+                for m in c.volume_mounts.iter().flatten() {
+                    prop_assert!(volumes.iter().any(|v| v.name == m.name), "ephemeral mount {} has no volume", m.name);
+                }
+            }
+            // What the user set is never replaced.
+            for (before, after) in containers_of(&pod).into_iter().zip(containers_of(&mutated)) {
+                for var in before.env.iter().flatten() {
+                    prop_assert!(after.env.iter().flatten().any(|e| e == var), "{} replaced in {}", var.name, before.name);
+                }
+                for m in before.volume_mounts.iter().flatten().filter(|m| !m.name.starts_with("kube-api-access-x")) {
+                    prop_assert!(after.volume_mounts.iter().flatten().any(|a| a == m), "mount {} replaced", m.name);
+                }
+            }
+            match &admission.identity {
+                None => prop_assert_eq!(&spec.scheduling_gates, &pod.spec.as_ref().unwrap().scheduling_gates),
+                Some(identity) => {
+                    prop_assert_eq!(spec.service_account_name.as_deref(), Some(identity.service_account.as_str()));
+                    let ours = spec.scheduling_gates.iter().flatten().filter(|g| g.name == SCHEDULING_GATE).count();
+                    prop_assert_eq!(ours, 1, "exactly one ephemera gate");
+                    prop_assert_eq!(mutated.metadata.labels.as_ref().and_then(|l| l.get(LABEL_LEASE)), Some(&identity.lease));
+                    for c in containers_of(&mutated) {
+                        let env = |n: &str| c.env.iter().flatten().find(|e| e.name == n).and_then(|e| e.value.clone());
+                        prop_assert!(env("AWS_ROLE_ARN").is_some() && env("AWS_WEB_IDENTITY_TOKEN_FILE").is_some());
+                        prop_assert!(c.volume_mounts.iter().flatten().any(|m| m.mount_path == token_dir()), "{} has no token directory", c.name);
+                    }
+                }
+            }
+        }
     }
 }

@@ -66,6 +66,8 @@ pub struct Churn {
 /// What [`Churn::run`] made.
 pub struct Made {
     pub roles: Vec<String>,
+    /// The lease of each pod.
+    pub leases: Vec<String>,
     pub took: Duration,
 }
 
@@ -94,9 +96,10 @@ impl Churn {
     pub async fn run(&self, lifecycles: u64, concurrency: usize, gate_bound: Duration) -> Made {
         let started = Instant::now();
         let roles = std::sync::Mutex::new(Vec::new());
+        let leases = std::sync::Mutex::new(Vec::new());
         futures::stream::iter(0..lifecycles)
             .for_each_concurrent(concurrency, |i| {
-                let roles = &roles;
+                let (roles, leases) = (&roles, &leases);
                 async move {
                     let name = format!("churn-{i}");
                     let created = if i == 0 {
@@ -110,6 +113,7 @@ impl Churn {
                             .unwrap_or_else(|e| panic!("creating {name}: {e}"))
                     };
                     roles.lock().unwrap().push(env_of(&created, "AWS_ROLE_ARN").expect("an injected role"));
+                    leases.lock().unwrap().push(created.labels()["ephemera.dev/lease"].clone());
                     wait_ungated_within(&self.gov.pods, &name, gate_bound).await;
                     match i % 3 {
                         0 => finish(&self.bed.client, &self.gov.ns.name, &name, "Succeeded").await,
@@ -121,7 +125,7 @@ impl Churn {
                 }
             })
             .await;
-        Made { roles: roles.into_inner().unwrap(), took: started.elapsed() }
+        Made { roles: roles.into_inner().unwrap(), leases: leases.into_inner().unwrap(), took: started.elapsed() }
     }
 
     /// Waits (3 min at most) until no lease or ServiceAccount of ephemera is
@@ -233,6 +237,137 @@ async fn controller_killed_at_random_points_leaves_no_orphans() {
         kills.load(Ordering::SeqCst),
         made.took,
     );
+}
+
+/// Two replicas with leader election, as the chart runs them. The leader
+/// crashes once while things are quiet (the standby takes over when the
+/// Lease expires), then, while pods come and go, the leader is stopped in
+/// turn with SIGTERM (it finishes what it started, hands the Lease back, and
+/// the standby takes over at once) and started again as the new standby.
+/// Nothing may leak, no pod may stay gated, and each lease is reaped exactly
+/// once, by one replica: one `Reaped` Event per lease. (A SIGKILL between a
+/// reap's last step and the finalizer's removal would make the next leader
+/// reap again, harmlessly; the single-replica soak covers SIGKILLs.)
+#[tokio::test]
+async fn two_replicas_hand_over_and_reap_each_lease_once() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let lifecycles = env_or("EPHEMERA_REPLICAS_LIFECYCLES", 24);
+    let _turn = controller_turn().await;
+    let churn = Churn::new("e2e-replicas").await;
+    let cluster = unique_name("replicas");
+    let ns = churn.gov.ns.name.clone();
+    // Each process has its own identity, as each pod of a Deployment has its
+    // own name: a restarted replica is a new candidate, not the old leader.
+    let started = Arc::new(AtomicUsize::new(0));
+    let replica = move || {
+        let id = format!("replica-{}", started.fetch_add(1, Ordering::SeqCst));
+        let process = ControllerProcess::start_with(&[
+            "--cluster-name",
+            &cluster,
+            "--leader-elect",
+            "--namespace",
+            &ns,
+            "--identity",
+            &id,
+        ]);
+        (id, process)
+    };
+    let election = Api::<Lease>::namespaced(churn.bed.client.clone(), &churn.gov.ns.name);
+    let holder = move || {
+        let election = election.clone();
+        async move {
+            election
+                .get_opt("ephemera-controller")
+                .await
+                .ok()
+                .flatten()?
+                .spec?
+                .holder_identity
+                .filter(|h| !h.is_empty())
+        }
+    };
+    let other_than = move |old: String| {
+        let holder = holder.clone();
+        async move {
+            crate::support::wait_until("another replica to lead", Duration::from_mins(1), || {
+                let (holder, old) = (holder.clone(), old.clone());
+                async move { holder().await.filter(|h| *h != old) }
+            })
+            .await
+        }
+    };
+    let mut replicas: std::collections::HashMap<String, ControllerProcess> = [replica(), replica()].into();
+    let first = other_than(String::new()).await;
+
+    // A crash: the Lease is not handed back; the standby waits it out.
+    drop(replicas.remove(&first));
+    let crashed = Instant::now();
+    let second = other_than(first).await;
+    let takeover = crashed.elapsed();
+    replicas.extend([replica()]);
+
+    // Handovers by SIGTERM after 0.1-0.6 s of a leader's life while pods come and go.
+    let done = Arc::new(AtomicBool::new(false));
+    let handovers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let switcher = {
+        let (done, handovers, other_than) = (done.clone(), handovers.clone(), other_than.clone());
+        let mut rng = Rng(Rng::seed("EPHEMERA_SOAK_SEED"));
+        tokio::spawn(async move {
+            let mut leader = second;
+            while !done.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(100 + rng.below(500))).await;
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                let mut stopping = replicas.remove(&leader).expect("the leader runs");
+                let stopped = Instant::now();
+                tokio::task::spawn_blocking(move || stopping.terminate()).await.unwrap();
+                replicas.extend([replica()]);
+                leader = other_than(leader).await;
+                handovers.lock().unwrap().push(stopped.elapsed());
+            }
+            (replicas, leader)
+        })
+    };
+    let made = churn.run(lifecycles, 4, Duration::from_mins(2)).await;
+    done.store(true, Ordering::SeqCst);
+    let (mut replicas, leader) = switcher.await.expect("the handover task");
+    let handovers = handovers.lock().unwrap().clone();
+    assert!(handovers.len() >= 2, "the leader must change while pods come and go");
+    let mut controller = replicas.remove(&leader).expect("the leader runs");
+    let settled = churn.assert_nothing_left(&made.roles, &mut controller).await;
+
+    assert_reaped_once(&churn, &made.leases).await;
+    eprintln!(
+        "replicas: standby took over {takeover:?} after the leader crashed; {lifecycles} lifecycles with {} \
+         handovers (SIGTERM -> new leader: {handovers:?}) in {:?}; all reaped {settled:?} later, each lease once; \
+         no orphans",
+        handovers.len(),
+        made.took
+    );
+}
+
+/// Each lease has exactly one `Reaped` Event (counting repeats in a series).
+async fn assert_reaped_once(churn: &Churn, leases: &[String]) {
+    use k8s_openapi::api::events::v1::Event;
+    let events = Api::<Event>::namespaced(churn.bed.client.clone(), &churn.gov.ns.name)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    for lease in leases {
+        let reaped: Vec<_> = events
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("Reaped"))
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(lease.as_str()))
+            .map(|e| (e.reporting_instance.clone(), e.series.as_ref().map_or(1, |s| s.count)))
+            .collect();
+        assert_eq!(
+            reaped.iter().map(|(_, n)| n).sum::<i32>(),
+            1,
+            "lease {lease} must be reaped once, by one replica: {reaped:?}"
+        );
+    }
 }
 
 /// Kills the test bed's kube-apiserver (SIGKILL: a crash, and quicker than

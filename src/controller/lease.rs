@@ -29,7 +29,7 @@ use kube::{
         controller::Action,
         events::{Event, EventType},
         finalizer::{Event as Finalizer, finalizer},
-        reflector::{self, ObjectRef, Store},
+        reflector::{ObjectRef, Store, store::Writer},
         watcher,
     },
 };
@@ -140,10 +140,10 @@ fn error_policy(lease: Arc<IdentityLease>, error: &Error, ctx: Arc<LeaseContext>
 /// and Jobs are watched as metadata only (the reconciler reads the one pod or
 /// Job it needs from the apiserver; the watches only say which lease to look
 /// at).
-pub async fn run(ctx: Arc<Context>, cloud: Cloud) {
+pub async fn run(ctx: Arc<Context>, cloud: Cloud, writer: Writer<IdentityLease>) {
     let client = ctx.client.clone();
     let synced = Synced::new(3);
-    let (leases, writer) = reflector::store();
+    let leases = writer.as_reader();
     let lease_events = watcher(Api::<IdentityLease>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(|lease| lease.managed_fields_mut().clear())
@@ -806,8 +806,8 @@ async fn publish(ctx: &LeaseContext, lease: &IdentityLease, type_: EventType, re
 // === Sweep ===
 
 async fn sweep_forever(ctx: Arc<LeaseContext>) {
-    // No need to wait for the cache: the sweep asks the apiserver about each
-    // role's lease before deleting anything.
+    // The sweep skips roles of cached leases, so it starts once the cache is
+    // filled (it asks the apiserver about every other role before deleting).
     let gauges = ctx.clone();
     let _gauges = AbortOnDrop(tokio::spawn(async move {
         // Until the cache is filled every lease would look gone.
@@ -820,6 +820,9 @@ async fn sweep_forever(ctx: Arc<LeaseContext>) {
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
     }));
+    if ctx.leases.wait_until_ready().await.is_err() {
+        return;
+    }
     loop {
         match sweep(&ctx).await {
             Ok(0) => tracing::debug!("sweep found no orphaned role"),
@@ -852,9 +855,13 @@ async fn sweep(ctx: &LeaseContext) -> Result<usize> {
     paths.push("/ephemera/".into());
     paths.sort();
     paths.dedup();
+    // Roles of leases in the cache are live; only the others are looked at
+    // (and the apiserver decides for those).
+    let live: std::collections::HashSet<String> =
+        ctx.leases.state().iter().filter_map(|l| l.spec.role_arn.clone()).collect();
     let mut deleted = 0;
     for path in paths {
-        for role in ctx.cloud.provider.list_owned(&path, &ctx.cloud.cluster).await? {
+        for role in ctx.cloud.provider.list_owned(&path, &ctx.cloud.cluster, |arn| live.contains(arn)).await? {
             let api = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &role.namespace);
             // The apiserver, not the cache, decides: a stale cache must never delete a live role.
             if api.get_opt(&role.lease).await.map_err(Error::kube("checking a role's lease"))?.is_some() {

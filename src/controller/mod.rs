@@ -23,10 +23,11 @@ use kube::{
     runtime::{
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
+        reflector::{Store, store::Writer},
     },
 };
 
-use crate::{Error, Result, telemetry::Metrics};
+use crate::{Error, Result, api::IdentityLease, telemetry::Metrics};
 
 /// Settings of the controller process.
 #[derive(Clone, Debug)]
@@ -68,6 +69,10 @@ pub struct Context {
     pub events: Events,
     /// Reconcile counters and timings.
     pub metrics: Arc<Metrics>,
+    /// Every `IdentityLease`, as the lease controller's watch keeps it (the
+    /// identity controller counts active leases here instead of listing
+    /// thousands of them from the apiserver on each reconcile).
+    pub leases: Store<IdentityLease>,
 }
 
 /// Publishes Events. kube-runtime's `Recorder` keeps every Event it sent for
@@ -125,7 +130,13 @@ pub async fn run(settings: Settings) -> Result<()> {
         Arc::new(std::sync::atomic::AtomicBool::new(true)),
     ));
     let reporter = Reporter { controller: "ephemera-controller".into(), instance: Some(settings.identity.clone()) };
-    let ctx = Arc::new(Context { client: client.clone(), events: Events::new(client.clone(), reporter), metrics });
+    let lease_cache = Writer::<IdentityLease>::default();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        events: Events::new(client.clone(), reporter),
+        metrics,
+        leases: lease_cache.as_reader(),
+    });
 
     let mut leadership = if settings.leader_election {
         match acquire_leadership(&client, &settings).await? {
@@ -139,7 +150,11 @@ pub async fn run(settings: Settings) -> Result<()> {
 
     let cloud = lease_cloud(&client, &settings.cloud, ctx.metrics.clone(), settings.aws_role_limit).await?;
     let controllers = async {
-        tokio::join!(workload_identity::run(ctx.clone()), boundary::run(ctx.clone()), lease::run(ctx.clone(), cloud));
+        tokio::join!(
+            workload_identity::run(ctx.clone()),
+            boundary::run(ctx.clone()),
+            lease::run(ctx.clone(), cloud, lease_cache)
+        );
     };
     let result = tokio::select! {
         () = controllers => Ok(()),

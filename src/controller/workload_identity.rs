@@ -26,8 +26,8 @@ use super::{Context, RESYNC, condition, drain, is_true, retry};
 use crate::{
     Error, Result,
     api::{
-        AwsStatement, Duration, EffectiveIdentity, IdentityBoundary, IdentityLease, WorkloadIdentity,
-        WorkloadIdentitySpec, WorkloadIdentityStatus,
+        AwsStatement, Duration, EffectiveIdentity, IdentityBoundary, WorkloadIdentity, WorkloadIdentitySpec,
+        WorkloadIdentityStatus,
         well_known::{FIELD_MANAGER, condition as cond, reason},
     },
     policy::{self, Violation},
@@ -70,12 +70,15 @@ async fn reconcile(identity: Arc<WorkloadIdentity>, ctx: Arc<Context>) -> Result
     let client = &ctx.client;
 
     let (labels, boundaries) = namespace_and_boundaries(client, &namespace).await?;
-    let leases = Api::<IdentityLease>::namespaced(client.clone(), &namespace)
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::kube(format!("listing IdentityLeases in {namespace}")))?
-        .items;
-    let active_leases = leases.iter().filter(|l| l.spec.workload_identity == name).count();
+    // Counted from the lease controller's cache once it is filled (a
+    // dropped writer, in unit tests, reads as an empty cache).
+    let _ = ctx.leases.wait_until_ready().await;
+    let active_leases = ctx
+        .leases
+        .state()
+        .iter()
+        .filter(|l| l.spec.workload_identity == name && l.namespace().as_deref() == Some(namespace.as_str()))
+        .count();
 
     let evaluation = evaluate(&identity.spec, &labels, &boundaries);
     let previous = identity.status.clone().unwrap_or_default();
@@ -443,6 +446,25 @@ mod tests {
         }
     }
 
+    /// A filled lease cache with one lease per (namespace, identity).
+    fn lease_cache(leases: &[(&str, &str)]) -> kube::runtime::reflector::Store<crate::api::IdentityLease> {
+        use kube::runtime::watcher::Event;
+        let mut writer = kube::runtime::reflector::store::Writer::default();
+        writer.apply_watcher_event(&Event::Init);
+        for (i, (namespace, identity)) in leases.iter().enumerate() {
+            let lease = serde_json::from_value(json!({
+                "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+                "metadata": {"name": format!("l{i}"), "namespace": namespace},
+                "spec": {"holder": {"kind": "Pod", "name": "p"}, "workloadIdentity": identity,
+                         "serviceAccount": format!("l{i}"), "expiresAt": "2026-11-24T10:00:00Z"},
+            }))
+            .unwrap();
+            writer.apply_watcher_event(&Event::InitApply(lease));
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+        writer.as_reader()
+    }
+
     #[tokio::test]
     async fn reconcile_publishes_the_violation_in_status_and_an_event() {
         let (client, mut apiserver) = api_server::client();
@@ -450,6 +472,12 @@ mod tests {
         let ctx = Arc::new(Context {
             client: client.clone(),
             events: crate::controller::Events::new(client, reporter),
+            leases: lease_cache(&[
+                ("team-a", "reader"),
+                ("team-a", "reader"),
+                ("team-a", "writer"),
+                ("team-b", "reader"),
+            ]),
             metrics: Arc::default(),
         });
         let identity: WorkloadIdentity = serde_json::from_value(json!({
@@ -470,13 +498,6 @@ mod tests {
         .await;
         api_server::expect(&mut apiserver, "GET", "/apis/ephemera.dev/v1alpha1/identityboundaries",
             json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityBoundaryList", "metadata": {}, "items": [b]})).await;
-        api_server::expect(
-            &mut apiserver,
-            "GET",
-            "/apis/ephemera.dev/v1alpha1/namespaces/team-a/identityleases",
-            json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLeaseList", "metadata": {}, "items": []}),
-        )
-        .await;
         let event =
             api_server::expect(&mut apiserver, "POST", "/apis/events.k8s.io/v1/namespaces/team-a/events", json!({}))
                 .await;
@@ -494,6 +515,7 @@ mod tests {
                 .contains(r#""iam:PassRole" is not allowed by IdentityBoundary team-a"#)
         );
         assert_eq!(patch["status"]["observedGeneration"], 3);
+        assert_eq!(patch["status"]["activeLeases"], 2, "leases of this identity in its namespace, from the cache");
         assert_eq!(patch["status"]["effective"]["tokenTTL"], "15m");
 
         let action = reconciler.await.unwrap().unwrap();

@@ -165,6 +165,13 @@ async fn lifecycle_latencies() {
     }
     let relist = restarted.elapsed();
     let rss_relisted = controller.rss_mib();
+    // For profiling: keep every lease live a while (other controller builds
+    // may be started against them meanwhile: a live lease's reconcile only
+    // reads).
+    if let Some(hold) = std::env::var("EPHEMERA_BENCH_HOLD_SECS").ok().and_then(|v| v.parse().ok()) {
+        println!("holding {n} live leases for {hold} s (EPHEMERA_BENCH_HOLD_SECS)");
+        tokio::time::sleep(Duration::from_secs(hold)).await;
+    }
 
     // End them all, once running (kwok would overwrite an earlier phase);
     // the lease disappears only after its role is deleted.

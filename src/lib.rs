@@ -21,6 +21,9 @@ pub mod webhook;
 
 pub use error::{Error, Result};
 
+#[cfg(test)]
+mod api_server;
+
 /// Version of this build, as reported by `ephemera version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

@@ -88,6 +88,12 @@ struct LeaseContext {
     /// pod that is gone was then deleted, even before the lease recorded its
     /// uid, so the lease is reaped at once instead of after the grace period.
     seen_pods: SeenPods,
+    /// Uids of leases this process has reaped. In a burst a lease is often
+    /// looked at again (a pod event queued meanwhile) before the cache has
+    /// seen it go: the finalizer is then still there in the cache, and
+    /// without this the whole reap would run again (a second `Reaped` Event,
+    /// a handful of IAM calls answered `NoSuchEntity`).
+    reaped: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 type SeenPods = Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>;
@@ -140,7 +146,12 @@ fn error_policy(lease: Arc<IdentityLease>, error: &Error, ctx: Arc<LeaseContext>
 /// and Jobs are watched as metadata only (the reconciler reads the one pod or
 /// Job it needs from the apiserver; the watches only say which lease to look
 /// at).
-pub async fn run(ctx: Arc<Context>, cloud: Cloud, writer: Writer<IdentityLease>) {
+pub async fn run(
+    ctx: Arc<Context>,
+    cloud: Cloud,
+    writer: Writer<IdentityLease>,
+    listed: tokio::sync::watch::Sender<bool>,
+) {
     let client = ctx.client.clone();
     let synced = Synced::new(3);
     let leases = writer.as_reader();
@@ -149,6 +160,12 @@ pub async fn run(ctx: Arc<Context>, cloud: Cloud, writer: Writer<IdentityLease>)
         .modify(|lease| lease.managed_fields_mut().clear())
         .inspect(synced.on_init_done("leases"))
         .reflect(writer)
+        // After the reflector applied it: the cache holds the whole list.
+        .inspect(move |event| {
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                listed.send_replace(true);
+            }
+        })
         .applied_objects();
     let by_job = leases.clone();
     let seen_pods: SeenPods = Arc::default();
@@ -159,6 +176,7 @@ pub async fn run(ctx: Arc<Context>, cloud: Cloud, writer: Writer<IdentityLease>)
         leases: leases.clone(),
         failures: std::sync::Mutex::default(),
         seen_pods,
+        reaped: std::sync::Mutex::default(),
     });
     let sweep = tokio::spawn(sweep_forever(lctx.clone()));
     let pods =
@@ -236,9 +254,13 @@ async fn reconcile(lease: Arc<IdentityLease>, ctx: Arc<LeaseContext>) -> Result<
         }
     })
     .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Config(format!("finalizer {FINALIZER_REAPER}: {other}")),
+    .or_else(|e| match e {
+        // Reaped, and gone already (this was a stale second look).
+        kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404 => {
+            Ok(Action::await_change())
+        }
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => Err(e),
+        other => Err(Error::Config(format!("finalizer {FINALIZER_REAPER}: {other}"))),
     });
     if result.is_ok() {
         ctx.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
@@ -366,10 +388,15 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .contains(&(namespace.clone(), name.clone()));
-    let identity = Api::<WorkloadIdentity>::namespaced(client.clone(), &namespace)
-        .get_opt(&lease.spec.workload_identity)
-        .await
-        .map_err(Error::kube(format!("reading WorkloadIdentity {namespace}/{}", lease.spec.workload_identity)))?;
+    let cached = ctx.base.identities.get(&ObjectRef::new(&lease.spec.workload_identity).within(&namespace));
+    let identity = match cached {
+        Some(identity) => Some(WorkloadIdentity::clone(&identity)),
+        // Not cached (yet): the apiserver decides whether it exists.
+        None => Api::<WorkloadIdentity>::namespaced(client.clone(), &namespace)
+            .get_opt(&lease.spec.workload_identity)
+            .await
+            .map_err(Error::kube(format!("reading WorkloadIdentity {namespace}/{}", lease.spec.workload_identity)))?,
+    };
     let holder = Holder::read(lease, client).await?;
     if let Some(reason) = end_reason(lease, identity.as_ref(), &holder, now, seen) {
         return start_reaping(lease, ctx, &reason, now).await;
@@ -707,6 +734,11 @@ async fn reap(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     let note: Option<serde_json::Value> =
         lease.annotations().get(ANNOTATION_REAP).and_then(|n| serde_json::from_str(n).ok());
     let reason = note.as_ref().and_then(|n| n["reason"].as_str()).unwrap_or("the lease was deleted").to_owned();
+    let uid = lease.uid().unwrap_or_default();
+    if ctx.reaped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&uid) {
+        // Done before; only the finalizer's removal is left (or was stale).
+        return Ok(Action::await_change());
+    }
     // The lease is normally gone within milliseconds: status says Reaping
     // only when something holds it (kubectl shows the deletion meanwhile).
     if let Some(role_arn) = &lease.spec.role_arn
@@ -753,6 +785,7 @@ async fn reap(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
         format!("{reason}: sessions revoked, role and ServiceAccount deleted"),
     )
     .await;
+    ctx.reaped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid);
     tracing::info!(namespace, lease = name, reason, "reaped");
     Ok(Action::await_change())
 }
@@ -811,7 +844,7 @@ async fn sweep_forever(ctx: Arc<LeaseContext>) {
     let gauges = ctx.clone();
     let _gauges = AbortOnDrop(tokio::spawn(async move {
         // Until the cache is filled every lease would look gone.
-        if gauges.leases.wait_until_ready().await.is_err() {
+        if !gauges.base.leases_ready.wait().await {
             return;
         }
         loop {
@@ -820,7 +853,7 @@ async fn sweep_forever(ctx: Arc<LeaseContext>) {
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
     }));
-    if ctx.leases.wait_until_ready().await.is_err() {
+    if !ctx.base.leases_ready.wait().await {
         return;
     }
     loop {
@@ -885,8 +918,11 @@ async fn sweep(ctx: &LeaseContext) -> Result<usize> {
 /// its lease reached the cache, in the instant before a round, is forgotten
 /// too: its lease then falls back to the holder grace period.)
 fn forget_gone(ctx: &LeaseContext) {
+    let cached = ctx.leases.state();
     let live: std::collections::HashSet<(String, String)> =
-        ctx.leases.state().iter().map(|l| (l.namespace().unwrap_or_default(), l.name_any())).collect();
+        cached.iter().map(|l| (l.namespace().unwrap_or_default(), l.name_any())).collect();
+    let uids: std::collections::HashSet<String> = cached.iter().filter_map(|l| l.uid()).collect();
+    ctx.reaped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|uid| uids.contains(uid));
     ctx.seen_pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|key| live.contains(key));
     ctx.failures
         .lock()

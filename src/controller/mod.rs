@@ -27,7 +27,11 @@ use kube::{
     },
 };
 
-use crate::{Error, Result, api::IdentityLease, telemetry::Metrics};
+use crate::{
+    Error, Result,
+    api::{IdentityLease, WorkloadIdentity},
+    telemetry::Metrics,
+};
 
 /// Settings of the controller process.
 #[derive(Clone, Debug)]
@@ -73,6 +77,43 @@ pub struct Context {
     /// identity controller counts active leases here instead of listing
     /// thousands of them from the apiserver on each reconcile).
     pub leases: Store<IdentityLease>,
+    /// Whether [`Context::leases`] has listed what exists.
+    pub leases_ready: Ready,
+    /// Every `WorkloadIdentity`, as the identity controller's watch keeps it
+    /// (the lease controller reads a lease's identity here; a miss is asked
+    /// of the apiserver, so a lagging cache never reads as a deletion).
+    pub identities: Store<WorkloadIdentity>,
+}
+
+/// Whether a cache has listed what exists; any number of tasks may wait.
+/// (kube-runtime's `Store::wait_until_ready` wakes only the last of several
+/// concurrent waiters, and its own `Controller` is one of them: a second
+/// waiter can leave either hanging. Nothing here calls it.)
+#[derive(Clone, Debug)]
+pub struct Ready(tokio::sync::watch::Receiver<bool>);
+
+impl Ready {
+    /// Not ready until the sender says so (a dropped sender: never).
+    #[must_use]
+    pub fn new() -> (tokio::sync::watch::Sender<bool>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, Self(rx))
+    }
+
+    /// Ready from the start (tests, prefilled caches).
+    #[must_use]
+    pub fn now() -> Self {
+        Self(tokio::sync::watch::channel(true).1)
+    }
+
+    /// Waits until ready; `false` if that can no longer happen.
+    pub async fn wait(&self) -> bool {
+        let mut rx = self.0.clone();
+        if *rx.borrow_and_update() {
+            return true;
+        }
+        rx.wait_for(|ready| *ready).await.is_ok()
+    }
 }
 
 /// Publishes Events. kube-runtime's `Recorder` keeps every Event it sent for
@@ -131,11 +172,15 @@ pub async fn run(settings: Settings) -> Result<()> {
     ));
     let reporter = Reporter { controller: "ephemera-controller".into(), instance: Some(settings.identity.clone()) };
     let lease_cache = Writer::<IdentityLease>::default();
+    let (leases_listed, leases_ready) = Ready::new();
+    let identity_cache = Writer::<WorkloadIdentity>::default();
     let ctx = Arc::new(Context {
         client: client.clone(),
         events: Events::new(client.clone(), reporter),
         metrics,
         leases: lease_cache.as_reader(),
+        leases_ready,
+        identities: identity_cache.as_reader(),
     });
 
     let mut leadership = if settings.leader_election {
@@ -151,9 +196,9 @@ pub async fn run(settings: Settings) -> Result<()> {
     let cloud = lease_cloud(&client, &settings.cloud, ctx.metrics.clone(), settings.aws_role_limit).await?;
     let controllers = async {
         tokio::join!(
-            workload_identity::run(ctx.clone()),
+            workload_identity::run(ctx.clone(), identity_cache),
             boundary::run(ctx.clone()),
-            lease::run(ctx.clone(), cloud, lease_cache)
+            lease::run(ctx.clone(), cloud, lease_cache, leases_listed)
         );
     };
     let result = tokio::select! {

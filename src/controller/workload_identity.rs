@@ -12,10 +12,10 @@ use kube::{
     api::{ListParams, Patch, PatchParams},
     core::{Selector, SelectorExt},
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::Action,
         events::{Event, EventType},
-        reflector::ObjectRef,
+        reflector::{ObjectRef, store::Writer},
         watcher,
     },
 };
@@ -36,11 +36,14 @@ use crate::{
 const CONTROLLER: &str = "workload_identity";
 
 /// Runs the identity controller until shutdown.
-pub async fn run(ctx: Arc<Context>) {
+pub async fn run(ctx: Arc<Context>, writer: Writer<WorkloadIdentity>) {
     let client = ctx.client.clone();
-    let identities = Api::<WorkloadIdentity>::all(client.clone());
-    let controller = Controller::new(identities, watcher::Config::default());
-    let store = controller.store();
+    let store = writer.as_reader();
+    let identities = watcher(Api::<WorkloadIdentity>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    let controller = Controller::for_stream(identities, store.clone());
     let by_boundary = store.clone();
     let by_namespace = store.clone();
     let stream = controller
@@ -70,9 +73,10 @@ async fn reconcile(identity: Arc<WorkloadIdentity>, ctx: Arc<Context>) -> Result
     let client = &ctx.client;
 
     let (labels, boundaries) = namespace_and_boundaries(client, &namespace).await?;
-    // Counted from the lease controller's cache once it is filled (a
-    // dropped writer, in unit tests, reads as an empty cache).
-    let _ = ctx.leases.wait_until_ready().await;
+    // Counted from the lease controller's cache once it is filled.
+    if !ctx.leases_ready.wait().await {
+        return Err(Error::Config("the lease cache stopped before it was filled".into()));
+    }
     let active_leases = ctx
         .leases
         .state()
@@ -418,33 +422,7 @@ mod tests {
         assert!(is_true(&status.conditions, cond::DEGRADED));
     }
 
-    /// A fake apiserver (tower-test) answering the reconciler's calls in the
-    /// order it must make them, checking each request.
-    mod api_server {
-        use http::{Request, Response};
-        use kube::{Client, client::Body};
-        use tower_test::mock::{Handle, pair};
-
-        pub fn client() -> (Client, Handle<Request<Body>, Response<Body>>) {
-            let (service, handle) = pair::<Request<Body>, Response<Body>>();
-            (Client::new(service, "default"), handle)
-        }
-
-        /// Expects `method path...` next, answers `body`, returns the request body.
-        pub async fn expect(
-            handle: &mut Handle<Request<Body>, Response<Body>>,
-            method: &str,
-            path_prefix: &str,
-            body: serde_json::Value,
-        ) -> serde_json::Value {
-            let (request, responder) = handle.next_request().await.expect("the reconciler made another request");
-            assert_eq!(request.method().as_str(), method, "{}", request.uri());
-            assert!(request.uri().path().starts_with(path_prefix), "expected {path_prefix}, got {}", request.uri());
-            let request_body = request.into_body().collect_bytes().await.unwrap();
-            responder.send_response(Response::builder().body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap());
-            serde_json::from_slice(&request_body).unwrap_or(serde_json::Value::Null)
-        }
-    }
+    use crate::api_server;
 
     /// A filled lease cache with one lease per (namespace, identity).
     fn lease_cache(leases: &[(&str, &str)]) -> kube::runtime::reflector::Store<crate::api::IdentityLease> {
@@ -478,6 +456,8 @@ mod tests {
                 ("team-a", "writer"),
                 ("team-b", "reader"),
             ]),
+            identities: kube::runtime::reflector::store().0,
+            leases_ready: crate::controller::Ready::now(),
             metrics: Arc::default(),
         });
         let identity: WorkloadIdentity = serde_json::from_value(json!({

@@ -198,14 +198,14 @@ fn holder(
     if identity.spec.scope == Scope::Job {
         if let Some(job) = job_owner(pod) {
             let holder = Holder { kind: HolderKind::Job, name: job.name, uid: Some(job.uid.clone()) };
-            return Ok((naming::short_id(&job.uid, 5), holder));
+            return Ok((naming::short_id(&job.uid, naming::LEASE_SUFFIX_LEN), holder));
         }
         warnings.push(format!(
             "WorkloadIdentity {} has scope Job but this pod has no Job owner: it gets an identity of its own",
             identity.name_any()
         ));
     }
-    let suffix = naming::short_id(env.request_uid, 5);
+    let suffix = naming::short_id(env.request_uid, naming::LEASE_SUFFIX_LEN);
     let name = match (pod.metadata.name.as_deref(), pod.metadata.generate_name.as_deref()) {
         (Some(name), _) if !name.is_empty() => name.to_owned(),
         (_, Some(prefix)) if !prefix.is_empty() => {
@@ -233,11 +233,20 @@ pub async fn provision(client: &Client, lease: &IdentityLease) -> Result<()> {
         Err(kube::Error::Api(s)) if s.is_already_exists() => {
             let existing =
                 leases.get(&name).await.map_err(Error::kube(format!("reading IdentityLease {namespace}/{name}")))?;
+            // The same workload asking again (reinvocation, a retried
+            // request, another pod of the same Job run) shares the lease;
+            // anything else is a name collision and must never share an
+            // identity: the pod is refused and its creator retries under a
+            // new name.
+            let same_holder = existing.spec.holder.kind == lease.spec.holder.kind
+                && existing.spec.holder.name == lease.spec.holder.name
+                && (lease.spec.holder.uid.is_none() || existing.spec.holder.uid == lease.spec.holder.uid);
             if existing.spec.workload_identity != lease.spec.workload_identity
+                || !same_holder
                 || existing.meta().deletion_timestamp.is_some()
             {
                 return Err(Error::Config(format!(
-                    "IdentityLease {namespace}/{name} exists for another workload or is being reaped"
+                    "IdentityLease {namespace}/{name} exists for another workload or is being reaped; retry"
                 )));
             }
             existing
@@ -472,6 +481,25 @@ spec: {containers: [{name: main, image: busybox}]}
         assert_eq!(again.identity.unwrap().lease, id.lease);
     }
 
+    #[tokio::test]
+    async fn a_lease_name_taken_by_another_workload_is_refused_not_shared() {
+        let f = Fixture::new();
+        let (_, lease, _) = admitted(f.decide(&pod(PLAIN)));
+        let lease = *lease.unwrap();
+        let mut theirs = serde_json::to_value(&lease).unwrap();
+        theirs["metadata"]["uid"] = serde_json::json!("u-theirs");
+        theirs["spec"]["holder"]["name"] = serde_json::json!("another-pod");
+        let (client, mut apiserver) = crate::api_server::client();
+        let provisioning = tokio::spawn(async move { provision(&client, &lease).await });
+        let conflict = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists",
+                              "code": 409, "message": "identityleases.ephemera.dev already exists"});
+        let path = "/apis/ephemera.dev/v1alpha1/namespaces/team-a/identityleases";
+        crate::api_server::expect_status(&mut apiserver, "POST", path, 409, conflict).await;
+        crate::api_server::expect(&mut apiserver, "GET", path, theirs).await;
+        let err = provisioning.await.unwrap().expect_err("a collision must be refused");
+        assert!(err.to_string().contains("exists for another workload"), "{err}");
+    }
+
     #[test]
     fn generate_name_pods_are_named_by_the_webhook() {
         let f = Fixture::new();
@@ -481,7 +509,7 @@ spec: {containers: [{name: main}]}
 ");
         let (admission, lease, _) = admitted(f.decide(&p));
         let name = admission.assign_name.unwrap();
-        assert!(name.starts_with("report-") && name.len() == "report-".len() + 5, "{name}");
+        assert!(name.starts_with("report-") && name.len() == "report-".len() + naming::LEASE_SUFFIX_LEN, "{name}");
         assert_eq!(lease.unwrap().spec.holder.name, name);
     }
 

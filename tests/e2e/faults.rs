@@ -23,7 +23,7 @@ use hyper::{Request, Response, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
 
 use crate::{
-    soak::{Churn, Rng, env_or},
+    soak::{Churn, Rng, assert_reaped_once, env_or},
     support::{ControllerProcess, controller_turn, unique_name},
 };
 
@@ -175,6 +175,8 @@ async fn lifecycles_complete_and_leak_nothing_under_cloud_faults() {
     // A fault costs at most a few seconds of backoff; minutes mean stuck.
     let made = churn.run(lifecycles, 4, Duration::from_mins(3)).await;
     let settled = churn.assert_nothing_left(&made.roles, &mut controller).await;
+    // Retried steps never reap a lease twice.
+    assert_reaped_once(&churn, &made.leases).await;
 
     let c = proxy.counts();
     let injected =

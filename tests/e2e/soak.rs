@@ -348,7 +348,7 @@ async fn two_replicas_hand_over_and_reap_each_lease_once() {
 }
 
 /// Each lease has exactly one `Reaped` Event (counting repeats in a series).
-async fn assert_reaped_once(churn: &Churn, leases: &[String]) {
+pub async fn assert_reaped_once(churn: &Churn, leases: &[String]) {
     use k8s_openapi::api::events::v1::Event;
     let events = Api::<Event>::namespaced(churn.bed.client.clone(), &churn.gov.ns.name)
         .list(&ListParams::default())

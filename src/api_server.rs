@@ -1,0 +1,41 @@
+//! A fake apiserver for unit tests (tower-test): it answers a client's calls
+//! in the order the code under test must make them, checking each request.
+
+use http::{Request, Response};
+use kube::{Client, client::Body};
+use tower_test::mock::{Handle, pair};
+
+pub type Apiserver = Handle<Request<Body>, Response<Body>>;
+
+pub fn client() -> (Client, Apiserver) {
+    let (service, handle) = pair::<Request<Body>, Response<Body>>();
+    (Client::new(service, "default"), handle)
+}
+
+/// Expects `method path...` next, answers `body` (200), returns the request body.
+pub async fn expect(
+    handle: &mut Apiserver,
+    method: &str,
+    path_prefix: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    expect_status(handle, method, path_prefix, 200, body).await
+}
+
+/// [`expect`], answering with `status`.
+pub async fn expect_status(
+    handle: &mut Apiserver,
+    method: &str,
+    path_prefix: &str,
+    status: u16,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let (request, responder) = handle.next_request().await.expect("the code under test made another request");
+    assert_eq!(request.method().as_str(), method, "{}", request.uri());
+    assert!(request.uri().path().starts_with(path_prefix), "expected {path_prefix}, got {}", request.uri());
+    let request_body = request.into_body().collect_bytes().await.unwrap();
+    responder.send_response(
+        Response::builder().status(status).body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap(),
+    );
+    serde_json::from_slice(&request_body).unwrap_or(serde_json::Value::Null)
+}

@@ -10,6 +10,7 @@ mod crds;
 mod faults;
 mod identity;
 mod lifecycle;
+mod reaping;
 mod soak;
 mod support;
 mod testbed;

@@ -45,6 +45,11 @@ pub enum Error {
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
 
+    /// This replica no longer leads (or cannot tell): it makes nothing in
+    /// the cloud and stops; the leader does the work.
+    #[error("not the leader: {0}")]
+    NotLeader(String),
+
     /// The subcommand exists in the CLI but its feature has not landed yet.
     #[error("`ephemera {command}` is not implemented yet (tracked in issue #{issue})")]
     NotImplemented { command: &'static str, issue: u32 },
@@ -62,6 +67,7 @@ impl Error {
             Error::Serialization { .. } => "serialization",
             Error::Io { .. } => "io",
             Error::QuotaExceeded(_) => "quota",
+            Error::NotLeader(_) => "not_leader",
             Error::NotImplemented { .. } => "not_implemented",
         }
     }

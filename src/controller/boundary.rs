@@ -46,7 +46,7 @@ pub async fn run(ctx: Arc<Context>) {
             store.state().iter().map(|b| ObjectRef::from_obj(&**b)).collect::<Vec<_>>()
         })
         .owns(Api::<NetworkPolicy>::all(client.clone()), watcher::Config::default().labels(&managed_selector()))
-        .shutdown_on_signal()
+        .graceful_shutdown_on(ctx.stop.stopped())
         .run(reconcile, |_, err, ctx| retry(&ctx, CONTROLLER, err), ctx);
     drain(CONTROLLER, stream).await;
 }

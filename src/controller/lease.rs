@@ -207,7 +207,7 @@ pub async fn run(
                 .collect::<Vec<_>>()
         })
         .with_config(kube::runtime::controller::Config::default().concurrency(LEASE_CONCURRENCY))
-        .shutdown_on_signal()
+        .graceful_shutdown_on(ctx.stop.stopped())
         .run(reconcile, error_policy, lctx);
     drain(CONTROLLER, stream).await;
     sweep.abort();
@@ -424,33 +424,107 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
             return Err(e);
         }
     };
+    // A replica that no longer leads makes nothing (see `Fence`).
+    if let Some(fence) = &ctx.base.fence {
+        fence.check().await?;
+    }
     if let Err(e) = ctx.cloud.provider.provision(&spec).await {
         write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision").await?;
         let reason = if matches!(e, Error::QuotaExceeded(_)) { "QuotaExceeded" } else { "ProvisionFailed" };
         publish(ctx, lease, EventType::Warning, reason, e.to_string()).await;
         return Err(e);
     }
-    ensure_rbac(lease, client, &rules).await?;
+    // The role exists now. Every way out of here either confirms the lease
+    // was still live after the role was made (the Ready status write answers
+    // with the lease) or asks the apiserver; a lease gone or being deleted
+    // by then was reaped while the role was being made (by another replica,
+    // while this one was frozen past its leadership), and its role would
+    // otherwise wait for the sweep.
+    let outcome = prove_and_lift(lease, ctx, &identity, &role_arn, &rules, uid_bound, &holder).await;
+    let live = match &outcome {
+        Ok(Proven::Ready { deleting }) => !deleting,
+        // Cannot tell (apiserver unreachable): keep the role, report the
+        // original outcome; the lease is looked at again (or swept).
+        Ok(Proven::Waiting) | Err(_) => still_live(lease, ctx).await.unwrap_or(true),
+    };
+    if !live {
+        ctx.cloud.provider.revoke_and_delete(&spec.name, &Timestamp::now().to_string()).await?;
+        tracing::warn!(
+            namespace,
+            lease = name,
+            role = spec.name,
+            "the lease was reaped while its role was being made; role deleted"
+        );
+        return Ok(Action::await_change());
+    }
+    match outcome? {
+        Proven::Waiting => Ok(Action::requeue(VERIFY_RETRY)),
+        Proven::Ready { .. } => {
+            if let Some(created) = &lease.meta().creation_timestamp {
+                let took = now.duration_since(created.0).as_secs_f64().max(0.0);
+                ctx.base.metrics.provision_latency.observe(took);
+            }
+            publish(
+                ctx,
+                lease,
+                EventType::Normal,
+                "Ready",
+                format!("role {role_arn} verified; scheduling gate lifted"),
+            )
+            .await;
+            tracing::info!(namespace, lease = name, role = role_arn, "lease ready");
+            Ok(Action::requeue(next_look(lease, now)))
+        }
+    }
+}
 
-    // Ready only once STS really accepts a token of the pod's account.
+/// How far [`prove_and_lift`] got.
+enum Proven {
+    /// STS accepts the pod's token: gates lifted, Ready written; whether the
+    /// lease, as that write returned it, is being deleted.
+    Ready { deleting: bool },
+    /// STS does not accept the role yet (IAM propagation): look again soon.
+    Waiting,
+}
+
+/// With the role made: RBAC, then Ready only once STS really accepts a
+/// token of the pod's account; then the gates go.
+async fn prove_and_lift(
+    lease: &IdentityLease,
+    ctx: &LeaseContext,
+    identity: &WorkloadIdentity,
+    role_arn: &str,
+    rules: &[crate::api::KubernetesRule],
+    uid_bound: bool,
+    holder: &Holder,
+) -> Result<Proven> {
+    let client = &ctx.base.client;
+    let namespace = lease.namespace().unwrap_or_default();
+    ensure_rbac(lease, client, rules).await?;
     let token = token_for(client, &namespace, &lease.spec.service_account, &identity.spec.token.audience).await?;
-    let session = naming::session_name(&namespace, &format!("ephemera-verify-{name}"));
-    if !ctx.cloud.provider.verify(&role_arn, &session, &token).await? {
-        if status.phase != Some(LeasePhase::Provisioning) {
+    let session = naming::session_name(&namespace, &format!("ephemera-verify-{}", lease.name_any()));
+    if !ctx.cloud.provider.verify(role_arn, &session, &token).await? {
+        if lease.status.as_ref().and_then(|s| s.phase) != Some(LeasePhase::Provisioning) {
             let waiting = "role made; waiting for STS to accept it (IAM propagation)";
             write_status(lease, ctx, LeasePhase::Provisioning, None, None, waiting).await?;
         }
-        return Ok(Action::requeue(VERIFY_RETRY));
+        return Ok(Proven::Waiting);
     }
-    lift_gates(lease, ctx, uid_bound, &holder).await?;
-    write_status(lease, ctx, LeasePhase::Ready, Some(role_arn.clone()), None, "role verified usable").await?;
-    if let Some(created) = &lease.meta().creation_timestamp {
-        let took = now.duration_since(created.0).as_secs_f64().max(0.0);
-        ctx.base.metrics.provision_latency.observe(took);
-    }
-    publish(ctx, lease, EventType::Normal, "Ready", format!("role {role_arn} verified; scheduling gate lifted")).await;
-    tracing::info!(namespace, lease = name, role = role_arn, "lease ready");
-    Ok(Action::requeue(next_look(lease, now)))
+    lift_gates(lease, ctx, uid_bound, holder).await?;
+    let written =
+        write_status(lease, ctx, LeasePhase::Ready, Some(role_arn.to_owned()), None, "role verified usable").await?;
+    Ok(Proven::Ready { deleting: written.meta().deletion_timestamp.is_some() })
+}
+
+/// Whether the lease still exists as this reconciliation knew it (same uid)
+/// and is not being deleted. (Its Role and RoleBinding need no such care:
+/// they are owned by the lease, and the garbage collector removes them.)
+async fn still_live(lease: &IdentityLease, ctx: &LeaseContext) -> Result<bool> {
+    let now = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &lease.namespace().unwrap_or_default())
+        .get_opt(&lease.name_any())
+        .await
+        .map_err(Error::kube(format!("checking that IdentityLease {} is still live", lease.name_any())))?;
+    Ok(now.is_some_and(|now| now.uid() == lease.uid() && now.meta().deletion_timestamp.is_none()))
 }
 
 /// When a live lease is looked at again without any event: at its expiry,
@@ -797,7 +871,7 @@ async fn write_status(
     role_arn: Option<String>,
     error: Option<&Error>,
     message: &str,
-) -> Result<()> {
+) -> Result<IdentityLease> {
     let previous = lease.status.clone().unwrap_or_default();
     let ready = phase == LeasePhase::Ready;
     let reason = match (phase, error) {
@@ -827,8 +901,7 @@ async fn write_status(
             &Patch::Apply(json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease", "status": status})),
         )
         .await
-        .map_err(Error::kube(format!("writing the status of IdentityLease {}", lease.name_any())))?;
-    Ok(())
+        .map_err(Error::kube(format!("writing the status of IdentityLease {}", lease.name_any())))
 }
 
 async fn publish(ctx: &LeaseContext, lease: &IdentityLease, type_: EventType, reason: &str, note: String) {

@@ -83,6 +83,139 @@ pub struct Context {
     /// (the lease controller reads a lease's identity here; a miss is asked
     /// of the apiserver, so a lagging cache never reads as a deletion).
     pub identities: Store<WorkloadIdentity>,
+    /// Stops the controllers (SIGTERM, or leadership lost).
+    pub stop: Stop,
+    /// Confirms this replica still leads before it makes a role; `None`
+    /// without leader election.
+    pub fence: Option<Fence>,
+}
+
+/// Stops every controller gracefully: reconciliations in flight finish,
+/// none starts. Sent on SIGTERM and when this replica stops leading (a
+/// reconciliation cut short after its role was made would leave the role to
+/// the next sweep; finished, it cleans up after itself).
+#[derive(Clone, Debug)]
+pub struct Stop(Arc<tokio::sync::watch::Sender<Option<StopReason>>>);
+
+/// Why the controllers stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// SIGTERM or SIGINT: a clean exit.
+    Signal,
+    /// Another replica leads now: exit with an error, as a replica that
+    /// crashed would, and stand by again after the restart.
+    LostLeadership,
+}
+
+impl Default for Stop {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::channel(None).0))
+    }
+}
+
+impl Stop {
+    /// Asks every controller to stop; the first reason given is kept.
+    pub fn stop(&self, reason: StopReason) {
+        let first = self.0.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(reason);
+            true
+        });
+        if first {
+            tracing::info!(?reason, "stopping the controllers");
+        }
+    }
+
+    /// Why the controllers were asked to stop, if they were.
+    #[must_use]
+    pub fn reason(&self) -> Option<StopReason> {
+        *self.0.borrow()
+    }
+
+    /// Completes once [`Stop::stop`] was called (for
+    /// `Controller::graceful_shutdown_on`).
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.subscribe();
+        async move {
+            // The sender lives as long as any `Stop`; if all are gone, stop too.
+            let _ = rx.wait_for(Option::is_some).await;
+        }
+    }
+}
+
+/// Leadership as the apiserver sees it, checked before a role is made.
+///
+/// The leader-election task says when leadership is lost, but a replica
+/// frozen past its Lease (SIGSTOP, a paused VM, a long GC-like stall) runs
+/// on for a moment after it resumes before that task has looked: meanwhile
+/// the new leader may have reaped a lease this replica was about to make a
+/// role for. Before making one, the fence confirms the Lease still names
+/// this replica and has not expired by this replica's clocks; a
+/// confirmation holds until the Lease's own expiry (less a margin for clock
+/// skew), so it costs one GET per renewal period, not one per role.
+/// What slips past it (frozen between the check and the call) is caught
+/// after the call: see `lease::apply`, which deletes a role whose lease is
+/// gone or being deleted by then.
+#[derive(Debug)]
+pub struct Fence {
+    api: kube::Api<k8s_openapi::api::coordination::v1::Lease>,
+    identity: String,
+    stop: Stop,
+    /// Until when the last confirmation holds, by both clocks: the monotonic
+    /// one keeps running while the process is stopped; the wall clock also
+    /// runs while a VM is paused.
+    valid_until: std::sync::Mutex<Option<(std::time::Instant, std::time::SystemTime)>>,
+}
+
+/// Taken off a Lease's expiry: the standby reads it with its own clock.
+const FENCE_SKEW_MARGIN: Duration = Duration::from_secs(3);
+
+impl Fence {
+    /// Fence on the `ephemera-controller` Lease in `namespace`, held as `identity`.
+    #[must_use]
+    pub fn new(client: Client, namespace: &str, identity: &str, stop: Stop) -> Self {
+        Self {
+            api: kube::Api::namespaced(client, namespace),
+            identity: identity.to_owned(),
+            stop,
+            valid_until: std::sync::Mutex::default(),
+        }
+    }
+
+    /// `Ok` while this replica leads; [`Error::NotLeader`] otherwise (and the
+    /// controllers are asked to stop when another replica holds the Lease).
+    ///
+    /// # Errors
+    /// Not the leader, or the Lease cannot be read.
+    pub async fn check(&self) -> Result<()> {
+        let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+        if let Some((until, wall_until)) = *self.valid_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+            && now < until
+            && wall < wall_until
+        {
+            return Ok(());
+        }
+        let lease = self.api.get(LEASE_NAME).await.map_err(Error::kube("reading the leader-election Lease"))?;
+        let spec = lease.spec.unwrap_or_default();
+        let holder = spec.holder_identity.unwrap_or_default();
+        if holder != self.identity {
+            self.stop.stop(StopReason::LostLeadership);
+            return Err(Error::NotLeader(format!("the leader-election Lease is held by {holder:?}")));
+        }
+        let (Some(renewed), Some(seconds)) = (spec.renew_time, spec.lease_duration_seconds) else {
+            return Err(Error::NotLeader("the leader-election Lease has no renewTime or duration".into()));
+        };
+        let expires = std::time::SystemTime::from(renewed.0) + Duration::from_secs(u64::try_from(seconds).unwrap_or(0))
+            - FENCE_SKEW_MARGIN;
+        let left = expires
+            .duration_since(std::time::SystemTime::now())
+            .map_err(|_| Error::NotLeader("the leader-election Lease has expired and was not renewed yet".into()))?;
+        *self.valid_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((std::time::Instant::now() + left, expires));
+        Ok(())
+    }
 }
 
 /// Whether a cache has listed what exists; any number of tasks may wait.
@@ -174,6 +307,10 @@ pub async fn run(settings: Settings) -> Result<()> {
     let lease_cache = Writer::<IdentityLease>::default();
     let (leases_listed, leases_ready) = Ready::new();
     let identity_cache = Writer::<WorkloadIdentity>::default();
+    let stop = Stop::default();
+    let fence = settings
+        .leader_election
+        .then(|| Fence::new(client.clone(), &settings.namespace, &settings.identity, stop.clone()));
     let ctx = Arc::new(Context {
         client: client.clone(),
         events: Events::new(client.clone(), reporter),
@@ -181,9 +318,11 @@ pub async fn run(settings: Settings) -> Result<()> {
         leases: lease_cache.as_reader(),
         leases_ready,
         identities: identity_cache.as_reader(),
+        stop: stop.clone(),
+        fence,
     });
 
-    let mut leadership = if settings.leader_election {
+    let leadership = if settings.leader_election {
         match acquire_leadership(&client, &settings).await? {
             Some(leadership) => Some(leadership),
             // SIGTERM while waiting (or just as the lease was won): handed back.
@@ -201,28 +340,46 @@ pub async fn run(settings: Settings) -> Result<()> {
             lease::run(ctx.clone(), cloud, lease_cache, leases_listed)
         );
     };
+    // SIGTERM or leadership lost: the controllers finish what they started
+    // (bounded by SHUTDOWN_GRACE), then the Lease is handed back.
+    let stopper = {
+        let stop = stop.clone();
+        let mut leading = leadership.as_ref().map(|(rx, _)| rx.clone());
+        tokio::spawn(async move {
+            let lost = async {
+                match leading.as_mut() {
+                    Some(rx) => while rx.changed().await.is_ok() && *rx.borrow() {},
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = crate::shutdown_signal() => stop.stop(StopReason::Signal),
+                () = lost => stop.stop(StopReason::LostLeadership),
+            }
+        })
+    };
     let result = tokio::select! {
         () = controllers => Ok(()),
-        // The controllers drain in-flight reconciliations on SIGTERM; if one
-        // hangs, exit anyway (the lease is still released below), well within
-        // the pod's termination grace period.
+        // If a reconciliation hangs, exit anyway (the Lease is still released
+        // below), well within the pod's termination grace period.
         () = async {
-            crate::shutdown_signal().await;
+            stop.stopped().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         } => {
-            tracing::warn!(grace = ?SHUTDOWN_GRACE, "controllers did not stop in time after SIGTERM; exiting anyway");
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "controllers did not stop in time; exiting anyway");
             Ok(())
         },
         res = admin => match res {
             Ok(res) => res,
             Err(join) => Err(Error::Config(format!("admin server stopped: {join}"))),
         },
-        () = async {
-            match leadership.as_mut() {
-                Some((rx, _)) => while rx.changed().await.is_ok() && *rx.borrow() {},
-                None => std::future::pending().await,
-            }
-        } => Err(Error::Config("lost the leader-election lease; exiting so a new leader takes over".into())),
+    };
+    stopper.abort();
+    let result = match stop.reason() {
+        Some(StopReason::LostLeadership) => {
+            result.and(Err(Error::Config("lost the leader-election lease; exiting so a new leader takes over".into())))
+        }
+        _ => result,
     };
     if let Some(leadership) = leadership {
         release_leadership(leadership).await;
@@ -278,7 +435,7 @@ async fn release_leadership((rx, task): Leadership) {
     drop(rx);
     match task.await {
         Ok(Ok(manager)) => match manager.release().await {
-            Ok(()) => tracing::info!("released the leader-election lease"),
+            Ok(()) => tracing::info!("released the leader-election lease (if this replica still held it)"),
             Err(e) => tracing::warn!(error = %e, "could not release the leader-election lease"),
         },
         Ok(Err(e)) => tracing::warn!(error = %e, "leader election ended with an error"),
@@ -377,4 +534,79 @@ pub fn condition(
 #[must_use]
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::api_server;
+
+    const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/ephemera-system/leases/ephemera-controller";
+
+    fn election(holder: &str, renewed_ago: Duration) -> serde_json::Value {
+        let renewed = Timestamp::now() - jiff_span(renewed_ago);
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": LEASE_NAME, "namespace": "ephemera-system"},
+               "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                        "renewTime": renewed.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()}})
+    }
+
+    fn jiff_span(d: Duration) -> k8s_openapi::jiff::SignedDuration {
+        k8s_openapi::jiff::SignedDuration::try_from(d).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_fence_passes_a_leader_and_asks_again_only_near_the_lease_expiry() {
+        let (client, mut apiserver) = api_server::client();
+        let fence = Fence::new(client, "ephemera-system", "replica-a", Stop::default());
+        let checking = tokio::spawn(async move {
+            fence.check().await.expect("the holder of a fresh Lease leads");
+            // Confirmed until the Lease expires: no second GET (the fake
+            // apiserver would never answer one, and the test would hang).
+            fence.check().await.expect("still confirmed");
+            fence
+        });
+        api_server::expect(&mut apiserver, "GET", PATH, election("replica-a", Duration::from_secs(1))).await;
+        let fence = tokio::time::timeout(Duration::from_secs(5), checking).await.unwrap().unwrap();
+        assert_eq!(fence.stop.reason(), None);
+    }
+
+    #[tokio::test]
+    async fn the_fence_stops_a_replica_whose_lease_another_holds() {
+        let (client, mut apiserver) = api_server::client();
+        let stop = Stop::default();
+        let fence = Fence::new(client, "ephemera-system", "replica-a", stop.clone());
+        let checking = tokio::spawn(async move { fence.check().await });
+        api_server::expect(&mut apiserver, "GET", PATH, election("replica-b", Duration::from_secs(1))).await;
+        let err = checking.await.unwrap().expect_err("another replica leads");
+        assert!(matches!(err, Error::NotLeader(_)), "{err}");
+        assert!(err.to_string().contains("replica-b"), "{err}");
+        assert_eq!(stop.reason(), Some(StopReason::LostLeadership));
+        tokio::time::timeout(Duration::from_secs(1), stop.stopped()).await.expect("the controllers are told to stop");
+    }
+
+    #[tokio::test]
+    async fn the_fence_refuses_a_lease_that_expired_while_this_replica_was_frozen() {
+        let (client, mut apiserver) = api_server::client();
+        let stop = Stop::default();
+        let fence = Fence::new(client, "ephemera-system", "replica-a", stop.clone());
+        let checking = tokio::spawn(async move { fence.check().await });
+        // Still named holder, but not renewed for 14 s of its 15: within the
+        // skew margin of its expiry, a standby may already be taking over.
+        api_server::expect(&mut apiserver, "GET", PATH, election("replica-a", Duration::from_secs(14))).await;
+        let err = checking.await.unwrap().expect_err("an expiring Lease is not leadership");
+        assert!(err.to_string().contains("expired"), "{err}");
+        // The renewal task decides whether it is lost; nothing stops yet.
+        assert_eq!(stop.reason(), None);
+    }
+
+    #[test]
+    fn the_first_reason_to_stop_is_kept() {
+        let stop = Stop::default();
+        stop.stop(StopReason::Signal);
+        stop.stop(StopReason::LostLeadership);
+        assert_eq!(stop.reason(), Some(StopReason::Signal));
+    }
 }

@@ -61,7 +61,7 @@ pub async fn run(ctx: Arc<Context>, writer: Writer<WorkloadIdentity>) {
                 .map(|wi| ObjectRef::from_obj(&**wi))
                 .collect::<Vec<_>>()
         })
-        .shutdown_on_signal()
+        .graceful_shutdown_on(ctx.stop.stopped())
         .run(reconcile, |_, err, ctx| retry(&ctx, CONTROLLER, err), ctx);
     drain(CONTROLLER, stream).await;
 }
@@ -459,6 +459,8 @@ mod tests {
             identities: kube::runtime::reflector::store().0,
             leases_ready: crate::controller::Ready::now(),
             metrics: Arc::default(),
+            stop: crate::controller::Stop::default(),
+            fence: None,
         });
         let identity: WorkloadIdentity = serde_json::from_value(json!({
             "apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity",

@@ -139,7 +139,7 @@ async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Faults>) -> Resu
     Ok(forward(&state.upstream, parts, body).await.unwrap_or_else(|e| aws_error(502, "ProxyError", &e)))
 }
 
-async fn forward(
+pub async fn forward(
     upstream: &str,
     parts: hyper::http::request::Parts,
     body: Bytes,

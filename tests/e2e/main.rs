@@ -9,6 +9,7 @@ mod chart_rbac;
 mod crds;
 mod faults;
 mod identity;
+mod leadership;
 mod lifecycle;
 mod reaping;
 mod soak;

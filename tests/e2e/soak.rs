@@ -59,7 +59,7 @@ pub struct Churn {
     /// The namespace, its boundary and identity `reader`.
     pub gov: Governed,
     /// Pod 0, admitted while waiting for the webhook to know the identity.
-    first: Pod,
+    pub first: Pod,
     _webhook: Webhook,
 }
 

@@ -464,6 +464,17 @@ impl EphemeraProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Sends it `signal` (`STOP`, `CONT`, ...).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {} failed", self.child.id());
+    }
+
+    /// Its exit status, once it has stopped.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Asks it to stop as Kubernetes would (SIGTERM) and waits for it.
     pub fn terminate(&mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();

@@ -413,9 +413,9 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
 
     let status = lease.status.clone().unwrap_or_default();
     let made_ready = || {
-        lease.uid().is_some_and(|uid| {
-            ctx.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&uid)
-        })
+        lease
+            .uid()
+            .is_some_and(|uid| ctx.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&uid))
     };
     if status.phase == Some(LeasePhase::Ready) || made_ready() {
         // Pods of a Job may arrive after the first one: lift their gates too.

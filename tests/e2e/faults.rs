@@ -69,24 +69,32 @@ impl FaultProxy {
             rng: Mutex::new(Rng(seed)),
             counts: FaultCounts::default(),
         });
-        let serving = state.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let state = serving.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(req, state.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let task = serve(listener, state.clone(), handle);
         FaultProxy { url, state, task }
     }
 
     pub fn counts(&self) -> &FaultCounts {
         &self.state.counts
     }
+}
+
+/// Serves HTTP/1 on `listener`, each request answered by `handle(req, state)`.
+pub fn serve<S, F, Fut>(listener: tokio::net::TcpListener, state: Arc<S>, handle: F) -> tokio::task::JoinHandle<()>
+where
+    S: Send + Sync + 'static,
+    F: Fn(Request<hyper::body::Incoming>, Arc<S>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| handle(req, state.clone()));
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    })
 }
 
 fn aws_error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {

@@ -16,13 +16,12 @@ use std::{
 };
 
 use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, body::Bytes, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, Response, body::Bytes};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client, ResourceExt};
 
 use crate::{
-    faults::forward,
+    faults::{forward, serve},
     lifecycle::{finish, role_exists, wait_ungated_within},
     soak::{Churn, assert_reaped_once},
     support::{ControllerProcess, controller_turn, unique_name, wait_until},
@@ -63,18 +62,7 @@ impl HoldProxy {
             released: tokio::sync::watch::channel(false).0,
             forwarded: tokio::sync::watch::channel(0).0,
         });
-        let serving = state.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let state = serving.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(req, state.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let task = serve(listener, state.clone(), handle);
         HoldProxy { url, state, task }
     }
 

@@ -573,14 +573,20 @@ mod tests {
         assert_eq!(fence.stop.reason(), None);
     }
 
-    #[tokio::test]
-    async fn the_fence_stops_a_replica_whose_lease_another_holds() {
+    /// One check by a fresh fence of `replica-a`, the apiserver answering `lease`.
+    async fn check_once(lease: serde_json::Value) -> (Result<()>, Stop) {
         let (client, mut apiserver) = api_server::client();
         let stop = Stop::default();
         let fence = Fence::new(client, "ephemera-system", "replica-a", stop.clone());
         let checking = tokio::spawn(async move { fence.check().await });
-        api_server::expect(&mut apiserver, "GET", PATH, election("replica-b", Duration::from_secs(1))).await;
-        let err = checking.await.unwrap().expect_err("another replica leads");
+        api_server::expect(&mut apiserver, "GET", PATH, lease).await;
+        (checking.await.unwrap(), stop)
+    }
+
+    #[tokio::test]
+    async fn the_fence_stops_a_replica_whose_lease_another_holds() {
+        let (checked, stop) = check_once(election("replica-b", Duration::from_secs(1))).await;
+        let err = checked.expect_err("another replica leads");
         assert!(matches!(err, Error::NotLeader(_)), "{err}");
         assert!(err.to_string().contains("replica-b"), "{err}");
         assert_eq!(stop.reason(), Some(StopReason::LostLeadership));
@@ -589,14 +595,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_fence_refuses_a_lease_that_expired_while_this_replica_was_frozen() {
-        let (client, mut apiserver) = api_server::client();
-        let stop = Stop::default();
-        let fence = Fence::new(client, "ephemera-system", "replica-a", stop.clone());
-        let checking = tokio::spawn(async move { fence.check().await });
         // Still named holder, but not renewed for 14 s of its 15: within the
         // skew margin of its expiry, a standby may already be taking over.
-        api_server::expect(&mut apiserver, "GET", PATH, election("replica-a", Duration::from_secs(14))).await;
-        let err = checking.await.unwrap().expect_err("an expiring Lease is not leadership");
+        let (checked, stop) = check_once(election("replica-a", Duration::from_secs(14))).await;
+        let err = checked.expect_err("an expiring Lease is not leadership");
         assert!(err.to_string().contains("expired"), "{err}");
         // The renewal task decides whether it is lost; nothing stops yet.
         assert_eq!(stop.reason(), None);

@@ -20,7 +20,6 @@ use std::{
 use k8s_openapi::api::{
     admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
     authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
-    coordination::v1::Lease,
     core::v1::{Event, Namespace, Pod, ServiceAccount},
     networking::v1::NetworkPolicy,
     rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
@@ -47,8 +46,6 @@ use ephemera::api::{IdentityBoundary, IdentityLease, LeasePhase, WorkloadIdentit
 const WAIT: Duration = Duration::from_mins(1);
 /// Kinds of the chart applied as they are: its RBAC.
 const RBAC_KINDS: [&str; 5] = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"];
-/// The leader-election Lease (`src/controller/mod.rs`).
-const LEADER_LEASE: &str = "ephemera-controller";
 /// The instance-metadata NetworkPolicy (`api::well_known`).
 const IMDS_POLICY: &str = "ephemera-block-instance-metadata";
 
@@ -123,11 +120,10 @@ async fn the_charts_service_accounts_may_do_a_whole_pod_lifecycle_and_nothing_is
         controller_env.push((key.into(), env(key)));
     }
     let mut controller = EphemeraProcess::spawn_with_only_env("controller", &controller_args, &controller_env);
-    let leases = Api::<Lease>::namespaced(bed.client.clone(), &release_ns.name);
     controller
         .wait_while_running("the controller to hold the leader-election Lease", WAIT, || async {
-            let lease = leases.get_opt(LEADER_LEASE).await.ok()??;
-            (lease.spec?.holder_identity.as_deref() == Some(identity_name.as_str())).then_some(())
+            (crate::support::leader_of(&bed.client, &release_ns.name).await.as_deref() == Some(identity_name.as_str()))
+                .then_some(())
         })
         .await;
     eprintln!("controller and webhook up as the chart's ServiceAccounts: {:?}", started.elapsed());

@@ -167,8 +167,6 @@ async fn label_namespace(client: &Client, name: &str, team: Option<&str>) {
 
 #[tokio::test]
 async fn of_two_replicas_one_leads_and_the_other_takes_over_when_it_stops() {
-    use k8s_openapi::api::coordination::v1::Lease;
-
     let _turn = controller_turn().await;
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;
@@ -176,11 +174,7 @@ async fn of_two_replicas_one_leads_and_the_other_takes_over_when_it_stops() {
     let start =
         |id: &str| ControllerProcess::start_with(&["--leader-elect", "--namespace", &ns.name, "--identity", id]);
     let mut replicas = [start("replica-a"), start("replica-b")];
-    let leases = Api::<Lease>::namespaced(bed.client.clone(), &ns.name);
-    let holder = || async {
-        let lease = leases.get_opt("ephemera-controller").await.ok().flatten()?;
-        lease.spec?.holder_identity
-    };
+    let holder = || crate::support::leader_of(&bed.client, &ns.name);
     let first = wait_until("a leader", WAIT, || async { holder().await }).await;
     let (leader, follower) = if first == "replica-a" { (0, "replica-b") } else { (1, "replica-a") };
     let follower_log = std::fs::read_to_string(&replicas[1 - leader].log).unwrap_or_default();

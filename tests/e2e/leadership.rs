@@ -17,14 +17,13 @@ use std::{
 
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Bytes};
-use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client, ResourceExt};
 
 use crate::{
     faults::{forward, serve},
     lifecycle::{finish, role_exists, wait_ungated_within},
     soak::{Churn, assert_reaped_once},
-    support::{ControllerProcess, controller_turn, unique_name, wait_until},
+    support::{ControllerProcess, controller_turn, leader_of, unique_name, wait_until},
     webhook::env_of,
 };
 use ephemera::api::IdentityLease;
@@ -104,21 +103,9 @@ async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Hold>) -> Result
         .unwrap_or_else(|e| Response::builder().status(502).body(Full::new(Bytes::from(e))).expect("a valid response")))
 }
 
-/// The replica named in the `ephemera-controller` Lease of `namespace`.
-async fn leader(client: &Client, namespace: &str) -> Option<String> {
-    Api::<Lease>::namespaced(client.clone(), namespace)
-        .get_opt("ephemera-controller")
-        .await
-        .ok()
-        .flatten()?
-        .spec?
-        .holder_identity
-        .filter(|h| !h.is_empty())
-}
-
 async fn wait_leader(client: &Client, namespace: &str, identity: &str) {
     wait_until(&format!("{identity} to lead"), Duration::from_mins(1), move || async move {
-        (leader(client, namespace).await.as_deref() == Some(identity)).then_some(())
+        (leader_of(client, namespace).await.as_deref() == Some(identity)).then_some(())
     })
     .await;
 }

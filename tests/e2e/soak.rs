@@ -250,7 +250,6 @@ async fn controller_killed_at_random_points_leaves_no_orphans() {
 /// reap again, harmlessly; the single-replica soak covers SIGKILLs.)
 #[tokio::test]
 async fn two_replicas_hand_over_and_reap_each_lease_once() {
-    use k8s_openapi::api::coordination::v1::Lease;
     let lifecycles = env_or("EPHEMERA_REPLICAS_LIFECYCLES", 24);
     let _turn = controller_turn().await;
     let churn = Churn::new("e2e-replicas").await;
@@ -272,19 +271,10 @@ async fn two_replicas_hand_over_and_reap_each_lease_once() {
         ]);
         (id, process)
     };
-    let election = Api::<Lease>::namespaced(churn.bed.client.clone(), &churn.gov.ns.name);
+    let (client, election_ns) = (churn.bed.client.clone(), churn.gov.ns.name.clone());
     let holder = move || {
-        let election = election.clone();
-        async move {
-            election
-                .get_opt("ephemera-controller")
-                .await
-                .ok()
-                .flatten()?
-                .spec?
-                .holder_identity
-                .filter(|h| !h.is_empty())
-        }
+        let (client, election_ns) = (client.clone(), election_ns.clone());
+        async move { crate::support::leader_of(&client, &election_ns).await }
     };
     let other_than = move |old: String| {
         let holder = holder.clone();

@@ -591,3 +591,16 @@ impl<K: ClusterObject> DeleteOnDrop<K> {
         &self.name
     }
 }
+
+/// The replica named in the controller's leader-election Lease
+/// (`ephemera-controller`) in `namespace`; `None` while nobody holds it.
+pub async fn leader_of(client: &Client, namespace: &str) -> Option<String> {
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), namespace)
+        .get_opt("ephemera-controller")
+        .await
+        .ok()
+        .flatten()?
+        .spec?
+        .holder_identity
+        .filter(|h| !h.is_empty())
+}

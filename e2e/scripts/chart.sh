@@ -168,7 +168,21 @@ cleanup() {
   exit "$status"
 }
 
+# The chart deploys image tag appVersion by default, and `make image` tags the
+# image with Cargo.toml's version: the two must be the same release.
+check_app_version() {
+  local cargo_version app_version
+  cargo_version=$(awk '/^\[/ {pkg = ($0 == "[package]")} pkg && /^version *=/ {gsub(/^version *= *"|".*$/, ""); print; exit}' \
+    "$EPHEMERA_ROOT/Cargo.toml")
+  app_version=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$CHART/Chart.yaml")
+  step "Chart.yaml appVersion is Cargo.toml's version"
+  [[ -n $cargo_version && $app_version == "$cargo_version" ]] ||
+    die "charts/ephemera/Chart.yaml has appVersion \"$app_version\", Cargo.toml has version \"$cargo_version\": make them the same"
+  ok "$app_version"
+}
+
 cmd_check() {
+  check_app_version
   [[ -s $STATE/dev.env ]] || die "the test bed is not running: make cluster-up"
   # shellcheck source=/dev/null
   source "$STATE/dev.env"

@@ -45,6 +45,16 @@ manifests: ## Render manifests/ (GitOps) and the operator's IAM policy from char
 unit: ## Run the unit tests (no cluster needed).
 	$(CARGO) test
 
+##@ Images (built offline with buildah: FROM scratch, nothing pulled)
+
+.PHONY: image
+image: ## The operator image from ./Dockerfile: static release binary, then target/image/ephemera-<version>.oci.tar and .digest.
+	CARGO="$(CARGO)" e2e/scripts/images.sh ephemera
+
+.PHONY: test-images
+test-images: ## The test bed's images (pause, sdk-probe): OCI archives in ~/.cache/ephemera/images, cached by their inputs.
+	e2e/scripts/images.sh
+
 ##@ Test bed (local Kubernetes + MiniStack, all on 127.0.0.1)
 
 .PHONY: tools

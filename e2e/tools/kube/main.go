@@ -1,6 +1,7 @@
-// Command kube is a multi-call binary that embeds the Kubernetes control plane
-// components ephemera's end-to-end tests run: kube-apiserver,
-// kube-controller-manager, kube-scheduler and kubectl.
+// Command kube is a multi-call binary that embeds the Kubernetes components
+// ephemera's end-to-end tests run: the control plane (kube-apiserver,
+// kube-controller-manager, kube-scheduler), the real node's kubelet and
+// kube-proxy, and kubectl.
 //
 // One binary links the shared Kubernetes packages once instead of four times,
 // which is most of the cold build time on a 2-core machine. The component is
@@ -9,6 +10,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -22,13 +24,17 @@ import (
 	kubectl "k8s.io/kubectl/pkg/cmd"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
 var components = map[string]func() *cobra.Command{
 	"kube-apiserver":          apiserver.NewAPIServerCommand,
 	"kube-controller-manager": controllermanager.NewControllerManagerCommand,
 	"kube-scheduler":          func() *cobra.Command { return scheduler.NewSchedulerCommand() },
+	"kube-proxy":              proxy.NewProxyCommand,
+	"kubelet":                 func() *cobra.Command { return kubelet.NewKubeletCommand(context.Background()) },
 	"kubectl":                 kubectl.NewDefaultKubectlCommand,
 }
 
@@ -43,7 +49,7 @@ func main() {
 	}
 	newCommand, ok := components[name]
 	if !ok {
-		fmt.Fprintln(os.Stderr, "usage: kube {apiserver|controller-manager|scheduler|kubectl} [flags]")
+		fmt.Fprintln(os.Stderr, "usage: kube {apiserver|controller-manager|scheduler|kubelet|proxy|kubectl} [flags]")
 		os.Exit(2)
 	}
 	if name == "kubectl" {

@@ -10,12 +10,30 @@ trust policies rely on it), but MiniStack 1.5.33 compares the whole list and
 denies. Ephemera's trust policies must stay AWS-correct, so the test bed closes
 that fidelity gap here: a one-element `aud` list is turned into its string
 before the trust evaluation. A wrong audience is still denied.
+
+It also listens on the real node's address (EPHEMERA_MINISTACK_EXTRA_BIND,
+host:port, comma-separated) besides BIND_HOST: pods reach MiniStack there,
+and MiniStack has one BIND_HOST only. Never 0.0.0.0: nothing but loopback and
+the node's bridge may see it.
 """
 
+import os
 import sys
 
+import hypercorn.config
 from ministack import app
 from ministack.services import sts
+
+_EXTRA_BINDS = [b for b in os.environ.get("EPHEMERA_MINISTACK_EXTRA_BIND", "").split(",") if b]
+_bind = hypercorn.config.Config.bind
+
+
+def _set_bind_with_extras(config, value):
+    binds = [value] if isinstance(value, str) else list(value)
+    _bind.fset(config, binds + [b for b in _EXTRA_BINDS if b not in binds])
+
+
+hypercorn.config.Config.bind = property(_bind.fget, _set_bind_with_extras)
 
 _original_principal = sts._web_identity_principal
 

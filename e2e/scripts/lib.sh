@@ -7,10 +7,15 @@ source "$EPHEMERA_ROOT/e2e/versions.env"
 
 # Tools are built once per version and kept outside the repository.
 CACHE=${EPHEMERA_CACHE:-$HOME/.cache/ephemera}
-KUBE_DIR=$CACHE/kubernetes-$KUBERNETES_VERSION
-ETCD_DIR=$CACHE/etcd-$ETCD_VERSION
+# The wrapper modules' own digest is part of the key: adding a component to
+# e2e/tools/kube (the kubelet, say) must rebuild, not reuse an older binary.
+_module_digest() { cat "$EPHEMERA_ROOT/e2e/tools/$1"/{go.mod,go.sum,main.go} | sha256sum | cut -c1-12; }
+KUBE_DIR=$CACHE/kubernetes-$KUBERNETES_VERSION-$(_module_digest kube)
+ETCD_DIR=$CACHE/etcd-$ETCD_VERSION-$(_module_digest etcd)
 KWOK_DIR=$CACHE/kwok-$KWOK_VERSION
 HELM_DIR=$CACHE/helm-$HELM_VERSION
+CRICTL_DIR=$CACHE/crictl-$CRICTL_VERSION
+KUBE_ROUTER_DIR=$CACHE/kube-router-$KUBE_ROUTER_VERSION
 VENV_DIR=$CACHE/venv-ministack-$MINISTACK_VERSION
 BUILD_LOGS=$CACHE/logs
 
@@ -21,7 +26,25 @@ LOGS=$STATE/logs
 PIDS=$STATE/pids
 BIN=$STATE/bin
 
-# Loopback ports; override any of them from the environment.
+# The real node (e2e/scripts/node.sh). Its bridge holds the node address,
+# which the apiserver, MiniStack and the kubelet listen on besides loopback:
+# pods reach them there, and nothing listens on the machine's other addresses.
+NODE_NAME=ephemera-node-0
+NODE_BRIDGE=${EPHEMERA_NODE_BRIDGE:-ephemera0}
+POD_CIDR=${EPHEMERA_POD_CIDR:-10.89.0.0/24}
+NODE_IP=${POD_CIDR%.*/*}.1
+# Pods that must really run tolerate this taint and select the label; every
+# other pod stays on the kwok node.
+NODE_TAINT_KEY=ephemera.dev/real-node
+NODE_DIR=$STATE/node
+# containerd's sandbox image, built by e2e/scripts/images.sh.
+PAUSE_IMAGE=ephemera.local/pause:3.10
+# Sockets live under /run: a clone's path may be too long for a unix socket.
+NODE_RUN=/run/ephemera-node
+# What the node changed on the host and must give back (outlives NODE_DIR).
+NODE_STATE=$STATE/host-before-node
+
+# Ports; override any of them from the environment.
 ETCD_PORT=${EPHEMERA_ETCD_PORT:-23790}
 ETCD_PEER_PORT=${EPHEMERA_ETCD_PEER_PORT:-23800}
 APISERVER_PORT=${EPHEMERA_APISERVER_PORT:-16443}
@@ -29,6 +52,10 @@ CONTROLLER_MANAGER_PORT=${EPHEMERA_CONTROLLER_MANAGER_PORT:-16257}
 SCHEDULER_PORT=${EPHEMERA_SCHEDULER_PORT:-16259}
 KWOK_PORT=${EPHEMERA_KWOK_PORT:-16250}
 MINISTACK_PORT=${EPHEMERA_MINISTACK_PORT:-14566}
+KUBELET_PORT=${EPHEMERA_KUBELET_PORT:-16260}
+KUBELET_HEALTHZ_PORT=${EPHEMERA_KUBELET_HEALTHZ_PORT:-16261}
+KUBE_PROXY_HEALTHZ_PORT=${EPHEMERA_KUBE_PROXY_HEALTHZ_PORT:-16262}
+KUBE_PROXY_METRICS_PORT=${EPHEMERA_KUBE_PROXY_METRICS_PORT:-16263}
 
 # The service-account issuer. Only its host matters to IAM: it names the
 # OIDC provider (arn:aws:iam::<account>:oidc-provider/<host>) and the trust
@@ -55,8 +82,22 @@ die() {
 # elapsed SECONDS -> "4m05s"
 fmt_duration() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
 
-# port_in_use PORT: true when something listens on 127.0.0.1:PORT.
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# port_in_use PORT [HOST]: true when something listens on HOST:PORT (default 127.0.0.1).
+port_in_use() { (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null; }
+
+# apt_install PACKAGE...: Debian packages, without starting any daemon they ship.
+apt_install() {
+  local guard=/usr/sbin/policy-rc.d created=0
+  if [[ ! -e $guard ]]; then
+    printf '#!/bin/sh\n# ephemera: no daemon starts during this install\nexit 101\n' >"$guard"
+    chmod +x "$guard"
+    created=1
+  fi
+  local status=0
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"; } || status=$?
+  ((created)) && rm -f "$guard"
+  return "$status"
+}
 
 # pid_alive PIDFILE: true when the pid file names a live process.
 pid_alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Builds (once) and links every tool the e2e test bed needs:
-#   kube    kube-apiserver + kube-controller-manager + kube-scheduler + kubectl
-#           (one multi-call binary from e2e/tools/kube, Kubernetes $KUBERNETES_VERSION)
+#   kube    kube-apiserver + kube-controller-manager + kube-scheduler + kubelet
+#           + kube-proxy + kubectl (one multi-call binary from e2e/tools/kube,
+#           Kubernetes $KUBERNETES_VERSION)
 #   etcd    from e2e/tools/etcd
 #   kwok    fake nodes (go install)
 #   helm    v4 (go install)
+#   crictl  the CRI client (go install): the real node's pods are removed
+#           through CRI at cluster-down
+#   kube-router  NetworkPolicy enforcement on the real node (go install;
+#           firewall only: no routing, no service proxy)
 #   venv    MiniStack + boto3 (pip)
 # Binaries are cached per version under ~/.cache/ephemera, so only the first
 # run pays. No registry but the Go module proxy and PyPI is used.
@@ -14,7 +19,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 export GOTOOLCHAIN=local
 export GOFLAGS="${GOFLAGS:-} -trimpath"
 mkdir -p "$BUILD_LOGS" "$BIN"
-TOTAL_STEPS=5
+TOTAL_STEPS=7
 step_no=0
 
 next() {
@@ -59,7 +64,7 @@ go_build() {
 }
 
 # --- Kubernetes control plane -------------------------------------------------
-next "Kubernetes $KUBERNETES_VERSION (apiserver, controller-manager, scheduler, kubectl)"
+next "Kubernetes $KUBERNETES_VERSION (apiserver, controller-manager, scheduler, kubelet, kube-proxy, kubectl)"
 mkdir -p "$KUBE_DIR"
 if [[ -x $KUBE_DIR/kube ]]; then
   ok "cached: $KUBE_DIR/kube"
@@ -70,9 +75,9 @@ else
   ldflags+=" -X k8s.io/component-base/version.gitMinor=$(cut -d. -f2 <<<"$KUBERNETES_VERSION")"
   ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$KUBERNETES_VERSION"
   GO_BUILD_DIR=$EPHEMERA_ROOT/e2e/tools/kube go_build kube "$KUBE_DIR/kube" "$BUILD_LOGS/kube-$KUBERNETES_VERSION.log" \
-    "15-35 min on 2 cores (~2,300 packages)" -- build -ldflags "$ldflags" .
+    "15-35 min on 2 cores (~2,600 packages)" -- build -ldflags "$ldflags" .
 fi
-for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl; do
   ln -sfn "$KUBE_DIR/kube" "$BIN/$c"
 done
 
@@ -108,6 +113,30 @@ else
     "4-8 min (~900 packages)" -- install -ldflags "-s -w" "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
 fi
 ln -sfn "$HELM_DIR/helm" "$BIN/helm"
+
+# --- crictl --------------------------------------------------------------------
+next "crictl $CRICTL_VERSION (CRI client for the real node)"
+mkdir -p "$CRICTL_DIR"
+if [[ -x $CRICTL_DIR/crictl ]]; then
+  ok "cached: $CRICTL_DIR/crictl"
+else
+  go_build crictl "$CRICTL_DIR/crictl" "$BUILD_LOGS/crictl-$CRICTL_VERSION.log" \
+    "1-2 min (~250 packages)" -- install -ldflags "-s -w" "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+fi
+ln -sfn "$CRICTL_DIR/crictl" "$BIN/crictl"
+
+# --- kube-router ----------------------------------------------------------------
+next "kube-router $KUBE_ROUTER_VERSION (NetworkPolicy on the real node)"
+mkdir -p "$KUBE_ROUTER_DIR"
+if [[ -x $KUBE_ROUTER_DIR/kube-router ]]; then
+  ok "cached: $KUBE_ROUTER_DIR/kube-router"
+else
+  CGO_ENABLED=0 go_build kube-router "$KUBE_ROUTER_DIR/kube-router" "$BUILD_LOGS/kube-router-$KUBE_ROUTER_VERSION.log" \
+    "4-6 min (~700 packages)" -- install \
+    -ldflags "-s -w -X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION" \
+    "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router@$KUBE_ROUTER_VERSION"
+fi
+ln -sfn "$KUBE_ROUTER_DIR/kube-router" "$BIN/kube-router"
 
 # --- Python: MiniStack and boto3 -------------------------------------------------
 next "MiniStack $MINISTACK_VERSION and boto3 (Python venv)"

@@ -47,9 +47,11 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
 }
 
-/// Finalizer on `IdentityBoundary`: what it enforces (the metadata
-/// NetworkPolicies) is withdrawn before it disappears.
-pub const FINALIZER_BOUNDARY: &str = "ephemera.dev/boundary-cleanup";
+/// Finalizer ephemera 0.1 put on every `IdentityBoundary`. No longer added:
+/// the metadata NetworkPolicies name their boundaries as owners and the
+/// garbage collector withdraws them. The controller and `ephemera uninstall`
+/// remove it where they find it.
+pub const LEGACY_FINALIZER_BOUNDARY: &str = "ephemera.dev/boundary-cleanup";
 /// Name of the NetworkPolicy that blocks the instance metadata service.
 pub const NETWORK_POLICY_BLOCK_IMDS: &str = "ephemera-block-instance-metadata";
 /// Field manager of every server-side apply ephemera makes.

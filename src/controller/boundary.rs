@@ -1,23 +1,29 @@
 //! The boundary controller: counts the namespaces each `IdentityBoundary`
 //! governs, and keeps the instance-metadata NetworkPolicy in exactly the
-//! namespaces some boundary with `blockInstanceMetadata` governs. A finalizer
-//! withdraws the policies of a deleted boundary.
+//! namespaces some boundary with `blockInstanceMetadata` governs.
+//!
+//! Each policy names the boundaries that want it as its owners, so the
+//! apiserver's garbage collector withdraws it when the last of them is
+//! deleted, with or without ephemera running (no finalizer: a boundary never
+//! outlives the operator's uninstall stuck), and a deleted or edited policy
+//! wakes its boundaries' reconcile, which puts it back at once.
 //!
 //! The NetworkPolicy allows all egress except the instance metadata service,
 //! so pods cannot fall back to the node's instance role. NetworkPolicies are
 //! additive: another policy in the namespace that explicitly allows
 //! 169.254.169.254 re-opens it (documented in the README).
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc};
 
-use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
+use k8s_openapi::{
+    api::{core::v1::Namespace, networking::v1::NetworkPolicy},
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
 use kube::{
-    Api, ResourceExt,
+    Api, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams},
     core::{Selector, SelectorExt},
-    runtime::{
-        Controller, controller::Action, finalizer, finalizer::Event as Finalizer, reflector::ObjectRef, watcher,
-    },
+    runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
 };
 use serde_json::json;
 
@@ -27,7 +33,7 @@ use crate::{
     api::{
         IdentityBoundary, IdentityBoundaryStatus,
         well_known::{
-            FIELD_MANAGER, FINALIZER_BOUNDARY, LABEL_MANAGED_BY, MANAGED_BY, NETWORK_POLICY_BLOCK_IMDS,
+            FIELD_MANAGER, LABEL_MANAGED_BY, LEGACY_FINALIZER_BOUNDARY, MANAGED_BY, NETWORK_POLICY_BLOCK_IMDS,
             condition as cond, reason,
         },
     },
@@ -53,21 +59,38 @@ pub async fn run(ctx: Arc<Context>) {
 
 async fn reconcile(boundary: Arc<IdentityBoundary>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(CONTROLLER);
-    let api = Api::<IdentityBoundary>::all(ctx.client.clone());
-    finalizer(&api, FINALIZER_BOUNDARY, boundary, |event| async {
-        match event {
-            Finalizer::Apply(b) => apply(&b, &ctx).await,
-            Finalizer::Cleanup(b) => {
-                sync_network_policies(&ctx, Some(&b.name_any())).await?;
-                Ok(Action::await_change())
-            }
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Config(format!("finalizer {FINALIZER_BOUNDARY}: {other}")),
-    })
+    if boundary.metadata.deletion_timestamp.is_some() {
+        // Only a boundary of an older ephemera waits here, on its finalizer:
+        // withdraw what it protected, then let it go.
+        sync_network_policies(&ctx).await?;
+        release_legacy_finalizer(&ctx.client, &boundary).await?;
+        return Ok(Action::await_change());
+    }
+    release_legacy_finalizer(&ctx.client, &boundary).await?;
+    apply(&boundary, &ctx).await
+}
+
+/// Removes `ephemera.dev/boundary-cleanup`, which ephemera 0.1 put on every
+/// boundary (owner references do its work now); whether there was one.
+///
+/// # Errors
+/// When the patch is refused.
+pub async fn release_legacy_finalizer(client: &kube::Client, boundary: &IdentityBoundary) -> Result<bool> {
+    let Some(index) = boundary.finalizers().iter().position(|f| f == LEGACY_FINALIZER_BOUNDARY) else {
+        return Ok(false);
+    };
+    // Test, then remove by index: a concurrent change fails the patch
+    // instead of removing someone else's finalizer.
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{index}"), "value": LEGACY_FINALIZER_BOUNDARY},
+        {"op": "remove", "path": format!("/metadata/finalizers/{index}")},
+    ]))
+    .map_err(|e| Error::Serialization { what: "finalizer patch", message: e.to_string() })?;
+    Api::<IdentityBoundary>::all(client.clone())
+        .patch(&boundary.name_any(), &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .map_err(Error::kube(format!("removing the old finalizer of IdentityBoundary {}", boundary.name_any())))?;
+    Ok(true)
 }
 
 async fn apply(boundary: &IdentityBoundary, ctx: &Context) -> Result<Action> {
@@ -111,21 +134,21 @@ async fn apply(boundary: &IdentityBoundary, ctx: &Context) -> Result<Action> {
         )
         .await
         .map_err(Error::kube(format!("writing the status of IdentityBoundary {}", boundary.name_any())))?;
-    sync_network_policies(ctx, None).await?;
+    sync_network_policies(ctx).await?;
     Ok(Action::requeue(RESYNC))
 }
 
 /// Makes the set of namespaces holding the metadata NetworkPolicy equal to the
-/// set some live boundary with `blockInstanceMetadata` governs. `leaving` is a
-/// boundary being deleted, which no longer counts.
-async fn sync_network_policies(ctx: &Context, leaving: Option<&str>) -> Result<()> {
+/// set some live boundary with `blockInstanceMetadata` governs, each policy
+/// owned by exactly those boundaries.
+async fn sync_network_policies(ctx: &Context) -> Result<()> {
     let boundaries = Api::<IdentityBoundary>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await
         .map_err(Error::kube("listing IdentityBoundaries"))?
         .items;
     let namespaces = list_namespaces(ctx).await?;
-    let wanted = namespaces_to_protect(&boundaries, &namespaces, leaving);
+    let wanted = namespaces_to_protect(&boundaries, &namespaces);
 
     let policies = Api::<NetworkPolicy>::all(ctx.client.clone())
         .list(&ListParams::default().labels(&managed_selector()))
@@ -133,7 +156,7 @@ async fn sync_network_policies(ctx: &Context, leaving: Option<&str>) -> Result<(
         .map_err(Error::kube("listing ephemera's NetworkPolicies"))?;
     for policy in policies.items.iter().filter(|p| p.name_any() == NETWORK_POLICY_BLOCK_IMDS) {
         let ns = policy.namespace().unwrap_or_default();
-        if !wanted.contains(&ns) {
+        if !wanted.contains_key(&ns) {
             match Api::<NetworkPolicy>::namespaced(ctx.client.clone(), &ns)
                 .delete(NETWORK_POLICY_BLOCK_IMDS, &DeleteParams::default())
                 .await
@@ -147,12 +170,12 @@ async fn sync_network_policies(ctx: &Context, leaving: Option<&str>) -> Result<(
             tracing::info!(namespace = %ns, "removed the instance-metadata NetworkPolicy");
         }
     }
-    for ns in &wanted {
+    for (ns, owners) in &wanted {
         Api::<NetworkPolicy>::namespaced(ctx.client.clone(), ns)
             .patch(
                 NETWORK_POLICY_BLOCK_IMDS,
                 &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(block_imds_policy(ns)),
+                &Patch::Apply(block_imds_policy(ns, owners)),
             )
             .await
             .map_err(Error::kube(format!("applying NetworkPolicy {ns}/{NETWORK_POLICY_BLOCK_IMDS}")))?;
@@ -160,25 +183,28 @@ async fn sync_network_policies(ctx: &Context, leaving: Option<&str>) -> Result<(
     Ok(())
 }
 
-/// Namespaces governed by a live (not deleting, not `leaving`) boundary that
-/// asks for the metadata service to be blocked.
+/// Namespaces governed by a live (not deleting) boundary that asks for the
+/// metadata service to be blocked, each with those boundaries as owners.
 #[must_use]
 pub fn namespaces_to_protect(
     boundaries: &[IdentityBoundary],
     namespaces: &[Namespace],
-    leaving: Option<&str>,
-) -> BTreeSet<String> {
-    let selectors: Vec<Selector> = boundaries
+) -> BTreeMap<String, Vec<OwnerReference>> {
+    let blocking: Vec<(Selector, OwnerReference)> = boundaries
         .iter()
-        .filter(|b| b.spec.block_instance_metadata)
-        .filter(|b| b.metadata.deletion_timestamp.is_none() && Some(b.name_any().as_str()) != leaving)
-        .filter_map(|b| Selector::try_from(b.spec.namespace_selector.clone()).ok())
+        .filter(|b| b.spec.block_instance_metadata && b.metadata.deletion_timestamp.is_none())
+        // Owner, not controller, references: several boundaries may want the
+        // same policy, and it goes only when all of them are gone.
+        .filter_map(|b| Some((Selector::try_from(b.spec.namespace_selector.clone()).ok()?, b.owner_ref(&())?)))
         .collect();
     namespaces
         .iter()
         .filter(|ns| ns.metadata.deletion_timestamp.is_none())
-        .filter(|ns| selectors.iter().any(|s| s.matches(ns.labels())))
-        .map(ResourceExt::name_any)
+        .filter_map(|ns| {
+            let owners: Vec<OwnerReference> =
+                blocking.iter().filter(|(s, _)| s.matches(ns.labels())).map(|(_, o)| o.clone()).collect();
+            (!owners.is_empty()).then(|| (ns.name_any(), owners))
+        })
         .collect()
 }
 
@@ -196,7 +222,7 @@ fn managed_selector() -> String {
 
 /// All egress allowed except the instance metadata service (IPv4 and the
 /// Nitro IPv6 address), for every pod of the namespace.
-fn block_imds_policy(namespace: &str) -> serde_json::Value {
+fn block_imds_policy(namespace: &str, owners: &[OwnerReference]) -> serde_json::Value {
     json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -204,6 +230,7 @@ fn block_imds_policy(namespace: &str) -> serde_json::Value {
             "name": NETWORK_POLICY_BLOCK_IMDS,
             "namespace": namespace,
             "labels": {LABEL_MANAGED_BY: MANAGED_BY},
+            "ownerReferences": owners,
         },
         "spec": {
             "podSelector": {},
@@ -223,7 +250,7 @@ mod tests {
     fn boundary(name: &str, team: &str, block: bool) -> IdentityBoundary {
         serde_json::from_value(json!({
             "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityBoundary",
-            "metadata": {"name": name},
+            "metadata": {"name": name, "uid": format!("uid-{name}")},
             "spec": {"namespaceSelector": {"matchLabels": {"team": team}}, "blockInstanceMetadata": block},
         }))
         .unwrap()
@@ -234,14 +261,20 @@ mod tests {
     }
 
     #[test]
-    fn policies_go_where_a_blocking_boundary_governs_and_leave_with_it() {
-        let boundaries = [boundary("a", "a", true), boundary("b", "b", false)];
-        let namespaces = [namespace("a1", "a"), namespace("a2", "a"), namespace("b1", "b"), namespace("c1", "c")];
-        let wanted = namespaces_to_protect(&boundaries, &namespaces, None);
-        assert_eq!(wanted.into_iter().collect::<Vec<_>>(), ["a1", "a2"]);
-        assert!(
-            namespaces_to_protect(&boundaries, &namespaces, Some("a")).is_empty(),
-            "a deleted boundary protects nothing"
-        );
+    fn policies_go_where_a_blocking_boundary_governs_owned_by_every_such_boundary() {
+        let boundaries = [boundary("a", "a", true), boundary("b", "b", false), boundary("a2", "a", true)];
+        let namespaces = [namespace("a1", "a"), namespace("b1", "b"), namespace("c1", "c")];
+        let wanted = namespaces_to_protect(&boundaries, &namespaces);
+        assert_eq!(wanted.keys().collect::<Vec<_>>(), ["a1"]);
+        let owners: Vec<(&str, &str, &str)> =
+            wanted["a1"].iter().map(|o| (o.kind.as_str(), o.name.as_str(), o.uid.as_str())).collect();
+        assert_eq!(owners, [("IdentityBoundary", "a", "uid-a"), ("IdentityBoundary", "a2", "uid-a2")]);
+        assert!(wanted["a1"].iter().all(|o| o.controller.is_none()), "no single controller: any owner keeps it");
+
+        let mut deleting = boundaries[0].clone();
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        let wanted = namespaces_to_protect(&[deleting], &namespaces);
+        assert!(wanted.is_empty(), "a boundary being deleted protects nothing");
     }
 }

@@ -208,10 +208,22 @@ async fn the_charts_service_accounts_may_do_a_whole_pod_lifecycle_and_nothing_is
     assert!(!may(&bed.client, &ns.name, &sa, "list").await, "only get was granted, yet it may list");
     // The boundary's NetworkPolicy, and the Events users read.
     let policies = Api::<NetworkPolicy>::namespaced(bed.client.clone(), &ns.name);
-    wait_until("the instance-metadata NetworkPolicy", WAIT, || async {
+    let policy = wait_until("the instance-metadata NetworkPolicy", WAIT, || async {
         policies.get_opt(IMDS_POLICY).await.ok().flatten()
     })
     .await;
+    let owners: Vec<(String, String)> =
+        policy.owner_references().iter().map(|o| (o.kind.clone(), o.name.clone())).collect();
+    assert_eq!(owners, [("IdentityBoundary".to_owned(), boundary_name.clone())], "owned by its boundary");
+    // Deleted by someone, it is back within a second: its owner's reconcile
+    // runs on the deletion.
+    policies.delete(IMDS_POLICY, &DeleteParams::default()).await.expect("deleting the NetworkPolicy");
+    let deleted = Instant::now();
+    wait_until("the deleted NetworkPolicy to come back", Duration::from_secs(1), || async {
+        policies.get_opt(IMDS_POLICY).await.ok()?.filter(|p| p.uid() != policy.uid())
+    })
+    .await;
+    eprintln!("instance-metadata NetworkPolicy deleted -> back: {:?}", deleted.elapsed());
     let events = Api::<Event>::namespaced(bed.client.clone(), &ns.name);
     wait_until("an IdentityReady Event on the pod", WAIT, || async {
         let list = events.list(&ListParams::default().fields("involvedObject.name=worker")).await.ok()?;
@@ -234,7 +246,8 @@ async fn the_charts_service_accounts_may_do_a_whole_pod_lifecycle_and_nothing_is
     })
     .await;
 
-    // The boundary goes: its finalizer runs and takes the NetworkPolicy along.
+    // The boundary goes (no finalizer holds it); the garbage collector takes
+    // the NetworkPolicy it owned along.
     let boundaries = Api::<IdentityBoundary>::all(bed.client.clone());
     boundaries.delete(&boundary_name, &DeleteParams::default()).await.expect("deleting the boundary");
     wait_until("the boundary and its NetworkPolicy to be gone", WAIT, || async {
@@ -363,7 +376,9 @@ impl Chart {
     /// drops (the namespaced ones go with the release namespace).
     async fn apply_rbac(&self, client: &Client) -> RbacGuard {
         let (mut roles, mut bindings) = (Vec::new(), Vec::new());
-        for object in self.objects.iter().filter(|o| RBAC_KINDS.iter().any(|k| o["kind"] == *k)) {
+        // Hooks (the uninstall Job's RBAC) exist only while a hook runs.
+        let running = self.objects.iter().filter(|o| o["metadata"]["annotations"]["helm.sh/hook"].is_null());
+        for object in running.filter(|o| RBAC_KINDS.iter().any(|k| o["kind"] == *k)) {
             let applied = apply(client, object.clone()).await;
             match object["kind"].as_str() {
                 Some("ClusterRole") => roles.push(DeleteOnDrop::new(&applied)),

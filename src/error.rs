@@ -50,6 +50,16 @@ pub enum Error {
     #[error("not the leader: {0}")]
     NotLeader(String),
 
+    /// `ephemera webhook-check` (the chart's `helm test`) found the webhook
+    /// not serving as the apiserver needs it.
+    #[error("webhook check failed: {0}")]
+    WebhookCheck(String),
+
+    /// `ephemera uninstall` (the chart's pre-delete hook) could not reap
+    /// every identity in time.
+    #[error("uninstall incomplete: {0}")]
+    UninstallIncomplete(String),
+
     /// The subcommand exists in the CLI but its feature has not landed yet.
     #[error("`ephemera {command}` is not implemented yet (tracked in issue #{issue})")]
     NotImplemented { command: &'static str, issue: u32 },
@@ -68,6 +78,8 @@ impl Error {
             Error::Io { .. } => "io",
             Error::QuotaExceeded(_) => "quota",
             Error::NotLeader(_) => "not_leader",
+            Error::WebhookCheck(_) => "webhook_check",
+            Error::UninstallIncomplete(_) => "uninstall_incomplete",
             Error::NotImplemented { .. } => "not_implemented",
         }
     }

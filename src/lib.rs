@@ -7,6 +7,7 @@
 //! - [`controller`]: provisioning and reaping,
 //! - [`cloud`]: cloud identity providers (AWS IAM/STS),
 //! - [`inventory`]: the live identities, for people and scripts,
+//! - [`uninstall`]: reaping every identity before the operator goes,
 //! - [`telemetry`]: logging and metrics.
 
 pub mod api;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod inventory;
 pub mod policy;
 pub mod telemetry;
+pub mod uninstall;
 pub mod webhook;
 
 pub use error::{Error, Result};

@@ -60,6 +60,41 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: ephemera::inventory::Output,
     },
+    /// Check a running webhook from inside the cluster (the chart's `helm
+    /// test`): `/readyz` answers, the HTTPS port presents a certificate the
+    /// given CA signed for the Service's DNS name, and a malformed review
+    /// gets 400.
+    WebhookCheck {
+        /// Address of the webhook Service (its cluster IP or DNS name).
+        #[arg(long)]
+        host: String,
+        /// The Service's HTTPS port.
+        #[arg(long, default_value_t = 443)]
+        port: u16,
+        /// The Service's admin port (`/readyz`).
+        #[arg(long)]
+        admin_port: u16,
+        /// DNS name the certificate must carry (`<service>.<namespace>.svc`).
+        #[arg(long)]
+        server_name: String,
+        /// The CA bundle the apiserver trusts (PEM).
+        #[arg(long)]
+        ca_file: std::path::PathBuf,
+        /// How long to retry while replicas start (e.g. `30s`).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Before the operator is removed (the chart's pre-delete hook): delete
+    /// the webhook configurations, have the running controller reap every
+    /// identity and wait for it, release the boundaries' finalizers.
+    Uninstall {
+        /// Name of the Mutating/ValidatingWebhookConfiguration.
+        #[arg(long, env = "EPHEMERA_WEBHOOK_CONFIGURATION", default_value = "ephemera")]
+        webhook_configuration: String,
+        /// Longest wait for the reaping (e.g. `5m`).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD.
     Crdgen {
         /// Write `<crd-name>.yaml` files into this directory instead of printing.
@@ -208,6 +243,11 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
+/// `90s`, `5m`, `1h30m`: the duration syntax of the CRDs.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<ephemera::api::Duration>().map(Into::into).map_err(|e| e.to_string())
+}
+
 fn default_identity() -> String {
     format!("ephemera-{}", std::process::id())
 }
@@ -232,6 +272,20 @@ async fn main() -> ExitCode {
             Box::pin(run_all(controller.into_settings(cloud), webhook)).await
         }
         Command::Inventory { namespace, output } => ephemera::inventory::run(namespace.as_deref(), output).await,
+        Command::WebhookCheck { host, port, admin_port, server_name, ca_file, timeout } => {
+            ephemera::webhook::check::run(ephemera::webhook::check::Check {
+                host,
+                port,
+                admin_port,
+                server_name,
+                ca_file,
+                timeout,
+            })
+            .await
+        }
+        Command::Uninstall { webhook_configuration, timeout } => {
+            ephemera::uninstall::run(ephemera::uninstall::Uninstall { webhook_configuration, timeout }).await
+        }
         Command::Crdgen { output_dir } => ephemera::crdgen::run(output_dir.as_deref()),
         Command::Version => {
             println!("ephemera {} (Kubernetes API {})", ephemera::VERSION, ephemera::KUBERNETES_API);

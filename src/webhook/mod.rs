@@ -5,8 +5,10 @@
 //! - [`pods`]: what a pod gets (pure) and its ServiceAccount and lease;
 //! - [`identities`]: `WorkloadIdentity` validation (boundaries, escalation);
 //! - [`server`]: the HTTPS layer; [`tls`]: its certificate;
-//! - [`configuration`]: the webhook configurations.
+//! - [`configuration`]: the webhook configurations;
+//! - [`check`]: the chart's `helm test`, run from inside the cluster.
 
+pub mod check;
 pub mod configuration;
 pub mod identities;
 pub mod mutate;

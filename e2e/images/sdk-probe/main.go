@@ -5,26 +5,45 @@
 //
 // Usage:
 //
-//	sdk-probe [--get s3://bucket/key]... [--deny s3://bucket/key]... [--loop DURATION [--every DURATION]]
+//	sdk-probe [--get s3://bucket/key]... [--deny s3://bucket/key]... [--kube-token]
+//	          [--fetch URL]... [--unreachable URL]... [--aws=false]
+//	          [--loop DURATION [--every DURATION] [--fresh-session]]
+//	sdk-probe --serve ADDR
 //
-//	--get URI     this object must be readable (repeatable)
-//	--deny URI    reading this object must fail with AccessDenied from S3, with
-//	              credentials in hand (repeatable)
-//	--loop D      repeat the checks until D has passed or SIGTERM/SIGINT arrives
-//	              (Deployments, the token-refresh test); 0, the default, runs one round
-//	--every D     pause between rounds in a loop (default 10s)
+//	--get URI         this object must be readable (repeatable)
+//	--deny URI        reading this object must fail with AccessDenied from S3, with
+//	                  credentials in hand (repeatable)
+//	--kube-token      the identity has kubernetes.rules: ephemera's Kubernetes API
+//	                  token must be at the default path, for the pod's own
+//	                  ServiceAccount (without it, that path must not exist)
+//	--fetch URL       an HTTP GET of URL must get an answer (repeatable)
+//	--unreachable URL an HTTP GET of URL must fail to connect (repeatable; a
+//	                  NetworkPolicy at work)
+//	--aws=false       no AWS and no token checks (a pod without an identity)
+//	--loop D          repeat the checks until D has passed or SIGTERM/SIGINT arrives
+//	                  (Deployments, the token-refresh test); 0, the default, runs one round
+//	--every D         pause between rounds in a loop (default 10s)
+//	--settle D        wait D before the first round (a NetworkPolicy engine
+//	                  programs a new pod's rules shortly after it starts)
+//	--fresh-session   load the configuration again every round, so every round
+//	                  assumes the role with the token file as it is now (the SDK
+//	                  otherwise keeps a session until it nears expiry)
+//	--serve ADDR      answer every HTTP request with 200 "ok" until SIGTERM (a
+//	                  peer for network tests); nothing else runs
 //
 // Environment, read by the SDK (config.LoadDefaultConfig), as ephemera's
 // webhook sets it: AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE,
-// AWS_ROLE_SESSION_NAME, AWS_REGION, and AWS_ENDPOINT_URL for an emulator
-// (copied to AWS_ENDPOINT_URL_STS when that is unset: see main). The instance
-// metadata service is off unless AWS_EC2_METADATA_DISABLED says otherwise.
-// S3 is addressed path-style, so an emulator needs no per-bucket DNS names.
+// AWS_ROLE_SESSION_NAME, AWS_REGION. For an emulator, the pod spec sets
+// AWS_ENDPOINT_URL and AWS_ENDPOINT_URL_STS: the SDK makes its web-identity
+// STS client before it reads the base endpoint, so only the service-specific
+// variable reaches that client (as for any Go application). S3 is addressed
+// path-style, so an emulator needs no per-bucket DNS names.
 //
 // Every round, besides the --get/--deny reads, it checks that:
 //   - /var/run/secrets/kubernetes.io/serviceaccount does not exist (the
-//     webhook removes the default API token; the pod must not talk to the
-//     Kubernetes API with its ServiceAccount);
+//     webhook removes the default API token), or, with --kube-token, holds
+//     ephemera's Kubernetes API token for the pod's own ServiceAccount and
+//     not for STS;
 //   - $AWS_WEB_IDENTITY_TOKEN_FILE exists and holds a JWT; it reports the
 //     payload's iss, aud, sub, iat and exp (the signature is not checked: STS
 //     does that, and this is what the kubelet wrote, refreshed or not);
@@ -32,8 +51,9 @@
 //     named by AWS_ROLE_ARN.
 //
 // Output: one JSON object per round on stdout (round, phase, ok, caller_arn,
-// token{iss,aud,sub,iat,exp}, default_token_present, gets[{uri,ok,err}],
-// denies[{uri,denied,err}], failures, ts). Each failed expectation is also
+// token{iss,aud,sub,iat,exp}, default_token_present, kube_token{...},
+// gets[{uri,ok,err}], denies[{uri,denied,err}], fetches[{url,ok,err}],
+// failures, ts). Each failed expectation is also
 // written to stderr with the AWS error code. On SIGTERM or SIGINT during a loop
 // it runs one last round with phase "shutdown" (credentials must still work
 // while a pod terminates) and exits. Exit status: 0 when every expectation of
@@ -49,6 +69,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"net/url"
 	"os"
 	"os/signal"
@@ -114,17 +135,38 @@ type denyResult struct {
 	Err    string `json:"err,omitempty"`
 }
 
+type fetchResult struct {
+	URL       string `json:"url"`
+	Reachable bool   `json:"reachable"`
+	Want      bool   `json:"want_reachable"`
+	Err       string `json:"err,omitempty"`
+}
+
 type report struct {
-	Round               int          `json:"round"`
-	Phase               string       `json:"phase"`
-	OK                  bool         `json:"ok"`
-	CallerARN           string       `json:"caller_arn"`
-	Token               *tokenClaims `json:"token"`
-	DefaultTokenPresent bool         `json:"default_token_present"`
-	Gets                []getResult  `json:"gets"`
-	Denies              []denyResult `json:"denies"`
-	Failures            []string     `json:"failures"`
-	TS                  string       `json:"ts"`
+	Round               int           `json:"round"`
+	Phase               string        `json:"phase"`
+	OK                  bool          `json:"ok"`
+	CallerARN           string        `json:"caller_arn"`
+	Token               *tokenClaims  `json:"token"`
+	DefaultTokenPresent bool          `json:"default_token_present"`
+	KubeToken           *tokenClaims  `json:"kube_token"`
+	Gets                []getResult   `json:"gets"`
+	Denies              []denyResult  `json:"denies"`
+	Fetches             []fetchResult `json:"fetches"`
+	Failures            []string      `json:"failures"`
+	TS                  string        `json:"ts"`
+}
+
+type urlList []string
+
+func (l *urlList) String() string { return fmt.Sprint(*l) }
+
+func (l *urlList) Set(raw string) error {
+	if u, err := url.Parse(raw); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fmt.Errorf("%q is not an http(s) URL", raw)
+	}
+	*l = append(*l, raw)
+	return nil
 }
 
 func (r *report) fail(format string, args ...any) {
@@ -135,12 +177,20 @@ func (r *report) fail(format string, args ...any) {
 
 func main() {
 	var gets, denies objectList
+	var fetches, unreachable urlList
 	flag.Var(&gets, "get", "s3://bucket/key that must be readable (repeatable)")
 	flag.Var(&denies, "deny", "s3://bucket/key whose read must fail with AccessDenied (repeatable)")
+	flag.Var(&fetches, "fetch", "http(s) URL that must answer (repeatable)")
+	flag.Var(&unreachable, "unreachable", "http(s) URL that must not be reachable (repeatable)")
+	kubeToken := flag.Bool("kube-token", false, "expect ephemera's Kubernetes API token at the default path")
+	withAWS := flag.Bool("aws", true, "check the AWS identity and its token")
 	loop := flag.Duration("loop", 0, "repeat the checks for this long (0: one round)")
 	every := flag.Duration("every", 10*time.Second, "pause between rounds in a loop")
+	fresh := flag.Bool("fresh-session", false, "load the configuration (and assume the role) again every round")
+	settle := flag.Duration("settle", 0, "wait this long before the first round")
+	serveAddr := flag.String("serve", "", "serve HTTP 200 \"ok\" on this address until SIGTERM")
 	flag.Parse()
-	if flag.NArg() > 0 || *loop < 0 || *every <= 0 {
+	if flag.NArg() > 0 || *loop < 0 || *every <= 0 || *settle < 0 {
 		flag.Usage()
 		os.Exit(2)
 	}
@@ -150,32 +200,28 @@ func main() {
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
 
-	// An emulator serves every service on AWS_ENDPOINT_URL, but the SDK makes
-	// the web-identity STS client before it reads AWS_ENDPOINT_URL (config
-	// resolves credentials before the base endpoint) and honours only
-	// AWS_ENDPOINT_URL_STS there: without this the assume would go to the
-	// real sts.<region>.amazonaws.com while S3 goes to the emulator.
-	if endpoint := os.Getenv("AWS_ENDPOINT_URL"); endpoint != "" && os.Getenv("AWS_ENDPOINT_URL_STS") == "" {
-		os.Setenv("AWS_ENDPOINT_URL_STS", endpoint)
-	}
-	// This probe checks web identity: with the token missing it must fail,
-	// not fall back to the instance metadata service.
-	if _, set := os.LookupEnv("AWS_EC2_METADATA_DISABLED"); !set {
-		os.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	if *serveAddr != "" {
+		serve(*serveAddr, stop)
+		return
 	}
 
+	time.Sleep(*settle)
 	ctx := context.Background()
-	cfg, err := config.LoadDefaultConfig(ctx)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "sdk-probe: loading the AWS configuration: %v\n", err)
-		os.Exit(1)
-	}
 	p := probe{
-		sts:    sts.NewFromConfig(cfg),
-		s3:     s3.NewFromConfig(cfg, func(o *s3.Options) { o.UsePathStyle = true }),
-		gets:   gets,
-		denies: denies,
-		out:    json.NewEncoder(os.Stdout),
+		gets:      gets,
+		denies:    denies,
+		fetches:   fetches,
+		blocked:   unreachable,
+		kubeToken: *kubeToken,
+		aws:       *withAWS,
+		fresh:     *fresh,
+		out:       json.NewEncoder(os.Stdout),
+	}
+	if p.aws {
+		if err := p.connect(ctx); err != nil {
+			fmt.Fprintf(os.Stderr, "sdk-probe: loading the AWS configuration: %v\n", err)
+			os.Exit(1)
+		}
 	}
 
 	allOK := true
@@ -206,21 +252,42 @@ func exit(ok bool) {
 }
 
 type probe struct {
-	sts          *sts.Client
-	s3           *s3.Client
-	gets, denies objectList
-	out          *json.Encoder
+	sts              *sts.Client
+	s3               *s3.Client
+	gets, denies     objectList
+	fetches, blocked urlList
+	kubeToken        bool
+	aws, fresh       bool
+	out              *json.Encoder
+}
+
+// connect makes the clients from the SDK's default configuration: the
+// credential chain finds the web identity in the environment.
+func (p *probe) connect(ctx context.Context) error {
+	cfg, err := config.LoadDefaultConfig(ctx)
+	if err != nil {
+		return err
+	}
+	p.sts = sts.NewFromConfig(cfg)
+	p.s3 = s3.NewFromConfig(cfg, func(o *s3.Options) { o.UsePathStyle = true })
+	return nil
 }
 
 // round runs every check once, prints its report and says whether all held.
 func (p *probe) round(ctx context.Context, n int, phase string) bool {
-	r := report{Round: n, Phase: phase, Gets: []getResult{}, Denies: []denyResult{}, Failures: []string{}}
-
-	if _, err := os.Stat(defaultTokenDir); err == nil {
-		r.DefaultTokenPresent = true
-		r.fail("%s exists: the default ServiceAccount token is mounted", defaultTokenDir)
-	} else if !errors.Is(err, os.ErrNotExist) {
-		r.fail("checking %s: %v", defaultTokenDir, err)
+	r := report{
+		Round: n, Phase: phase, Gets: []getResult{}, Denies: []denyResult{}, Fetches: []fetchResult{},
+		Failures: []string{},
+	}
+	p.checkNetwork(&r)
+	if !p.aws {
+		return p.finish(&r)
+	}
+	if p.fresh && n > 1 {
+		if err := p.connect(ctx); err != nil {
+			r.fail("loading the AWS configuration again: %v", err)
+			return p.finish(&r)
+		}
 	}
 
 	if claims, err := readToken(os.Getenv("AWS_WEB_IDENTITY_TOKEN_FILE")); err != nil {
@@ -228,6 +295,7 @@ func (p *probe) round(ctx context.Context, n int, phase string) bool {
 	} else {
 		r.Token = claims
 	}
+	p.checkKubeToken(&r)
 
 	callCtx, cancel := context.WithTimeout(ctx, callTimeout)
 	id, err := p.sts.GetCallerIdentity(callCtx, &sts.GetCallerIdentityInput{})
@@ -264,7 +332,11 @@ func (p *probe) round(ctx context.Context, n int, phase string) bool {
 		}
 		r.Denies = append(r.Denies, res)
 	}
+	return p.finish(&r)
+}
 
+// finish prints the report and says whether every expectation held.
+func (p *probe) finish(r *report) bool {
 	r.OK = len(r.Failures) == 0
 	r.TS = time.Now().UTC().Format(time.RFC3339Nano)
 	if err := p.out.Encode(r); err != nil {
@@ -272,6 +344,94 @@ func (p *probe) round(ctx context.Context, n int, phase string) bool {
 		return false
 	}
 	return r.OK
+}
+
+// checkKubeToken: the default token path holds ephemera's Kubernetes API
+// token for the pod's own ServiceAccount when the identity has
+// kubernetes.rules, and does not exist otherwise.
+func (p *probe) checkKubeToken(r *report) {
+	_, err := os.Stat(defaultTokenDir)
+	switch {
+	case err != nil && !errors.Is(err, os.ErrNotExist):
+		r.fail("checking %s: %v", defaultTokenDir, err)
+		return
+	case err != nil && p.kubeToken:
+		r.fail("%s does not exist: ephemera's Kubernetes API token is missing", defaultTokenDir)
+		return
+	case err != nil:
+		return
+	}
+	r.DefaultTokenPresent = true
+	if !p.kubeToken {
+		r.fail("%s exists: a Kubernetes API token is mounted, and this identity has no kubernetes.rules", defaultTokenDir)
+		return
+	}
+	claims, err := readToken(defaultTokenDir + "/token")
+	if err != nil {
+		r.fail("Kubernetes API token: %v", err)
+		return
+	}
+	r.KubeToken = claims
+	if r.Token != nil && claims.Sub != r.Token.Sub {
+		r.fail("the Kubernetes API token is for %s, not the pod's own ServiceAccount %s", claims.Sub, r.Token.Sub)
+	}
+	for _, aud := range claims.Aud {
+		if aud == "sts.amazonaws.com" {
+			r.fail("the Kubernetes API token carries the STS audience")
+		}
+	}
+}
+
+// checkNetwork: each --fetch URL answers over HTTP, each --unreachable URL
+// cannot be connected to.
+func (p *probe) checkNetwork(r *report) {
+	client := &http.Client{Timeout: 3 * time.Second}
+	get := func(u string) error {
+		resp, err := client.Get(u)
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		return nil
+	}
+	for _, u := range p.fetches {
+		err := get(u)
+		res := fetchResult{URL: u, Reachable: err == nil, Want: true}
+		if err != nil {
+			res.Err = err.Error()
+			r.fail("fetch %s: %v", u, err)
+		}
+		r.Fetches = append(r.Fetches, res)
+	}
+	for _, u := range p.blocked {
+		err := get(u)
+		res := fetchResult{URL: u, Reachable: err == nil, Want: false}
+		if err == nil {
+			r.fail("%s answered: it must not be reachable", u)
+		} else {
+			res.Err = err.Error()
+		}
+		r.Fetches = append(r.Fetches, res)
+	}
+}
+
+// serve answers 200 "ok" until a signal arrives.
+func serve(addr string, stop <-chan os.Signal) {
+	server := &http.Server{
+		Addr:              addr,
+		ReadHeaderTimeout: 5 * time.Second,
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			_, _ = io.WriteString(w, "ok\n")
+		}),
+	}
+	go func() {
+		<-stop
+		_ = server.Close()
+	}()
+	if err := server.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		fmt.Fprintf(os.Stderr, "sdk-probe: serving %s: %v\n", addr, err)
+		os.Exit(1)
+	}
 }
 
 // read fetches the whole object: a GetObject that answers 200 but fails

@@ -109,7 +109,7 @@ pub fn mutate(pod: &Pod, admission: &Admission, settings: &Settings) -> Result<j
         }
         add_volume(spec, token_volume(identity));
         if identity.kubernetes_token {
-            add_volume(spec, kube_api_volume());
+            add_volume(spec, kube_api_volume(identity));
         }
         let env = aws_env(identity, settings);
         let mut kept = BTreeSet::new();
@@ -205,8 +205,12 @@ fn token_volume(identity: &ResolvedIdentity) -> Volume {
 }
 
 /// What `kube-api-access-*` holds (API-audience token, cluster CA,
-/// namespace), for identities that are granted Kubernetes rules.
-fn kube_api_volume() -> Volume {
+/// namespace), for identities that are granted Kubernetes rules. Its token
+/// lives as long as the STS token: not the default `3607` seconds, which the
+/// apiserver turns into a one-year token for old clients
+/// (`--service-account-extend-token-expiration`, on by default; measured on
+/// the test bed's real node).
+fn kube_api_volume(identity: &ResolvedIdentity) -> Volume {
     Volume {
         name: KUBE_API_VOLUME.to_owned(),
         projected: Some(ProjectedVolumeSource {
@@ -215,7 +219,7 @@ fn kube_api_volume() -> Volume {
                 VolumeProjection {
                     service_account_token: Some(ServiceAccountTokenProjection {
                         audience: None,
-                        expiration_seconds: Some(3607),
+                        expiration_seconds: Some(identity.ttl_seconds.max(MIN_TOKEN_TTL_SECONDS)),
                         path: "token".to_owned(),
                     }),
                     ..VolumeProjection::default()

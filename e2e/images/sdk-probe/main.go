@@ -42,8 +42,8 @@
 // Every round, besides the --get/--deny reads, it checks that:
 //   - /var/run/secrets/kubernetes.io/serviceaccount does not exist (the
 //     webhook removes the default API token), or, with --kube-token, holds
-//     ephemera's Kubernetes API token for the pod's own ServiceAccount and
-//     not for STS;
+//     ephemera's Kubernetes API token for the pod's own ServiceAccount, not
+//     for STS, and living no longer than the STS token;
 //   - $AWS_WEB_IDENTITY_TOKEN_FILE exists and holds a JWT; it reports the
 //     payload's iss, aud, sub, iat and exp (the signature is not checked: STS
 //     does that, and this is what the kubelet wrote, refreshed or not);
@@ -374,6 +374,10 @@ func (p *probe) checkKubeToken(r *report) {
 	r.KubeToken = claims
 	if r.Token != nil && claims.Sub != r.Token.Sub {
 		r.fail("the Kubernetes API token is for %s, not the pod's own ServiceAccount %s", claims.Sub, r.Token.Sub)
+	}
+	if r.Token != nil && claims.Exp-claims.Iat > r.Token.Exp-r.Token.Iat {
+		r.fail("the Kubernetes API token lives %ds, longer than the STS token's %ds",
+			claims.Exp-claims.Iat, r.Token.Exp-r.Token.Iat)
 	}
 	for _, aud := range claims.Aud {
 		if aud == "sts.amazonaws.com" {

@@ -183,9 +183,13 @@ node_network_up() {
   if ! ip link show "$NODE_BRIDGE" >/dev/null 2>&1; then
     ip link add "$NODE_BRIDGE" type bridge || die "creating bridge $NODE_BRIDGE failed"
   fi
-  ip addr show dev "$NODE_BRIDGE" | grep -q "inet $NODE_IP/" ||
+  # Read whole, not piped into grep -q: with pipefail, grep's early exit
+  # would fail the pipeline and send us to add an address that is there.
+  local addrs
+  addrs=$(ip -o addr show dev "$NODE_BRIDGE")
+  [[ $addrs == *"inet $NODE_IP/"* ]] ||
     ip addr add "$NODE_IP/${POD_CIDR#*/}" dev "$NODE_BRIDGE" || die "adding $NODE_IP to $NODE_BRIDGE failed"
-  ip addr show dev "$NODE_BRIDGE" | grep -q "inet $IMDS_IP/32" ||
+  [[ $addrs == *"inet $IMDS_IP/32"* ]] ||
     ip addr add "$IMDS_IP/32" dev "$NODE_BRIDGE" || die "adding $IMDS_IP to $NODE_BRIDGE failed"
   ip link set "$NODE_BRIDGE" up
 }
@@ -384,7 +388,7 @@ remove_node_iptables() {
       grep -vE '^:(KUBE|CNI)-|^-A (KUBE|CNI)-|-[jg] (KUBE|CNI)-' <<<"$rules" | "$restore" ||
         info "$restore failed; $("$save" | grep -cE '(KUBE|CNI)-') lines of KUBE-/CNI- rules are left"
     fi
-    "$save" --version 2>/dev/null | grep -q nf_tables && command -v nft >/dev/null || continue
+    [[ $("$save" --version 2>/dev/null) == *nf_tables* ]] && command -v nft >/dev/null || continue
     while read -r _ _ table; do
       grep -qx "table $family $table" "$NODE_STATE/nft-tables" 2>/dev/null && continue
       # Only base chains with ACCEPT policies and no rule: as if it never existed.

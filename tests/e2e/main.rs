@@ -11,6 +11,7 @@ mod faults;
 mod identity;
 mod leadership;
 mod lifecycle;
+mod real_node;
 mod reaping;
 mod soak;
 mod support;

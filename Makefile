@@ -8,6 +8,8 @@ SHELL := /usr/bin/env bash
 
 CARGO ?= cargo
 DEV_ENV := .ephemera/dev.env
+# The crate's version: the image's tag and the chart's appVersion.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -1)
 
 ##@ General
 
@@ -55,19 +57,23 @@ image: ## The operator image from ./Dockerfile: static release binary, then targ
 test-images: ## The test bed's images (pause, sdk-probe): OCI archives in ~/.cache/ephemera/images, cached by their inputs.
 	e2e/scripts/images.sh
 
-##@ Test bed (local Kubernetes + MiniStack, all on 127.0.0.1)
+##@ Test bed (local Kubernetes, a kwok node, a real node and MiniStack, on loopback and the node's bridge)
 
 .PHONY: tools
-tools: ## Build the control plane, etcd, kwok, helm and the MiniStack venv (cached in ~/.cache/ephemera).
+tools: ## Build the control plane (with kubelet, kube-proxy), etcd, kwok, helm, crictl, kube-router and the MiniStack venv (cached in ~/.cache/ephemera).
 	e2e/scripts/tools.sh
 
 .PHONY: cluster-up
-cluster-up: ## Start the test bed (idempotent); writes .ephemera/dev.env, logs in .ephemera/logs/.
+cluster-up: ## Start the test bed (idempotent): control plane, kwok and real node, MiniStack; writes .ephemera/dev.env, logs in .ephemera/logs/.
 	e2e/scripts/cluster.sh up
 
 .PHONY: cluster-down
-cluster-down: ## Stop every test bed process and wipe its data.
+cluster-down: ## Stop every test bed process, wipe its data and give the host back as it was (rules, mounts, cgroups, bridge, sysctls).
 	e2e/scripts/cluster.sh down
+
+.PHONY: node-image
+node-image: cluster-up image ## Import the operator image into the real node (pods use it with imagePullPolicy Never).
+	e2e/scripts/cluster.sh import target/image/ephemera-$(VERSION).oci.tar
 
 .PHONY: cluster-status
 cluster-status: ## Show which test bed processes run.
@@ -76,11 +82,15 @@ cluster-status: ## Show which test bed processes run.
 ##@ Testing
 
 .PHONY: test
-test: lint unit e2e chart-check fuzz-smoke ## Everything CI runs: fmt, clippy, unit and e2e tests, the Helm chart checks, 30 s of each fuzz target.
+test: lint unit host-check e2e chart-check fuzz-smoke ## Everything CI runs: fmt, clippy, unit tests, the real node's host check, e2e tests, the Helm chart checks, 30 s of each fuzz target.
 
 .PHONY: e2e
-e2e: cluster-up ## End-to-end tests against the test bed (starts it if needed; leaves it running).
+e2e: node-image ## End-to-end tests against the test bed (starts it if needed and imports the operator image; leaves it running).
 	source $(DEV_ENV) && $(CARGO) test --features e2e --test e2e -- --test-threads 2
+
+.PHONY: host-check
+host-check: ## cluster-up / cluster-down 3 times with a pod on the real node; fails unless the host is as before (stops a running test bed first).
+	e2e/scripts/host-check.sh 3
 
 .PHONY: chart-check
 chart-check: cluster-up ## Helm chart: lint, schema, dry runs, drift, install/upgrade/uninstall, RBAC can-i, GitOps idempotence.
@@ -89,10 +99,10 @@ chart-check: cluster-up ## Helm chart: lint, schema, dry runs, drift, install/up
 .PHONY: soak
 SOAK_LIFECYCLES ?= 1000
 FAULT_LIFECYCLES ?= 500
-soak: cluster-up ## SOAK_LIFECYCLES lifecycles under random SIGKILLs of the controller, FAULT_LIFECYCLES under 20 % IAM/STS faults, apiserver restarts; fails on any orphan.
+soak: node-image ## SOAK_LIFECYCLES lifecycles under random SIGKILLs of the controller, FAULT_LIFECYCLES under 20 % IAM/STS faults, apiserver restarts, a pod on the real node outliving its 10-minute token; fails on any orphan.
 	source $(DEV_ENV) && EPHEMERA_SOAK_LIFECYCLES=$(SOAK_LIFECYCLES) EPHEMERA_SOAK_CONCURRENCY=8 \
 	  EPHEMERA_FAULT_LIFECYCLES=$(FAULT_LIFECYCLES) \
-	  $(CARGO) test --features e2e --test e2e -- soak:: faults:: --include-ignored --nocapture --test-threads 1
+	  $(CARGO) test --features e2e --test e2e -- soak:: faults:: token_refresh --include-ignored --nocapture --test-threads 1
 
 ##@ Performance
 
@@ -116,5 +126,5 @@ fuzz-smoke: ## What CI runs: each fuzz target for 30 s.
 ##@ Demo
 
 .PHONY: demo
-demo: cluster-up ## Bring up the test bed and walk through what it can do.
+demo: node-image ## Bring up the test bed, install ephemera with Helm from its image onto the real node, and run a workload through its life.
 	e2e/scripts/demo.sh

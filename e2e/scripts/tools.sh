@@ -92,51 +92,32 @@ else
 fi
 ln -sfn "$ETCD_DIR/etcd" "$BIN/etcd"
 
-# --- kwok ----------------------------------------------------------------------
+# go_tool NAME DIR TYPICAL MODULE@VERSION [LDFLAGS]: `go install`s NAME into
+# DIR once (TYPICAL: its cold build time), then links it into $BIN.
+go_tool() {
+  local name=$1 dir=$2 typical=$3 module=$4 ldflags="-s -w ${5:-}"
+  mkdir -p "$dir"
+  if [[ -x $dir/$name ]]; then
+    ok "cached: $dir/$name"
+  else
+    go_build "$name" "$dir/$name" "$BUILD_LOGS/$name-${module##*@}.log" "$typical" -- install -ldflags "$ldflags" "$module"
+  fi
+  ln -sfn "$dir/$name" "$BIN/$name"
+}
+
 next "kwok $KWOK_VERSION (fake nodes)"
-mkdir -p "$KWOK_DIR"
-if [[ -x $KWOK_DIR/kwok ]]; then
-  ok "cached: $KWOK_DIR/kwok"
-else
-  go_build kwok "$KWOK_DIR/kwok" "$BUILD_LOGS/kwok-$KWOK_VERSION.log" \
-    "4-8 min (~900 packages)" -- install -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
-fi
-ln -sfn "$KWOK_DIR/kwok" "$BIN/kwok"
+go_tool kwok "$KWOK_DIR" "4-8 min (~900 packages)" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 
-# --- helm ----------------------------------------------------------------------
 next "helm $HELM_VERSION"
-mkdir -p "$HELM_DIR"
-if [[ -x $HELM_DIR/helm ]]; then
-  ok "cached: $HELM_DIR/helm"
-else
-  go_build helm "$HELM_DIR/helm" "$BUILD_LOGS/helm-$HELM_VERSION.log" \
-    "4-8 min (~900 packages)" -- install -ldflags "-s -w" "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
-fi
-ln -sfn "$HELM_DIR/helm" "$BIN/helm"
+go_tool helm "$HELM_DIR" "4-8 min (~900 packages)" "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
 
-# --- crictl --------------------------------------------------------------------
 next "crictl $CRICTL_VERSION (CRI client for the real node)"
-mkdir -p "$CRICTL_DIR"
-if [[ -x $CRICTL_DIR/crictl ]]; then
-  ok "cached: $CRICTL_DIR/crictl"
-else
-  go_build crictl "$CRICTL_DIR/crictl" "$BUILD_LOGS/crictl-$CRICTL_VERSION.log" \
-    "1-2 min (~250 packages)" -- install -ldflags "-s -w" "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
-fi
-ln -sfn "$CRICTL_DIR/crictl" "$BIN/crictl"
+go_tool crictl "$CRICTL_DIR" "1-2 min (~250 packages)" "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
 
-# --- kube-router ----------------------------------------------------------------
 next "kube-router $KUBE_ROUTER_VERSION (NetworkPolicy on the real node)"
-mkdir -p "$KUBE_ROUTER_DIR"
-if [[ -x $KUBE_ROUTER_DIR/kube-router ]]; then
-  ok "cached: $KUBE_ROUTER_DIR/kube-router"
-else
-  CGO_ENABLED=0 go_build kube-router "$KUBE_ROUTER_DIR/kube-router" "$BUILD_LOGS/kube-router-$KUBE_ROUTER_VERSION.log" \
-    "4-6 min (~700 packages)" -- install \
-    -ldflags "-s -w -X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION" \
-    "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router@$KUBE_ROUTER_VERSION"
-fi
-ln -sfn "$KUBE_ROUTER_DIR/kube-router" "$BIN/kube-router"
+CGO_ENABLED=0 go_tool kube-router "$KUBE_ROUTER_DIR" "4-6 min (~700 packages)" \
+  "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router@$KUBE_ROUTER_VERSION" \
+  "-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION"
 
 # --- Python: MiniStack and boto3 -------------------------------------------------
 next "MiniStack $MINISTACK_VERSION and boto3 (Python venv)"

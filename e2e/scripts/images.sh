@@ -33,28 +33,6 @@ mkdir -p "$IMAGES" "$BUILD_LOGS"
 
 # === tools ===
 
-# apt_install PACKAGE...: from Debian, without starting any daemon a package
-# ships (policy-rc.d answers 101, "action forbidden", to every invoke-rc.d).
-apt_install() {
-  local log=$BUILD_LOGS/apt.log own_policy=0 status=0
-  ((EUID == 0)) || die "$* missing; install it (apt-get install $*) or run as root"
-  info "installing $* from Debian (about a minute); log: $log"
-  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-    chmod 0755 /usr/sbin/policy-rc.d
-    own_policy=1
-  fi
-  {
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" ||
-      { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"; }
-  } >>"$log" 2>&1 || status=$?
-  if ((own_policy)); then
-    rm -f /usr/sbin/policy-rc.d
-  fi
-  ((status == 0)) || die "apt-get install $* failed; see $log"
-  ok "installed $*"
-}
-
 need_buildah() {
   command -v buildah >/dev/null || apt_install buildah
 }

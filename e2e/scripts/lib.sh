@@ -85,18 +85,28 @@ fmt_duration() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
 # port_in_use PORT [HOST]: true when something listens on HOST:PORT (default 127.0.0.1).
 port_in_use() { (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null; }
 
-# apt_install PACKAGE...: Debian packages, without starting any daemon they ship.
+# apt_install PACKAGE...: from Debian, without starting any daemon a package
+# ships (policy-rc.d answers 101, "action forbidden", to every invoke-rc.d).
+# Dies naming the log on failure.
 apt_install() {
-  local guard=/usr/sbin/policy-rc.d created=0
-  if [[ ! -e $guard ]]; then
-    printf '#!/bin/sh\n# ephemera: no daemon starts during this install\nexit 101\n' >"$guard"
-    chmod +x "$guard"
-    created=1
+  local log=$BUILD_LOGS/apt.log own_policy=0 status=0
+  ((EUID == 0)) || die "$* missing; install it (apt-get install $*) or run as root"
+  mkdir -p "$BUILD_LOGS"
+  info "installing $* from Debian (about a minute); log: $log"
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 0755 /usr/sbin/policy-rc.d
+    own_policy=1
   fi
-  local status=0
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"; } || status=$?
-  ((created)) && rm -f "$guard"
-  return "$status"
+  {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" ||
+      { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"; }
+  } >>"$log" 2>&1 || status=$?
+  if ((own_policy)); then
+    rm -f /usr/sbin/policy-rc.d
+  fi
+  ((status == 0)) || die "apt-get install $* failed; see $log"
+  ok "installed $*"
 }
 
 # pid_alive PIDFILE: true when the pid file names a live process.

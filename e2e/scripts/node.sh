@@ -44,11 +44,7 @@ node_packages() {
   for pkg in "${NODE_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
   done
-  ((${#missing[@]})) || return 0
-  info "installing Debian packages: ${missing[*]} (about 20 s; log: $BUILD_LOGS/apt.log)"
-  mkdir -p "$BUILD_LOGS"
-  apt_install "${missing[@]}" >>"$BUILD_LOGS/apt.log" 2>&1 ||
-    die "apt-get install ${missing[*]} failed; see $BUILD_LOGS/apt.log"
+  ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
 }
 
 # --- configuration ---------------------------------------------------------------

@@ -532,8 +532,7 @@ impl Governed {
     async fn logs_of(&self, selector: &str) -> String {
         let mut all = String::new();
         for pod in self.pods.list(&ListParams::default().labels(selector)).await.map(|l| l.items).unwrap_or_default() {
-            let logs = self.pods.logs(&pod.name_any(), &LogParams::default()).await.unwrap_or_else(|e| e.to_string());
-            let _ = writeln!(all, "--- {}:\n{logs}", pod.name_any());
+            let _ = writeln!(all, "--- {}:\n{}", pod.name_any(), self.logs_of_pod(&pod.name_any()).await);
         }
         all
     }

@@ -49,9 +49,23 @@ node_packages() {
 
 # --- configuration ---------------------------------------------------------------
 
+# write_if_changed FILE: stdin into FILE, unless FILE already says exactly
+# that. kube-proxy exits when its configuration file is written at all, so an
+# idempotent cluster-up must leave unchanged files alone.
+write_if_changed() {
+  local tmp
+  tmp=$(mktemp "$1.XXXXXX")
+  cat >"$tmp"
+  if cmp -s "$tmp" "$1"; then
+    rm -f "$tmp"
+  else
+    mv -f "$tmp" "$1"
+  fi
+}
+
 write_node_config() {
   mkdir -p "$NODE_DIR"/{cni/net.d,cni/ipam,containerd,kubelet,kubelet-certs,pod-logs} "$NODE_RUN"
-  cat >"$NODE_DIR/containerd.toml" <<TOML
+  write_if_changed "$NODE_DIR/containerd.toml" <<TOML
 # Written by e2e/scripts/cluster.sh: the test bed node's containerd.
 version = 2
 root = "$NODE_DIR/containerd"
@@ -88,7 +102,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 TOML
   # isGateway puts the node address on the bridge (made beforehand by
   # node_network_up); ipMasq is off: pods talk only to the node address.
-  cat >"$NODE_DIR/cni/net.d/10-ephemera.conflist" <<JSON
+  write_if_changed "$NODE_DIR/cni/net.d/10-ephemera.conflist" <<JSON
 {
   "cniVersion": "1.0.0",
   "name": "ephemera",
@@ -111,7 +125,7 @@ TOML
   ]
 }
 JSON
-  cat >"$NODE_DIR/kubelet.yaml" <<YAML
+  write_if_changed "$NODE_DIR/kubelet.yaml" <<YAML
 # Written by e2e/scripts/cluster.sh: the test bed node's kubelet.
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -151,7 +165,7 @@ nodeStatusUpdateFrequency: 4s
 syncFrequency: 10s
 shutdownGracePeriod: 0s
 YAML
-  cat >"$NODE_DIR/kube-proxy.yaml" <<YAML
+  write_if_changed "$NODE_DIR/kube-proxy.yaml" <<YAML
 # Written by e2e/scripts/cluster.sh: the test bed node's kube-proxy.
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration

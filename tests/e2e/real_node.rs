@@ -679,7 +679,7 @@ impl Governed {
                 let p = self.pods.get(name).await.ok()?;
                 match p.status.as_ref()?.phase.as_deref() {
                     Some("Succeeded") => Some(p),
-                    Some("Failed") => panic!("pod {name} failed: {:?}", p.status),
+                    Some("Failed") => panic!("pod {name} failed:\n{}", self.logs_of_pod(name).await),
                     _ => None,
                 }
             })

@@ -23,8 +23,10 @@
 //	--loop D          repeat the checks until D has passed or SIGTERM/SIGINT arrives
 //	                  (Deployments, the token-refresh test); 0, the default, runs one round
 //	--every D         pause between rounds in a loop (default 10s)
-//	--settle D        wait D before the first round (a NetworkPolicy engine
-//	                  programs a new pod's rules shortly after it starts)
+//	--settle D        before the first round, wait up to D for every --unreachable
+//	                  URL to stop answering (a NetworkPolicy engine programs a new
+//	                  pod's rules shortly after it starts); the first report's
+//	                  blocked_after_ms says how long that took
 //	--fresh-session   load the configuration again every round, so every round
 //	                  assumes the role with the token file as it is now (the SDK
 //	                  otherwise keeps a session until it nears expiry)
@@ -154,6 +156,7 @@ type report struct {
 	Denies              []denyResult  `json:"denies"`
 	Fetches             []fetchResult `json:"fetches"`
 	Failures            []string      `json:"failures"`
+	BlockedAfterMs      *int64        `json:"blocked_after_ms,omitempty"`
 	TS                  string        `json:"ts"`
 }
 
@@ -187,7 +190,7 @@ func main() {
 	loop := flag.Duration("loop", 0, "repeat the checks for this long (0: one round)")
 	every := flag.Duration("every", 10*time.Second, "pause between rounds in a loop")
 	fresh := flag.Bool("fresh-session", false, "load the configuration (and assume the role) again every round")
-	settle := flag.Duration("settle", 0, "wait this long before the first round")
+	settle := flag.Duration("settle", 0, "wait up to this long for the --unreachable URLs to be blocked")
 	serveAddr := flag.String("serve", "", "serve HTTP 200 \"ok\" on this address until SIGTERM")
 	flag.Parse()
 	if flag.NArg() > 0 || *loop < 0 || *every <= 0 || *settle < 0 {
@@ -205,17 +208,18 @@ func main() {
 		return
 	}
 
-	time.Sleep(*settle)
+	blockedAfter := waitBlocked(unreachable, *settle)
 	ctx := context.Background()
 	p := probe{
-		gets:      gets,
-		denies:    denies,
-		fetches:   fetches,
-		blocked:   unreachable,
-		kubeToken: *kubeToken,
-		aws:       *withAWS,
-		fresh:     *fresh,
-		out:       json.NewEncoder(os.Stdout),
+		gets:         gets,
+		denies:       denies,
+		fetches:      fetches,
+		blocked:      unreachable,
+		kubeToken:    *kubeToken,
+		aws:          *withAWS,
+		fresh:        *fresh,
+		out:          json.NewEncoder(os.Stdout),
+		blockedAfter: blockedAfter,
 	}
 	if p.aws {
 		if err := p.connect(ctx); err != nil {
@@ -258,7 +262,9 @@ type probe struct {
 	fetches, blocked urlList
 	kubeToken        bool
 	aws, fresh       bool
-	out              *json.Encoder
+	// How long the --unreachable URLs took to be blocked (first report only).
+	blockedAfter *int64
+	out          *json.Encoder
 }
 
 // connect makes the clients from the SDK's default configuration: the
@@ -278,6 +284,9 @@ func (p *probe) round(ctx context.Context, n int, phase string) bool {
 	r := report{
 		Round: n, Phase: phase, Gets: []getResult{}, Denies: []denyResult{}, Fetches: []fetchResult{},
 		Failures: []string{},
+	}
+	if n == 1 {
+		r.BlockedAfterMs = p.blockedAfter
 	}
 	p.checkNetwork(&r)
 	if !p.aws {
@@ -384,6 +393,32 @@ func (p *probe) checkKubeToken(r *report) {
 			r.fail("the Kubernetes API token carries the STS audience")
 		}
 	}
+}
+
+// waitBlocked polls every URL until none answers or `limit` has passed; how
+// long that took (nil without URLs or a limit). What is still reachable then
+// fails the first round.
+func waitBlocked(urls urlList, limit time.Duration) *int64 {
+	if len(urls) == 0 || limit <= 0 {
+		return nil
+	}
+	client := &http.Client{Timeout: 200 * time.Millisecond}
+	start := time.Now()
+	for time.Since(start) < limit {
+		open := false
+		for _, u := range urls {
+			if resp, err := client.Get(u); err == nil {
+				resp.Body.Close()
+				open = true
+			}
+		}
+		if !open {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	ms := time.Since(start).Milliseconds()
+	return &ms
 }
 
 // checkNetwork: each --fetch URL answers over HTTP, each --unreachable URL

@@ -108,10 +108,16 @@ soak: node-image ## SOAK_LIFECYCLES lifecycles under random SIGKILLs of the cont
 
 .PHONY: bench
 BENCH_LEASES ?= 100
-bench: cluster-up ## Benchmarks, printed not asserted: mutate() (criterion), webhook HTTPS load, BENCH_LEASES pod lifecycles on the test bed.
+BENCH_NODE_LEASES ?= 500
+bench: node-image ## Benchmarks, printed not asserted: mutate() (criterion), webhook HTTPS load, BENCH_LEASES pod lifecycles on the test bed, then bench-node.
 	$(CARGO) bench --bench mutate -- --noplot
 	$(CARGO) bench --bench webhook
 	source $(DEV_ENV) && EPHEMERA_BENCH_LEASES=$(BENCH_LEASES) $(CARGO) test --release --features e2e --test e2e bench:: -- --ignored --nocapture
+	BENCH_LEASES=$(BENCH_NODE_LEASES) e2e/scripts/bench-node.sh
+
+.PHONY: bench-node
+bench-node: node-image ## The operator as pods on the real node: idle RSS, a BENCH_NODE_LEASES (500) burst (all Ready, all reaped, peak RSS), webhook latency through its Service (wrk).
+	BENCH_LEASES=$(BENCH_NODE_LEASES) e2e/scripts/bench-node.sh
 
 .PHONY: fuzz
 FUZZ_SECONDS ?= 300

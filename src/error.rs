@@ -45,6 +45,18 @@ pub enum Error {
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
 
+    /// An IAM role under the name a lease derives exists but its tags say
+    /// it is another lease's (or another cluster's): it is neither adopted
+    /// nor deleted.
+    #[error("role conflict: {0}")]
+    RoleConflict(String),
+
+    /// An `IdentityLease` names something other than what its own identity
+    /// derives (a role, a ServiceAccount): it was not written by ephemera's
+    /// webhook, and the controller acts on none of it.
+    #[error("lease refused: {0}")]
+    LeaseRefused(String),
+
     /// This replica no longer leads (or cannot tell): it makes nothing in
     /// the cloud and stops; the leader does the work.
     #[error("not the leader: {0}")]
@@ -77,6 +89,8 @@ impl Error {
             Error::Serialization { .. } => "serialization",
             Error::Io { .. } => "io",
             Error::QuotaExceeded(_) => "quota",
+            Error::RoleConflict(_) => "role_conflict",
+            Error::LeaseRefused(_) => "lease_refused",
             Error::NotLeader(_) => "not_leader",
             Error::WebhookCheck(_) => "webhook_check",
             Error::UninstallIncomplete(_) => "uninstall_incomplete",

@@ -99,6 +99,68 @@ pub const TAG_CLUSTER: &str = "ephemera.dev/cluster";
 pub const TAG_NAMESPACE: &str = "ephemera.dev/namespace";
 /// See [`TAG_NAMESPACE`].
 pub const TAG_LEASE: &str = "ephemera.dev/lease";
+/// Uid of the lease a role belongs to: a lease deleted and made again under
+/// the same name is another lease.
+pub const TAG_LEASE_UID: &str = "ephemera.dev/lease-uid";
+
+/// Whose a role is, as its tags say: the cluster, namespace and lease (and
+/// the lease's uid) it was made for. A role is adopted (after a crash) or
+/// deleted only when its tags name the same owner, so a lease can never
+/// take over or delete a role made for another lease, namespace or cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleOwner {
+    /// This cluster's name.
+    pub cluster: String,
+    /// The lease's namespace.
+    pub namespace: String,
+    /// The lease's name.
+    pub lease: String,
+    /// The lease's uid; `None` when unknown (the sweep, for a role whose
+    /// lease is gone, takes it from the role's own tags).
+    pub lease_uid: Option<String>,
+}
+
+impl RoleOwner {
+    /// The tags that record the owner on the role.
+    #[must_use]
+    pub fn tags(&self) -> Vec<(String, String)> {
+        let mut tags = vec![
+            (TAG_CLUSTER.to_owned(), self.cluster.clone()),
+            (TAG_NAMESPACE.to_owned(), self.namespace.clone()),
+            (TAG_LEASE.to_owned(), self.lease.clone()),
+        ];
+        if let Some(uid) = &self.lease_uid {
+            tags.push((TAG_LEASE_UID.to_owned(), uid.clone()));
+        }
+        tags
+    }
+
+    /// Whether `tags` (a role's) name this owner. A role made by ephemera
+    /// 0.1 has no uid tag and is judged on the rest.
+    #[must_use]
+    pub fn owns(&self, tags: &[(String, String)]) -> bool {
+        let tag = |k: &str| tags.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        tag(TAG_CLUSTER) == Some(&self.cluster)
+            && tag(TAG_NAMESPACE) == Some(&self.namespace)
+            && tag(TAG_LEASE) == Some(&self.lease)
+            && match (tag(TAG_LEASE_UID), &self.lease_uid) {
+                (Some(found), Some(wanted)) => found == wanted,
+                (None, _) | (Some(_), None) => true,
+            }
+    }
+}
+
+/// The ownership tags of a role, for a message.
+fn describe_owner(tags: &[(String, String)]) -> String {
+    let owner: Vec<String> = [TAG_CLUSTER, TAG_NAMESPACE, TAG_LEASE, TAG_LEASE_UID]
+        .iter()
+        .map(|k| {
+            let v = tags.iter().find(|(key, _)| key == k).map_or("(none)", |(_, v)| v.as_str());
+            format!("{k}={v}")
+        })
+        .collect();
+    owner.join(", ")
+}
 
 /// The trust policy: only this ServiceAccount's tokens, for this audience,
 /// from this cluster's issuer, may assume the role.
@@ -181,8 +243,19 @@ pub struct RoleSpec {
     pub permissions_boundary: Option<String>,
     /// `MaxSessionDuration`.
     pub max_session: Duration,
-    /// Tags (cluster, namespace, lease, identity, owner, expiry).
+    /// Whose the role is (tagged; checked before an existing role is adopted).
+    pub owner: RoleOwner,
+    /// More tags (identity, owner, expiry).
     pub tags: Vec<(String, String)>,
+}
+
+/// What reaping found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reaped {
+    /// The role was there and is deleted now.
+    Deleted,
+    /// No such role (reaped before, or never made).
+    Gone,
 }
 
 /// A role ephemera made, as the sweep sees it.
@@ -194,6 +267,23 @@ pub struct OwnedRole {
     pub namespace: String,
     /// Its lease.
     pub lease: String,
+    /// Its lease's uid (roles made by ephemera 0.1 have none).
+    pub lease_uid: Option<String>,
+    /// This cluster's name (the sweep lists only this cluster's roles).
+    pub cluster: String,
+}
+
+impl OwnedRole {
+    /// Whose the role is, as its tags said when it was listed.
+    #[must_use]
+    pub fn owner(&self) -> RoleOwner {
+        RoleOwner {
+            cluster: self.cluster.clone(),
+            namespace: self.namespace.clone(),
+            lease: self.lease.clone(),
+            lease_uid: self.lease_uid.clone(),
+        }
+    }
 }
 
 /// How long a reading of the account's role count and quota is trusted; in
@@ -316,8 +406,13 @@ impl AwsProvider {
     /// role; any IAM refusal. The caller retries with backoff.
     pub async fn provision(&self, spec: &RoleSpec) -> Result<String> {
         let trust = spec.trust_policy.to_string();
-        let tags: Vec<Tag> =
-            spec.tags.iter().filter_map(|(k, v)| Tag::builder().key(k).value(v).build().ok()).collect();
+        let tags: Vec<Tag> = spec
+            .owner
+            .tags()
+            .iter()
+            .chain(&spec.tags)
+            .filter_map(|(k, v)| Tag::builder().key(k).value(v).build().ok())
+            .collect();
         let max_session = i32::try_from(spec.max_session.as_secs()).unwrap_or(3600);
         self.reserve_role().await?;
         let created = self
@@ -338,18 +433,27 @@ impl AwsProvider {
         let arn = match created {
             Ok(out) => out.role.map(|r| r.arn).unwrap_or_default(),
             Err(e) if is_code(&e, "EntityAlreadyExists") => {
+                // Ours from an earlier attempt (a crash, a retry), or not
+                // ours at all: only the tags can tell.
                 self.release_role().await;
+                let (arn, tags) = self.role_tags(&spec.name).await?.ok_or_else(|| Error::Cloud {
+                    operation: "GetRole",
+                    message: format!("role {} was there a moment ago and is gone; retrying", spec.name),
+                })?;
+                if !spec.owner.owns(&tags) {
+                    return Err(Error::RoleConflict(format!(
+                        "IAM role {} exists and was not made for this lease (its tags: {}); it is left as it is",
+                        spec.name,
+                        describe_owner(&tags)
+                    )));
+                }
                 self.call(
                     "UpdateAssumeRolePolicy",
                     self.iam.update_assume_role_policy().role_name(&spec.name).policy_document(&trust).send(),
                 )
                 .await
                 .map_err(|e| cloud_error("UpdateAssumeRolePolicy", &e))?;
-                let role = self
-                    .call("GetRole", self.iam.get_role().role_name(&spec.name).send())
-                    .await
-                    .map_err(|e| cloud_error("GetRole", &e))?;
-                role.role.map(|r| r.arn).unwrap_or_default()
+                arn
             }
             Err(e) => {
                 self.release_role().await;
@@ -471,12 +575,52 @@ impl AwsProvider {
         }
     }
 
+    /// The ARN and tags of a role; `None` when there is no such role. One
+    /// `GetRole` (which returns tags), or `ListRoleTags` too where a
+    /// `GetRole` answer carries none.
+    async fn role_tags(&self, role: &str) -> Result<Option<(String, Vec<(String, String)>)>> {
+        let found = match self.call("GetRole", self.iam.get_role().role_name(role).send()).await {
+            Ok(out) => out.role,
+            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(None),
+            Err(e) => return Err(cloud_error("GetRole", &e)),
+        };
+        let Some(found) = found else { return Ok(None) };
+        let mut tags: Vec<(String, String)> =
+            found.tags.unwrap_or_default().into_iter().map(|t| (t.key, t.value)).collect();
+        if tags.is_empty() {
+            tags = match self.call("ListRoleTags", self.iam.list_role_tags().role_name(role).send()).await {
+                Ok(out) => out.tags.into_iter().map(|t| (t.key, t.value)).collect(),
+                Err(e) if is_code(&e, "NoSuchEntity") => return Ok(None),
+                Err(e) => return Err(cloud_error("ListRoleTags", &e)),
+            };
+        }
+        Ok(Some((found.arn, tags)))
+    }
+
     /// Revokes every session issued so far and deletes the role with its
-    /// policies. Idempotent: a role already gone is success.
+    /// policies, once its tags show it is `owner`'s. Idempotent: a role
+    /// already gone is [`Reaped::Gone`].
     ///
     /// # Errors
-    /// Any other IAM refusal (throttling, conflicts); the caller retries.
-    pub async fn revoke_and_delete(&self, role: &str, now_rfc3339: &str) -> Result<()> {
+    /// [`Error::RoleConflict`] when the role is another owner's (nothing is
+    /// touched); any other IAM refusal (throttling, conflicts): the caller
+    /// retries.
+    pub async fn revoke_and_delete(&self, role: &str, owner: &RoleOwner, now_rfc3339: &str) -> Result<Reaped> {
+        let Some((_, tags)) = self.role_tags(role).await? else { return Ok(Reaped::Gone) };
+        if !owner.owns(&tags) {
+            return Err(Error::RoleConflict(format!(
+                "IAM role {role} was not made for IdentityLease {}/{} (its tags: {}); it is left as it is",
+                owner.namespace,
+                owner.lease,
+                describe_owner(&tags)
+            )));
+        }
+        self.revoke_and_delete_owned(role, now_rfc3339).await?;
+        Ok(Reaped::Deleted)
+    }
+
+    /// [`Self::revoke_and_delete`] once ownership is established.
+    async fn revoke_and_delete_owned(&self, role: &str, now_rfc3339: &str) -> Result<()> {
         let revoke = self
             .iam
             .put_role_policy()
@@ -580,7 +724,13 @@ impl AwsProvider {
                 continue;
             }
             if let (Some(namespace), Some(lease)) = (tag(TAG_NAMESPACE), tag(TAG_LEASE)) {
-                owned.push(OwnedRole { name, namespace, lease });
+                owned.push(OwnedRole {
+                    name,
+                    namespace,
+                    lease,
+                    lease_uid: tag(TAG_LEASE_UID),
+                    cluster: cluster.to_owned(),
+                });
             }
         }
         Ok(owned)
@@ -590,6 +740,33 @@ impl AwsProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_role_is_its_owners_only_when_every_tag_says_so() {
+        let owner = RoleOwner {
+            cluster: "c".into(),
+            namespace: "team-a".into(),
+            lease: "report-x7k2p".into(),
+            lease_uid: Some("u1".into()),
+        };
+        assert!(owner.owns(&owner.tags()));
+        let with = |k: &str, v: &str| -> Vec<(String, String)> {
+            owner
+                .tags()
+                .into_iter()
+                .map(|(key, value)| if key == k { (key, v.to_owned()) } else { (key, value) })
+                .collect()
+        };
+        assert!(!owner.owns(&with(TAG_CLUSTER, "other")), "another cluster's");
+        assert!(!owner.owns(&with(TAG_NAMESPACE, "team-b")), "another namespace's");
+        assert!(!owner.owns(&with(TAG_LEASE, "report-x7k2q")), "another lease's");
+        assert!(!owner.owns(&with(TAG_LEASE_UID, "u2")), "an earlier lease of the same name");
+        assert!(!owner.owns(&[]), "untagged: someone else's");
+        // Made by ephemera 0.1 (no uid tag): judged on the rest.
+        let legacy: Vec<_> = owner.tags().into_iter().filter(|(k, _)| k != TAG_LEASE_UID).collect();
+        assert!(owner.owns(&legacy));
+        assert!(describe_owner(&legacy).contains("ephemera.dev/lease-uid=(none)"));
+    }
 
     #[test]
     fn the_trust_policy_admits_one_service_account_and_one_audience() {

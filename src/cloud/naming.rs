@@ -49,19 +49,46 @@ pub fn lease_name(identity: &str, suffix: &str) -> String {
     format!("{}-{suffix}", truncate_dns(identity, room))
 }
 
-/// IAM role name for a lease: `<prefix>-<namespace>-<lease>` when it fits in
-/// 64 characters, else shortened with a digest of the full triple so two
-/// leases never share a role.
+/// Hex characters of the digest that ends every role name: 48 bits, so two
+/// leases among a million share a digest with a chance of about 1 in 500
+/// (and even then the role's tags keep each from touching the other's).
+pub const ROLE_DIGEST_LEN: usize = 12;
+
+/// The digest of one lease's identity: which cluster, namespace and lease.
+/// Namespaces and lease names cannot hold `/`, so the seed is unambiguous.
+#[must_use]
+pub fn role_digest(cluster: &str, namespace: &str, lease: &str) -> String {
+    hex_digest(&format!("{cluster}/{namespace}/{lease}"), ROLE_DIGEST_LEN)
+}
+
+/// IAM role name for a lease: `<prefix>-<namespace>-<lease>-<digest>`, the
+/// readable middle shortened to fit IAM's 64 characters, the digest of
+/// (cluster, namespace, lease) always last. The digest, not the readable
+/// part, makes names distinct: `team` + `a-report` and `team-a` + `report`
+/// read alike, and two clusters sharing an account name their leases alike.
 #[must_use]
 pub fn role_name(prefix: &str, cluster: &str, namespace: &str, lease: &str) -> String {
-    let full = format!("{prefix}-{namespace}-{lease}");
-    if full.len() <= MAX_ROLE_NAME {
-        return full;
-    }
-    let digest = hex_digest(&format!("{cluster}/{namespace}/{lease}"), 10);
-    let room = MAX_ROLE_NAME - prefix.len() - digest.len() - 2;
+    let digest = role_digest(cluster, namespace, lease);
+    let room = MAX_ROLE_NAME.saturating_sub(prefix.len() + digest.len() + 2);
     let middle = format!("{namespace}-{lease}");
-    format!("{prefix}-{}-{digest}", truncate_dns(&middle, room))
+    match truncate_dns(&middle, room) {
+        "" => format!("{prefix}-{digest}"),
+        middle => format!("{prefix}-{middle}-{digest}"),
+    }
+}
+
+/// Whether `name` is the role of lease (cluster, namespace, lease): the name
+/// this version gives it, whatever the boundary's prefix, or the one
+/// ephemera 0.1 gave (`<prefix>-<namespace>-<lease>`, or shortened with a
+/// 10-character digest), so leases admitted before an upgrade are still
+/// reaped. Names are a first check only; before a role is adopted or
+/// deleted, its tags must say the same (`cloud::aws::RoleOwner`).
+#[must_use]
+pub fn is_role_of(name: &str, cluster: &str, namespace: &str, lease: &str) -> bool {
+    let legacy_digest = hex_digest(&format!("{cluster}/{namespace}/{lease}"), 10);
+    name.strip_suffix(&role_digest(cluster, namespace, lease)).is_some_and(|rest| rest.ends_with('-'))
+        || name.strip_suffix(&format!("-{namespace}-{lease}")).is_some_and(|prefix| !prefix.is_empty())
+        || (name.len() == MAX_ROLE_NAME && name.ends_with(&format!("-{legacy_digest}")))
 }
 
 /// ARN of a role.
@@ -123,13 +150,72 @@ mod tests {
 
     #[test]
     fn role_names_fit_iam_and_stay_distinct() {
-        assert_eq!(role_name("ephemera", "c", "team-a", "report-x7k2p"), "ephemera-team-a-report-x7k2p");
+        let name = role_name("ephemera", "c", "team-a", "report-x7k2p");
+        assert!(name.starts_with("ephemera-team-a-report-x7k2p-"), "{name}");
+        assert_eq!(name.len(), "ephemera-team-a-report-x7k2p-".len() + ROLE_DIGEST_LEN);
+        // Read alike, named apart.
+        assert_ne!(name, role_name("ephemera", "c", "team", "a-report-x7k2p"));
         let ns = "n".repeat(60);
         let a = role_name("ephemera", "c", &ns, "report-x7k2p");
         let b = role_name("ephemera", "c", &ns, "report-x7k2q");
         assert!(a.len() <= MAX_ROLE_NAME && b.len() <= MAX_ROLE_NAME, "{a} {b}");
         assert_ne!(a, b);
         assert_ne!(a, role_name("ephemera", "other-cluster", &ns, "report-x7k2p"));
+        let longest_prefix = "p".repeat(20);
+        assert!(role_name(&longest_prefix, "c", &ns, &"l".repeat(63)).len() <= MAX_ROLE_NAME);
+    }
+
+    #[test]
+    fn a_role_name_is_recognised_only_for_its_own_lease() {
+        let name = role_name("team-prefix", "c", "team-a", "report-x7k2p");
+        assert!(is_role_of(&name, "c", "team-a", "report-x7k2p"));
+        assert!(!is_role_of(&name, "c", "team", "a-report-x7k2p"));
+        assert!(!is_role_of(&name, "other", "team-a", "report-x7k2p"));
+        assert!(!is_role_of(&name, "c", "team-a", "report-x7k2q"));
+        // ephemera 0.1's names, for leases admitted before an upgrade.
+        assert!(is_role_of("ephemera-team-a-report-x7k2p", "c", "team-a", "report-x7k2p"));
+        assert!(!is_role_of("-team-a-report-x7k2p", "c", "team-a", "report-x7k2p"));
+        let ns = "n".repeat(60);
+        let legacy = format!(
+            "ephemera-{}-{}",
+            &format!("{ns}-report-x7k2p")[..64 - 9 - 11],
+            hex_digest(&format!("c/{ns}/report-x7k2p"), 10)
+        );
+        assert_eq!(legacy.len(), MAX_ROLE_NAME);
+        assert!(is_role_of(&legacy, "c", &ns, "report-x7k2p"));
+        assert!(!is_role_of(&legacy, "c", &ns, "report-x7k2q"));
+    }
+
+    proptest::proptest! {
+        /// Distinct (cluster, namespace, lease) triples never share a role
+        /// name, at any lengths, and every name fits IAM.
+        #[test]
+        fn distinct_leases_get_distinct_role_names(
+            a in ("[a-z0-9./-]{1,40}", "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"),
+            b in ("[a-z0-9./-]{1,40}", "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"),
+            prefix in "[A-Za-z0-9+=,.@_-]{1,20}",
+        ) {
+            let name_a = role_name(&prefix, &a.0, &a.1, &a.2);
+            let name_b = role_name(&prefix, &b.0, &b.1, &b.2);
+            proptest::prop_assert!(name_a.len() <= MAX_ROLE_NAME, "{}", name_a);
+            proptest::prop_assert!(is_role_of(&name_a, &a.0, &a.1, &a.2));
+            if a != b {
+                proptest::prop_assert_ne!(&name_a, &name_b);
+                let legacy_suffix = format!("-{}-{}", b.1, b.2);
+                proptest::prop_assert!(!is_role_of(&name_a, &b.0, &b.1, &b.2) || name_a.ends_with(&legacy_suffix), "{} {:?}", name_a, b);
+            }
+        }
+
+        /// Names that differ only in where the dashes fall stay apart.
+        #[test]
+        fn dash_shifted_triples_get_distinct_role_names(words in proptest::collection::vec("[a-z0-9]{1,12}", 3..6), split in 1usize..5) {
+            let split = split.min(words.len() - 1);
+            let (ns_a, lease_a) = (words[..split].join("-"), words[split..].join("-"));
+            let other = if split > 1 { split - 1 } else { split + 1 };
+            proptest::prop_assume!(other < words.len());
+            let (ns_b, lease_b) = (words[..other].join("-"), words[other..].join("-"));
+            proptest::prop_assert_ne!(role_name("ephemera", "c", &ns_a, &lease_a), role_name("ephemera", "c", &ns_b, &lease_b));
+        }
     }
 
     #[test]

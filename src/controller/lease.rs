@@ -49,7 +49,7 @@ use crate::{
         },
     },
     cloud::{
-        aws::{self, AwsProvider, RoleSpec},
+        aws::{self, AwsProvider, RoleOwner, RoleSpec},
         naming,
     },
 };
@@ -72,6 +72,8 @@ pub struct Cloud {
     pub provider: AwsProvider,
     /// This cluster's name (role tags; the sweep only touches its own).
     pub cluster: String,
+    /// The AWS account roles are made in.
+    pub account: String,
     /// Host of the service-account issuer (`oidc.eks.eu-west-1.amazonaws.com/id/..`).
     pub issuer_host: String,
     /// ARN of the IAM OIDC provider for the issuer.
@@ -384,6 +386,95 @@ pub fn lease_age(lease: &IdentityLease, now: Timestamp) -> Duration {
     lease.meta().creation_timestamp.as_ref().map_or(Duration::ZERO, |t| now.duration_since(t.0).unsigned_abs())
 }
 
+/// The IAM role name a lease may act on, derived from the lease's own
+/// identity and checked against what its spec says: the ServiceAccount must
+/// be the lease's own (named as the lease), and `spec.roleArn` must be in
+/// this account and carry the name this cluster, namespace and lease
+/// derive. The webhook writes exactly that; anything else was written by
+/// someone else and is refused (`Err` says which field disagrees).
+///
+/// # Errors
+/// The refusal, naming the field.
+pub fn trusted_role(lease: &IdentityLease, cluster: &str, account: &str) -> std::result::Result<String, String> {
+    let namespace = lease.namespace().unwrap_or_default();
+    let name = lease.name_any();
+    if lease.spec.service_account != name {
+        return Err(format!(
+            "spec.serviceAccount {:?} is not this lease's own ServiceAccount ({name:?})",
+            lease.spec.service_account
+        ));
+    }
+    let Some(arn) = lease.spec.role_arn.as_deref() else {
+        return Err("spec.roleArn is missing".into());
+    };
+    let (_, role) =
+        naming::split_role_arn(arn).ok_or_else(|| format!("spec.roleArn {arn:?} is not an IAM role ARN"))?;
+    if arn.split(':').nth(4) != Some(account) {
+        return Err(format!("spec.roleArn {arn:?} is not in this cluster's AWS account ({account})"));
+    }
+    if !naming::is_role_of(&role, cluster, &namespace, &name) {
+        return Err(format!(
+            "spec.roleArn {arn:?} does not name the role of IdentityLease {namespace}/{name} in cluster {cluster:?}"
+        ));
+    }
+    Ok(role)
+}
+
+/// The owner a lease's role must be tagged with.
+fn role_owner(lease: &IdentityLease, ctx: &LeaseContext) -> RoleOwner {
+    RoleOwner {
+        cluster: ctx.cloud.cluster.clone(),
+        namespace: lease.namespace().unwrap_or_default(),
+        lease: lease.name_any(),
+        lease_uid: lease.uid(),
+    }
+}
+
+/// Refuses a lease ephemera's webhook did not write: a condition and one
+/// Event (not one per look), and nothing else is touched.
+async fn refuse(lease: &IdentityLease, ctx: &LeaseContext, why: String) -> Result<Action> {
+    let already = lease
+        .status
+        .as_ref()
+        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == cond::READY && c.reason == "Refused"));
+    if !already {
+        let error = Error::LeaseRefused(why.clone());
+        write_status(lease, ctx, LeasePhase::Pending, None, Some(&error), "not provisioned").await?;
+        publish(ctx, lease, EventType::Warning, "LeaseRefused", format!("{why}; nothing is provisioned")).await;
+        tracing::warn!(namespace = lease.namespace(), lease = %lease.name_any(), why, "lease refused");
+    }
+    Ok(Action::await_change())
+}
+
+/// Whether `object` names `lease` (by uid) among its owners.
+fn owned_by<K: Resource>(object: &K, lease: &IdentityLease) -> bool {
+    let uid = lease.uid().unwrap_or_default();
+    !uid.is_empty() && object.owner_references().iter().any(|o| o.kind == "IdentityLease" && o.uid == uid)
+}
+
+/// The lease's ServiceAccount must be the one the webhook made for it
+/// (owned by the lease's uid): someone else's of that name is never bound
+/// to or deleted. `Some`: what to do instead of provisioning.
+async fn check_service_account(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Option<Action>> {
+    let namespace = lease.namespace().unwrap_or_default();
+    let found = Api::<ServiceAccount>::namespaced(ctx.base.client.clone(), &namespace)
+        .get_opt(&lease.spec.service_account)
+        .await
+        .map_err(Error::kube(format!("reading ServiceAccount {namespace}/{}", lease.spec.service_account)))?;
+    match found {
+        Some(sa) if owned_by(&sa, lease) => Ok(None),
+        Some(_) => {
+            let why = format!(
+                "ServiceAccount {namespace}/{} is not owned by this lease: it was not made for it",
+                lease.spec.service_account
+            );
+            refuse(lease, ctx, why).await.map(Some)
+        }
+        // The webhook makes it right after the lease: look again shortly.
+        None => Ok(Some(Action::requeue(VERIFY_RETRY))),
+    }
+}
+
 async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     let client = &ctx.base.client;
     let namespace = lease.namespace().unwrap_or_default();
@@ -406,8 +497,13 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     };
     let holder = Holder::read(lease, client).await?;
     if let Some(reason) = end_reason(lease, identity.as_ref(), &holder, now, seen) {
+        // (A refused lease goes too, and its reap touches nothing it names.)
         return start_reaping(lease, ctx, &reason, now).await;
     }
+    let role_name = match trusted_role(lease, &ctx.cloud.cluster, &ctx.cloud.account) {
+        Ok(role) => role,
+        Err(why) => return refuse(lease, ctx, why).await,
+    };
     let Some(identity) = identity else { return Ok(Action::await_change()) };
     let uid_bound = bind_holder_uid(lease, client, &holder).await?;
 
@@ -426,10 +522,11 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     // No "Provisioning" write on the way: a lease whose role is made and
     // proven in one pass goes from Pending to Ready (one status write, one
     // reconcile fewer per pod); Provisioning shows while something waits.
-    let Some(role_arn) = lease.spec.role_arn.clone() else {
-        return Err(Error::Config(format!("IdentityLease {namespace}/{name} has no spec.roleArn")));
-    };
-    let (spec, rules) = match role_spec(lease, &identity, &role_arn, ctx).await {
+    let role_arn = lease.spec.role_arn.clone().unwrap_or_default(); // checked by `trusted_role`
+    if let Some(wait) = check_service_account(lease, ctx).await? {
+        return Ok(wait);
+    }
+    let (spec, rules) = match role_spec(lease, &identity, &role_arn, &role_name, ctx).await {
         Ok(found) => found,
         Err(e) => {
             write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision").await?;
@@ -442,7 +539,11 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     }
     if let Err(e) = ctx.cloud.provider.provision(&spec).await {
         write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision").await?;
-        let reason = if matches!(e, Error::QuotaExceeded(_)) { "QuotaExceeded" } else { "ProvisionFailed" };
+        let reason = match e {
+            Error::QuotaExceeded(_) => "QuotaExceeded",
+            Error::RoleConflict(_) => "RoleConflict",
+            _ => "ProvisionFailed",
+        };
         publish(ctx, lease, EventType::Warning, reason, e.to_string()).await;
         return Err(e);
     }
@@ -460,7 +561,7 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
         Ok(Proven::Waiting) | Err(_) => still_live(lease, ctx).await.unwrap_or(true),
     };
     if !live {
-        ctx.cloud.provider.revoke_and_delete(&spec.name, &Timestamp::now().to_string()).await?;
+        ctx.cloud.provider.revoke_and_delete(&spec.name, &spec.owner, &Timestamp::now().to_string()).await?;
         tracing::warn!(
             namespace,
             lease = name,
@@ -560,6 +661,7 @@ async fn role_spec(
     lease: &IdentityLease,
     identity: &WorkloadIdentity,
     role_arn: &str,
+    role_name: &str,
     ctx: &LeaseContext,
 ) -> Result<(RoleSpec, Vec<crate::api::KubernetesRule>)> {
     let client = &ctx.base.client;
@@ -576,13 +678,12 @@ async fn role_spec(
         .filter_map(|b| b.spec.aws.as_ref().map(|a| Duration::from_secs(a.max_session_duration.as_secs())))
         .min()
         .unwrap_or(Duration::from_hours(1));
-    let (path, name) = naming::split_role_arn(role_arn)
-        .ok_or_else(|| Error::Config(format!("spec.roleArn {role_arn:?} is not a role ARN")))?;
+    // The path is the boundary's at admission (recorded in the ARN); the
+    // name is the one `trusted_role` derived.
+    let (path, _) = naming::split_role_arn(role_arn)
+        .ok_or_else(|| Error::LeaseRefused(format!("spec.roleArn {role_arn:?} is not a role ARN")))?;
     let allowed: Vec<_> = eval.statements.iter().filter(|s| !s.actions.is_empty()).cloned().collect();
     let mut tags = vec![
-        (aws::TAG_CLUSTER.to_owned(), ctx.cloud.cluster.clone()),
-        (aws::TAG_NAMESPACE.to_owned(), namespace.clone()),
-        (aws::TAG_LEASE.to_owned(), lease.name_any()),
         ("ephemera.dev/workload-identity".to_owned(), lease.spec.workload_identity.clone()),
         ("ephemera.dev/expires-at".to_owned(), lease.spec.expires_at.0.to_string()),
     ];
@@ -590,8 +691,9 @@ async fn role_spec(
         tags.push(("ephemera.dev/owner".to_owned(), owner.chars().take(256).collect()));
     }
     let spec = RoleSpec {
-        name,
+        name: role_name.to_owned(),
         path,
+        owner: role_owner(lease, ctx),
         trust_policy: aws::trust_policy(
             &ctx.cloud.provider_arn,
             &ctx.cloud.issuer_host,
@@ -828,40 +930,36 @@ async fn reap(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
         // Done before; only the finalizer's removal is left (or was stale).
         return Ok(Action::await_change());
     }
+    // A lease the webhook did not write names nothing of ours: it goes,
+    // and nothing it names is touched.
+    let role = match trusted_role(lease, &ctx.cloud.cluster, &ctx.cloud.account) {
+        Ok(role) => role,
+        Err(why) => {
+            publish(ctx, lease, EventType::Warning, "LeaseRefused", format!("{why}; nothing it names was touched"))
+                .await;
+            ctx.reaped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid);
+            return Ok(Action::await_change());
+        }
+    };
     // The lease is normally gone within milliseconds: status says Reaping
     // only when something holds it (kubectl shows the deletion meanwhile).
-    if let Some(role_arn) = &lease.spec.role_arn
-        && let Some((_, role)) = naming::split_role_arn(role_arn)
-    {
-        let now = Timestamp::now().to_string();
-        if let Err(e) = ctx.cloud.provider.revoke_and_delete(&role, &now).await {
+    let now = Timestamp::now().to_string();
+    match ctx.cloud.provider.revoke_and_delete(&role, &role_owner(lease, ctx), &now).await {
+        Ok(_) => {}
+        // Not ours: left alone, said once; the lease's own objects still go.
+        Err(e @ Error::RoleConflict(_)) => {
+            publish(ctx, lease, EventType::Warning, "RoleConflict", e.to_string()).await;
+        }
+        Err(e) => {
             // Best effort: the namespace may be going away.
             let _ = write_status(lease, ctx, LeasePhase::Reaping, None, Some(&e), &reason).await;
             publish(ctx, lease, EventType::Warning, "ReapFailed", e.to_string()).await;
             return Err(e);
         }
     }
-    let gone = |r: std::result::Result<(), kube::Error>, what: String| match r {
-        Ok(()) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(Error::kube(what)(e)),
-    };
-    let dp = DeleteParams::background();
-    gone(
-        Api::<RoleBinding>::namespaced(client.clone(), &namespace).delete(&name, &dp).await.map(|_| ()),
-        format!("deleting RoleBinding {namespace}/{name}"),
-    )?;
-    gone(
-        Api::<Role>::namespaced(client.clone(), &namespace).delete(&name, &dp).await.map(|_| ()),
-        format!("deleting Role {namespace}/{name}"),
-    )?;
-    gone(
-        Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
-            .delete(&lease.spec.service_account, &dp)
-            .await
-            .map(|_| ()),
-        format!("deleting ServiceAccount {namespace}/{}", lease.spec.service_account),
-    )?;
+    delete_if_owned::<RoleBinding>(client, lease, &name).await?;
+    delete_if_owned::<Role>(client, lease, &name).await?;
+    delete_if_owned::<ServiceAccount>(client, lease, &lease.spec.service_account).await?;
     if let Some(at) = note.as_ref().and_then(|n| n["at"].as_str()).and_then(|t| t.parse::<Timestamp>().ok()) {
         let window = Timestamp::now().duration_since(at).as_secs_f64().max(0.0);
         ctx.base.metrics.ghost_window.observe(window);
@@ -879,6 +977,36 @@ async fn reap(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     Ok(Action::await_change())
 }
 
+/// Deletes `name` if it is there and owned by `lease` (by uid; the delete
+/// is conditional on the uid read, so a replacement is never hit).
+async fn delete_if_owned<K>(client: &Client, lease: &IdentityLease, name: &str) -> Result<()>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let namespace = lease.namespace().unwrap_or_default();
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let api = Api::<K>::namespaced(client.clone(), &namespace);
+    let Some(found) = api.get_opt(name).await.map_err(Error::kube(format!("reading {kind} {namespace}/{name}")))?
+    else {
+        return Ok(());
+    };
+    if !owned_by(&found, lease) {
+        tracing::warn!(namespace, name, kind, "not deleted: it is not owned by the lease being reaped");
+        return Ok(());
+    }
+    let dp = DeleteParams {
+        preconditions: Some(kube::api::Preconditions { uid: found.uid(), resource_version: None }),
+        ..DeleteParams::background()
+    };
+    match api.delete(name, &dp).await {
+        Ok(_) => Ok(()),
+        // Gone, or replaced since the read (409: the uid precondition).
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(e) => Err(Error::kube(format!("deleting {kind} {namespace}/{name}"))(e)),
+    }
+}
+
 async fn write_status(
     lease: &IdentityLease,
     ctx: &LeaseContext,
@@ -891,6 +1019,8 @@ async fn write_status(
     let ready = phase == LeasePhase::Ready;
     let reason = match (phase, error) {
         (_, Some(Error::QuotaExceeded(_))) => "QuotaExceeded",
+        (_, Some(Error::LeaseRefused(_))) => "Refused",
+        (_, Some(Error::RoleConflict(_))) => "RoleConflict",
         (LeasePhase::Pending, _) => "Pending",
         (LeasePhase::Provisioning, _) => "Provisioning",
         (LeasePhase::Ready, _) => "Verified",
@@ -978,17 +1108,27 @@ async fn sweep(ctx: &LeaseContext) -> Result<usize> {
     paths.dedup();
     // Roles of leases in the cache are live; only the others are looked at
     // (and the apiserver decides for those).
-    let live: std::collections::HashSet<String> =
-        ctx.leases.state().iter().filter_map(|l| l.spec.role_arn.clone()).collect();
+    // (Only leases the webhook wrote: a forged spec.roleArn must not hide
+    // another lease's orphaned role from the sweep.)
+    let live: std::collections::HashSet<String> = ctx
+        .leases
+        .state()
+        .iter()
+        .filter(|l| trusted_role(l, &ctx.cloud.cluster, &ctx.cloud.account).is_ok())
+        .filter_map(|l| l.spec.role_arn.clone())
+        .collect();
     let mut deleted = 0;
     for path in paths {
         for role in ctx.cloud.provider.list_owned(&path, &ctx.cloud.cluster, |arn| live.contains(arn)).await? {
             let api = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &role.namespace);
-            // The apiserver, not the cache, decides: a stale cache must never delete a live role.
-            if api.get_opt(&role.lease).await.map_err(Error::kube("checking a role's lease"))?.is_some() {
+            // The apiserver, not the cache, decides: a stale cache must never
+            // delete a live role. A lease of that name with another uid (made
+            // again since) does not own the role.
+            let lease = api.get_opt(&role.lease).await.map_err(Error::kube("checking a role's lease"))?;
+            if lease.is_some_and(|l| role.lease_uid.is_none() || l.uid() == role.lease_uid) {
                 continue;
             }
-            ctx.cloud.provider.revoke_and_delete(&role.name, &Timestamp::now().to_string()).await?;
+            ctx.cloud.provider.revoke_and_delete(&role.name, &role.owner(), &Timestamp::now().to_string()).await?;
             tracing::info!(
                 role = role.name,
                 lease = role.lease,
@@ -1039,6 +1179,49 @@ fn update_phase_gauge(ctx: &LeaseContext) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_what_a_lease_derives_from_its_own_identity_is_trusted() {
+        let role = naming::role_name("ephemera", "c", "team-a", "report-x7k2p");
+        let lease = |sa: &str, arn: &str| -> IdentityLease {
+            serde_json::from_value(json!({
+                "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+                "metadata": {"name": "report-x7k2p", "namespace": "team-a"},
+                "spec": {"holder": {"kind": "Pod", "name": "p"}, "workloadIdentity": "report",
+                         "serviceAccount": sa, "roleArn": arn, "expiresAt": "2026-11-24T10:00:00Z"},
+            }))
+            .unwrap()
+        };
+        let own = format!("arn:aws:iam::111:role/ephemera/{role}");
+        assert_eq!(trusted_role(&lease("report-x7k2p", &own), "c", "111"), Ok(role.clone()));
+        // Any prefix and path a boundary chose; 0.1's names too.
+        let other_prefix = naming::role_name("team-roles", "c", "team-a", "report-x7k2p");
+        assert!(
+            trusted_role(&lease("report-x7k2p", &format!("arn:aws:iam::111:role/x/{other_prefix}")), "c", "111")
+                .is_ok()
+        );
+        assert!(
+            trusted_role(
+                &lease("report-x7k2p", "arn:aws:iam::111:role/ephemera/ephemera-team-a-report-x7k2p"),
+                "c",
+                "111"
+            )
+            .is_ok()
+        );
+
+        let refused = |sa: &str, arn: &str| trusted_role(&lease(sa, arn), "c", "111").unwrap_err();
+        assert!(refused("default", &own).contains("spec.serviceAccount"), "another ServiceAccount");
+        let victim = naming::role_name("ephemera", "c", "team-b", "report-x7k2p");
+        assert!(refused("report-x7k2p", &format!("arn:aws:iam::111:role/ephemera/{victim}")).contains("spec.roleArn"));
+        let other_cluster = naming::role_name("ephemera", "c2", "team-a", "report-x7k2p");
+        assert!(
+            refused("report-x7k2p", &format!("arn:aws:iam::111:role/ephemera/{other_cluster}"))
+                .contains("spec.roleArn")
+        );
+        assert!(refused("report-x7k2p", &format!("arn:aws:iam::222:role/ephemera/{role}")).contains("account"));
+        assert!(refused("report-x7k2p", "arn:aws:iam::111:role/ephemera/admin").contains("spec.roleArn"));
+        assert!(refused("report-x7k2p", "not an arn").contains("spec.roleArn"));
+    }
 
     #[test]
     fn a_lease_without_a_bound_pod_is_looked_at_again_when_its_grace_ends() {

@@ -406,7 +406,7 @@ async fn lease_cloud(
     let issuer_host = issuer.trim_start_matches("https://").trim_end_matches('/').to_owned();
     let provider_arn = format!("arn:{}:iam::{account}:oidc-provider/{issuer_host}", settings.partition);
     tracing::info!(issuer = %issuer, account, "roles will trust this cluster's service-account issuer");
-    Ok(lease::Cloud { provider, cluster: settings.cluster.clone(), issuer_host, provider_arn })
+    Ok(lease::Cloud { provider, cluster: settings.cluster.clone(), account, issuer_host, provider_arn })
 }
 
 /// The issuer from the apiserver's OpenID discovery document.

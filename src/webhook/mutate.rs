@@ -137,6 +137,60 @@ pub fn mutate(pod: &Pod, admission: &Admission, settings: &Settings) -> Result<j
     Ok(json_patch::diff(&before, &to_value(&pod)?))
 }
 
+/// A field of `pod` that would take the place of the token ephemera
+/// projects for `identity`, named as the apiserver names fields: a volume
+/// of ours by name that is not ours, or a mount at (or inside) our token
+/// directory, or at the Kubernetes API token's for an identity with
+/// Kubernetes rules, that is not of our volume. `mutate` leaves the user's
+/// volumes and mounts alone, so such a pod would run without the token
+/// while its lease went Ready: the webhook refuses it instead.
+#[must_use]
+pub fn token_conflict(pod: &Pod, identity: &ResolvedIdentity) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let mut ours = vec![(token_volume(identity), token_dir())];
+    if identity.kubernetes_token {
+        ours.push((kube_api_volume(identity), KUBE_API_MOUNT_PATH));
+    }
+    for (i, volume) in spec.volumes.iter().flatten().enumerate() {
+        if let Some((want, _)) = ours.iter().find(|(want, _)| want.name == volume.name)
+            && volume != want
+        {
+            return Some(format!(
+                "spec.volumes[{i}].name: {:?} is the name of the volume ephemera projects the workload's token into; \
+                 rename the pod's volume",
+                volume.name
+            ));
+        }
+    }
+    // The default token's mounts go (`strip_default_token`): not a conflict.
+    let stripped = |name: &str| {
+        name.starts_with(DEFAULT_TOKEN_VOLUME_PREFIX)
+            && spec.volumes.iter().flatten().any(|v| v.name == name && v.projected.is_some())
+    };
+    let inside = |path: &str, dir: &str| {
+        let (path, dir) = (path.trim_end_matches('/'), dir.trim_end_matches('/'));
+        path == dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+    };
+    let kinds = [("initContainers", &spec.init_containers), ("containers", &Some(spec.containers.clone()))];
+    for (kind, containers) in kinds {
+        for (j, c) in containers.iter().flatten().enumerate() {
+            for (k, m) in c.volume_mounts.iter().flatten().enumerate() {
+                for (volume, dir) in &ours {
+                    let here = inside(&m.mount_path, dir);
+                    if (here && m.name != volume.name && !stripped(&m.name)) || (!here && m.name == volume.name) {
+                        return Some(format!(
+                            "spec.{kind}[{j}].volumeMounts[{k}]: {:?} at {:?} takes the place of ephemera's token at {dir}; \
+                             mount it elsewhere",
+                            m.name, m.mount_path
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
 fn to_value(pod: &Pod) -> Result<serde_json::Value> {
     serde_json::to_value(pod).map_err(|e| Error::Serialization { what: "Pod", message: e.to_string() })
 }
@@ -357,6 +411,61 @@ mod tests {
         assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     }
 
+    #[test]
+    fn a_pod_of_its_own_at_the_token_path_is_named_and_refused() {
+        let identity = ResolvedIdentity {
+            lease: "l".into(),
+            service_account: "l".into(),
+            role_arn: "arn:aws:iam::1:role/ephemera/r".into(),
+            session_name: "s".into(),
+            audience: "sts.amazonaws.com".into(),
+            ttl_seconds: 900,
+            kubernetes_token: true,
+        };
+        let pod = |volumes: Value, mounts: Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {
+                "volumes": volumes, "containers": [{"name": "app", "image": "x"}, {"name": "b", "image": "x", "volumeMounts": mounts}],
+            }}))
+            .unwrap()
+        };
+        let conflict = |volumes: Value, mounts: Value| token_conflict(&pod(volumes, mounts), &identity);
+        assert_eq!(
+            conflict(json!([{"name": "data", "emptyDir": {}}]), json!([{"name": "data", "mountPath": "/data"}])),
+            None
+        );
+        // The plugin's default token at the API path goes anyway.
+        let default = json!([{"name": "kube-api-access-x", "projected": {"sources": []}}]);
+        assert_eq!(conflict(default, json!([{"name": "kube-api-access-x", "mountPath": KUBE_API_MOUNT_PATH}])), None);
+        // Ours already (reinvocation): fine.
+        let ours = json!([serde_json::to_value(token_volume(&identity)).unwrap()]);
+        assert_eq!(conflict(ours, json!([{"name": TOKEN_VOLUME, "mountPath": token_dir()}])), None);
+
+        let named = conflict(json!([{"name": TOKEN_VOLUME, "emptyDir": {}}]), json!([])).unwrap();
+        assert!(named.starts_with("spec.volumes[0].name"), "{named}");
+        let over =
+            conflict(json!([{"name": "data", "emptyDir": {}}]), json!([{"name": "data", "mountPath": token_dir()}]))
+                .unwrap();
+        assert!(over.starts_with("spec.containers[1].volumeMounts[0]"), "{over}");
+        let inside = format!("{}/token", token_dir());
+        assert!(
+            conflict(json!([{"name": "data", "emptyDir": {}}]), json!([{"name": "data", "mountPath": inside}]))
+                .is_some()
+        );
+        let api = conflict(
+            json!([{"name": "data", "emptyDir": {}}]),
+            json!([{"name": "data", "mountPath": KUBE_API_MOUNT_PATH}]),
+        );
+        assert!(api.is_some_and(|m| m.contains(KUBE_API_MOUNT_PATH)));
+        // A parent directory holds ours nested inside it: allowed.
+        assert_eq!(
+            conflict(
+                json!([{"name": "data", "emptyDir": {}}]),
+                json!([{"name": "data", "mountPath": "/var/run/secrets"}])
+            ),
+            None
+        );
+    }
+
     // === Properties over generated pods ===
 
     /// Volumes a pod may bring: the plugin's default token, a user volume, a
@@ -489,6 +598,11 @@ mod tests {
         /// second call (reinvocation) changes nothing.
         #[test]
         fn mutation_is_idempotent_and_keeps_its_promises(pod in pod(), admission in admission()) {
+            // A pod whose own volume or mount would stand in for the token is
+            // refused by the webhook (`token_conflict`), never mutated.
+            if let Some(identity) = &admission.identity {
+                prop_assume!(token_conflict(&pod, identity).is_none());
+            }
             let settings = Settings { aws_region: "eu-west-1".into() };
             let patch = mutate(&pod, &admission, &settings).unwrap();
             let mut doc = serde_json::to_value(&pod).unwrap();
@@ -532,8 +646,19 @@ mod tests {
                     for c in containers_of(&mutated) {
                         let env = |n: &str| c.env.iter().flatten().find(|e| e.name == n).and_then(|e| e.value.clone());
                         prop_assert!(env("AWS_ROLE_ARN").is_some() && env("AWS_WEB_IDENTITY_TOKEN_FILE").is_some());
-                        prop_assert!(c.volume_mounts.iter().flatten().any(|m| m.mount_path == token_dir()), "{} has no token directory", c.name);
+                        let at = |dir: &str| c.volume_mounts.iter().flatten().filter(|m| m.mount_path == dir).map(|m| m.name.clone()).collect::<Vec<_>>();
+                        prop_assert_eq!(at(token_dir()), vec![TOKEN_VOLUME.to_owned()], "{}: the token directory is ours", &c.name);
+                        if identity.kubernetes_token && !admission.keep_default_token {
+                            prop_assert_eq!(at(KUBE_API_MOUNT_PATH), vec![KUBE_API_VOLUME.to_owned()], "{}: the API token directory is ours", &c.name);
+                        }
                     }
+                    // ...and the volume there really is the projected token
+                    // of the identity's audience and lifetime.
+                    let token = volumes.iter().find(|v| v.name == TOKEN_VOLUME).expect("the token volume");
+                    let projection = token.projected.as_ref().and_then(|p| p.sources.as_ref()).and_then(|s| s.first())
+                        .and_then(|s| s.service_account_token.as_ref());
+                    prop_assert_eq!(projection.and_then(|t| t.audience.as_deref()), Some(identity.audience.as_str()));
+                    prop_assert_eq!(projection.and_then(|t| t.expiration_seconds), Some(identity.ttl_seconds.max(MIN_TOKEN_TTL_SECONDS)));
                 }
             }
         }

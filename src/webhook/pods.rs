@@ -164,6 +164,10 @@ pub fn decide(pod: &Pod, env: &Environment<'_>) -> Decision {
         ttl_seconds: i64::try_from(eval.token_ttl.as_secs()).unwrap_or(i64::MAX),
         kubernetes_token: identity.spec.kubernetes.as_ref().is_some_and(|k| !k.rules.is_empty()),
     });
+    if let Some(reason) = admission.identity.as_ref().and_then(|identity| super::mutate::token_conflict(pod, identity))
+    {
+        return Decision::Deny(reason);
+    }
     let annotations = pod.annotations();
     let lease = IdentityLease {
         metadata: ObjectMeta {
@@ -471,7 +475,12 @@ spec: {containers: [{name: main, image: busybox}]}
         assert!(id.lease.starts_with("report-"), "{}", id.lease);
         assert_eq!(id.service_account, id.lease);
         assert_eq!(id.ttl_seconds, 1800, "1h capped by the boundary's 30m");
-        assert_eq!(id.role_arn, format!("arn:aws:iam::000000000000:role/ephemera/eph-team-a-{}", id.lease));
+        let role = format!("eph-team-a-{}-{}", id.lease, naming::role_digest(&f.aws.cluster, "team-a", &id.lease));
+        assert_eq!(id.role_arn, format!("arn:aws:iam::000000000000:role/ephemera/{role}"));
+        // The controller trusts exactly what the webhook wrote.
+        let mut stored = lease.clone();
+        stored.metadata.namespace = Some("team-a".into());
+        assert_eq!(crate::controller::lease::trusted_role(&stored, &f.aws.cluster, "000000000000"), Ok(role));
         assert_eq!(id.session_name, "team-a.p");
         assert_eq!(lease.spec.holder, Holder { kind: HolderKind::Pod, name: "p".into(), uid: None });
         assert_eq!(lease.spec.expires_at.0.to_string(), "2026-11-23T12:00:00Z");

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use ephemera::cloud::aws::{AwsProvider, POLICY_NAME, REVOKE_POLICY_NAME, RoleSpec};
+use ephemera::cloud::aws::{AwsProvider, POLICY_NAME, REVOKE_POLICY_NAME, RoleOwner, RoleSpec};
 use serde_json::json;
 
 use crate::{
@@ -25,6 +25,12 @@ const NOW: &str = "2026-11-23T00:00:00Z";
 async fn reaping_finishes_from_any_step_a_crash_left_it_at() {
     let bed = TestBed::connect().await;
     let provider = AwsProvider::from_env(None, None).await;
+    let owner = RoleOwner {
+        cluster: "reap-test".into(),
+        namespace: "reap".into(),
+        lease: "reap-lease".into(),
+        lease_uid: Some("reap-uid".into()),
+    };
     let managed = bed
         .iam
         .create_policy()
@@ -48,7 +54,8 @@ async fn reaping_finishes_from_any_step_a_crash_left_it_at() {
                 managed_policy_arns: vec![managed.clone()],
                 permissions_boundary: None,
                 max_session: Duration::from_hours(1),
-                tags: vec![("ephemera.dev/cluster".into(), "reap-test".into())],
+                owner: owner.clone(),
+                tags: vec![],
             };
             provider.provision(&spec).await.expect("provision");
             if hand_added {
@@ -61,10 +68,10 @@ async fn reaping_finishes_from_any_step_a_crash_left_it_at() {
                     .unwrap_or_else(|e| panic!("{step} on {name}: {e}"));
             }
             let case = format!("crash after [{}], hand-added policy: {hand_added}", STEPS[..done].join(", "));
-            provider.revoke_and_delete(&name, NOW).await.unwrap_or_else(|e| panic!("{case}: {e}"));
+            provider.revoke_and_delete(&name, &owner, NOW).await.unwrap_or_else(|e| panic!("{case}: {e}"));
             let arn = format!("arn:aws:iam::000000000000:role/ephemera/{name}");
             assert!(!role_exists(&bed, &arn).await, "{case}: the role is still there");
-            provider.revoke_and_delete(&name, NOW).await.unwrap_or_else(|e| panic!("{case}, run again: {e}"));
+            provider.revoke_and_delete(&name, &owner, NOW).await.unwrap_or_else(|e| panic!("{case}, run again: {e}"));
         }
     }
     // The managed policy is the account's, not the role's: untouched.

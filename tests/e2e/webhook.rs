@@ -167,7 +167,8 @@ async fn pods_get_their_own_identity_and_lose_the_default_token() {
     }
     let role_arn = env_of(&created, "AWS_ROLE_ARN").expect("AWS_ROLE_ARN");
     assert!(role_arn.starts_with("arn:aws:iam::000000000000:role/ephemera/ephemera-"), "{role_arn}");
-    assert!(role_arn.ends_with(&lease_name), "{role_arn}");
+    let digest = ephemera::cloud::naming::role_digest("e2e", &ns.name, &lease_name);
+    assert!(role_arn.ends_with(&format!("{lease_name}-{digest}")), "{role_arn}");
     assert_eq!(env_of(&created, "AWS_WEB_IDENTITY_TOKEN_FILE").as_deref(), Some("/var/run/secrets/ephemera.dev/token"));
     assert_eq!(
         spec.scheduling_gates.unwrap_or_default().iter().map(|g| g.name.as_str()).collect::<Vec<_>>(),

@@ -15,5 +15,6 @@ mod real_node;
 mod reaping;
 mod soak;
 mod support;
+mod tenant;
 mod testbed;
 mod webhook;

@@ -83,6 +83,7 @@ async fn the_chart_runs_on_a_real_node_and_a_real_sdk_gets_exactly_its_access() 
     // A governed namespace: the release's webhook, a boundary that blocks
     // instance metadata, an identity that may read one bucket.
     let gov = Governed::new(&bed, &release).await;
+    gov.assert_only_the_webhook_makes_leases(&release).await;
 
     // --- 3. instance metadata: a stand-in on the metadata address answers a pod
     // of an ungoverned namespace; the governed Job below must not reach it -----
@@ -270,6 +271,9 @@ impl Release {
                 "nodeSelector": place["nodeSelector"], "tolerations": place["tolerations"],
                 "namespaceSelector": {"matchLabels": {GOVERNED_LABEL: selector}},
             },
+            // Other tests' webhooks run as host processes (not as the chart's
+            // ServiceAccount) in namespaces of their own.
+            "leaseWriters": {"namespaceSelector": {"matchLabels": {GOVERNED_LABEL: selector}}},
             // The test bed's apiserver listens on 16443 behind the `kubernetes` Service.
             "networkPolicy": {"apiserver": {"ports": [443, 16443]}},
         });
@@ -486,6 +490,26 @@ impl Governed {
         let mut template = probe_pod(&self.probe_image, &args, restart);
         template["metadata"]["labels"] = json!({"ephemera.dev/identity": "reader", "app": "probe"});
         template
+    }
+
+    /// The chart's lease-writers policy: a cluster admin (the test's own
+    /// credentials) may not make an IdentityLease; the message says who may.
+    async fn assert_only_the_webhook_makes_leases(&self, release: &Release) {
+        let forged: IdentityLease = serde_json::from_value(json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+            "metadata": {"name": "forged"},
+            "spec": {"holder": {"kind": "Pod", "name": "p"}, "workloadIdentity": "reader",
+                     "serviceAccount": "forged", "expiresAt": "2099-01-01T00:00:00Z"},
+        }))
+        .expect("a lease");
+        let leases = Api::<IdentityLease>::namespaced(self.client.clone(), &self.ns.name);
+        let refused =
+            leases.create(&PostParams::default(), &forged).await.expect_err("a lease made by hand is refused");
+        let webhook = format!("system:serviceaccount:{}:{}-ephemera-webhook", release.namespace, release.name);
+        assert!(
+            refused.to_string().contains(&format!("made only by ephemera's webhook ({webhook})")),
+            "the refusal names who may: {refused}"
+        );
     }
 
     /// Waits until the boundary's instance-metadata NetworkPolicy is in the

@@ -1,0 +1,325 @@
+//! A tenant attacks: a namespace admin (a wildcard Role in their own
+//! namespaces, impersonated as user `mallory`) tries to take or destroy what
+//! is not theirs through ephemera. Each attack is refused or neutralised,
+//! against the real apiserver and MiniStack, and the victims' roles (trust
+//! policy and tags) and the namespace's ServiceAccounts are compared before
+//! and after.
+//!
+//! - A lease made at all: the chart's lease-writers policy refuses it and
+//!   says who may (here in a namespace it covers; `real_node` proves it
+//!   on the real install too).
+//! - Where that policy is missing (a cluster below 1.30, a manifest applied
+//!   by hand), forged leases reach the controller, which acts only on what a
+//!   lease derives from its own identity and on roles whose tags name it:
+//!   - one naming another namespace's role by ARN is refused;
+//!   - one whose name makes ephemera 0.1's readable role name of another
+//!     namespace's lease (`team` + `a-report` reads as `team-a` + `report`)
+//!     finds that role and leaves it (its tags say another lease);
+//!   - one named after a ServiceAccount of the namespace neither binds nor
+//!     deletes it.
+//! - A pod whose own volume or mount stands in for ephemera's token is
+//!   refused with the field named.
+
+use std::{collections::BTreeMap, process::Command, time::Duration};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Pod, ServiceAccount},
+        rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, PostParams},
+};
+use serde_json::json;
+
+use crate::{
+    support::{ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds, unique_name, wait_until},
+    webhook::{governed, identity},
+};
+use ephemera::{api::IdentityLease, cloud::naming};
+
+const WAIT: Duration = Duration::from_secs(45);
+const ACCOUNT: &str = "000000000000";
+/// The host-process controller's and webhook's cluster name (`support`).
+const CLUSTER: &str = "e2e";
+const ATTACKER: &str = "mallory";
+
+#[tokio::test]
+async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
+    let _turn = controller_turn().await;
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    let mut controller = ControllerProcess::start_with(&["--cluster-name", CLUSTER]);
+    let reader = identity(
+        "reader",
+        json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-x/*"]}]}}),
+    );
+    let gov = governed(&bed, &webhook, "e2e-tenant", json!({}), &reader).await;
+    let ns = gov.ns.name.clone();
+    let mallory = namespace_admin(&bed, &ns).await;
+    controller.wait_synced().await;
+
+    // The victims: roles ephemera made for leases of other namespaces of
+    // this cluster, one named as this version names roles, one as 0.1 did.
+    let victim_ns = format!("{ns}-a");
+    let victim = naming::role_name("ephemera", CLUSTER, &victim_ns, "report-x");
+    let legacy_victim = format!("ephemera-{victim_ns}-report-x");
+    for role in [&victim, &legacy_victim] {
+        make_role(&bed, role, &victim_ns, "report-x").await;
+    }
+    let roles_before = [role_state(&bed, &victim).await, role_state(&bed, &legacy_victim).await];
+    let sas = Api::<ServiceAccount>::namespaced(bed.client.clone(), &ns);
+    let app_sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "app"}})).unwrap();
+    sas.create(&PostParams::default(), &app_sa).await.expect("the namespace's own ServiceAccount");
+    let sas_before = service_accounts(&sas).await;
+
+    // 1. A lease naming another namespace's role: refused, nothing provisioned.
+    let leases = Api::<IdentityLease>::namespaced(mallory.clone(), &ns);
+    let arn = |role: &str| format!("arn:aws:iam::{ACCOUNT}:role/ephemera/{role}");
+    leases.create(&PostParams::default(), &forged("reader-steal", "reader-steal", &arn(&victim))).await.unwrap();
+    let why = refused_with(&bed, &ns, "reader-steal", "Refused").await;
+    assert!(why.contains("spec.roleArn") && why.contains("does not name the role of"), "{why}");
+
+    // 2. ephemera 0.1's readable name of the victim's lease, reached from a
+    // lease named so that it reads the same; the ServiceAccount is made
+    // (owned by the forged lease) so that only the role's tags stand between
+    // the attacker and the victim's role.
+    let lookalike =
+        leases.create(&PostParams::default(), &forged("a-report-x", "a-report-x", &arn(&legacy_victim))).await.unwrap();
+    let owned_sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "a-report-x", "ownerReferences": [
+        {"apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease", "name": "a-report-x", "uid": lookalike.uid()}
+    ]}}))
+    .unwrap();
+    Api::<ServiceAccount>::namespaced(mallory.clone(), &ns).create(&PostParams::default(), &owned_sa).await.unwrap();
+    let why = refused_with(&bed, &ns, "a-report-x", "RoleConflict").await;
+    assert!(why.contains(&legacy_victim) && why.contains(&format!("ephemera.dev/namespace={victim_ns}")), "{why}");
+
+    // 3. A lease named after the namespace's ServiceAccount: refused, and
+    // reaping it (the attacker deletes it) leaves the ServiceAccount.
+    let own_role = naming::role_name("ephemera", CLUSTER, &ns, "app");
+    leases.create(&PostParams::default(), &forged("app", "app", &arn(&own_role))).await.unwrap();
+    let why = refused_with(&bed, &ns, "app", "Refused").await;
+    assert!(why.contains("ServiceAccount") && why.contains("not owned by this lease"), "{why}");
+    for lease in ["reader-steal", "a-report-x", "app"] {
+        leases.delete(lease, &DeleteParams::default()).await.unwrap();
+    }
+    wait_until("the forged leases to be gone", WAIT, || async {
+        let left = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns).list(&ListParams::default()).await.ok()?;
+        left.items.is_empty().then_some(())
+    })
+    .await;
+    assert!(!crate::lifecycle::role_exists(&bed, &arn(&own_role)).await, "no role was made for the forged lease");
+
+    // 4. A pod whose own volume or mount takes the token's place.
+    let pods = Api::<Pod>::namespaced(mallory.clone(), &ns);
+    let volume = pod_with(&json!([{"name": "ephemera-token", "emptyDir": {}}]), &json!([]));
+    let refused = create_refused(&pods, &volume).await;
+    assert!(refused.contains("spec.volumes[0].name"), "{refused}");
+    let mount = pod_with(
+        &json!([{"name": "data", "emptyDir": {}}]),
+        &json!([{"name": "data", "mountPath": "/var/run/secrets/ephemera.dev"}]),
+    );
+    let refused = create_refused(&pods, &mount).await;
+    assert!(refused.contains("spec.containers[0].volumeMounts[0]"), "{refused}");
+
+    // Nothing of anyone else's changed.
+    let roles_after = [role_state(&bed, &victim).await, role_state(&bed, &legacy_victim).await];
+    assert_eq!(roles_before, roles_after, "a victim's role changed");
+    let mut sas_after = service_accounts(&sas).await;
+    sas_after.remove("a-report-x"); // the attacker's own, gone with its lease
+    assert_eq!(sas_before, sas_after, "the namespace's ServiceAccounts changed");
+    for role in [&victim, &legacy_victim] {
+        let _ = bed.iam.delete_role().role_name(role.as_str()).send().await;
+    }
+
+    // 5. With the chart's lease-writers policy over the namespace, the
+    // attacker cannot make a lease at all, and is told who may.
+    let policy = LeaseWritersPolicy::apply(&ns);
+    let refused = wait_until("the lease-writers policy to be in force", WAIT, || async {
+        match leases.create(&PostParams::default(), &forged("reader-late", "reader-late", &arn(&own_role))).await {
+            Ok(made) => {
+                let _ = leases.delete(&made.name_any(), &DeleteParams::default()).await;
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        }
+    })
+    .await;
+    assert!(
+        refused.contains(&format!("made only by ephemera's webhook (system:serviceaccount:{}:", policy.namespace))
+            && refused.contains(&format!("{ATTACKER} may not create one")),
+        "{refused}"
+    );
+}
+
+/// A lease as an attacker would write it.
+fn forged(name: &str, service_account: &str, role_arn: &str) -> IdentityLease {
+    serde_json::from_value(json!({
+        "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+        "metadata": {"name": name},
+        "spec": {"holder": {"kind": "Pod", "name": format!("{name}-pod")}, "workloadIdentity": "reader",
+                 "serviceAccount": service_account, "roleArn": role_arn, "expiresAt": "2099-01-01T00:00:00Z"},
+    }))
+    .unwrap()
+}
+
+/// Waits for the lease's Ready condition to carry `reason`; its message.
+async fn refused_with(bed: &TestBed, ns: &str, lease: &str, reason: &str) -> String {
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), ns);
+    wait_until(&format!("lease {lease} to be refused ({reason})"), WAIT, || async {
+        let found = leases.get(lease).await.ok()?;
+        let ready = found.status?.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (ready.reason == reason).then_some(ready.message)
+    })
+    .await
+}
+
+/// User `mallory`, admin of `ns` through a wildcard Role.
+async fn namespace_admin(bed: &TestBed, ns: &str) -> Client {
+    let role = Role {
+        metadata: ObjectMeta { name: Some("admin-of-everything".into()), ..ObjectMeta::default() },
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec!["*".into()]),
+            resources: Some(vec!["*".into()]),
+            verbs: vec!["*".into()],
+            ..PolicyRule::default()
+        }]),
+    };
+    Api::<Role>::namespaced(bed.client.clone(), ns).create(&PostParams::default(), &role).await.unwrap();
+    let binding = RoleBinding {
+        metadata: ObjectMeta { name: Some("admin-of-everything".into()), ..ObjectMeta::default() },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: "admin-of-everything".into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "User".into(),
+            name: ATTACKER.into(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            namespace: None,
+        }]),
+    };
+    Api::<RoleBinding>::namespaced(bed.client.clone(), ns).create(&PostParams::default(), &binding).await.unwrap();
+    let mut config = kube::Config::infer().await.unwrap();
+    config.auth_info.impersonate = Some(ATTACKER.into());
+    Client::try_from(config).unwrap()
+}
+
+/// A role as ephemera makes one for lease `namespace/lease` of this cluster.
+async fn make_role(bed: &TestBed, name: &str, namespace: &str, lease: &str) {
+    let tag = |k: &str, v: &str| aws_sdk_iam::types::Tag::builder().key(k).value(v).build().unwrap();
+    bed.iam
+        .create_role()
+        .role_name(name)
+        .path("/ephemera/")
+        .assume_role_policy_document(
+            json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Federated": "victim"},
+                "Action": "sts:AssumeRoleWithWebIdentity"}]})
+            .to_string(),
+        )
+        .tags(tag("ephemera.dev/cluster", CLUSTER))
+        .tags(tag("ephemera.dev/namespace", namespace))
+        .tags(tag("ephemera.dev/lease", lease))
+        .tags(tag("ephemera.dev/lease-uid", "victim-uid"))
+        .send()
+        .await
+        .expect("create the victim's role");
+}
+
+/// A role's trust policy, tags and inline policies.
+async fn role_state(bed: &TestBed, name: &str) -> (String, Vec<(String, String)>, Vec<String>) {
+    let role = bed.iam.get_role().role_name(name).send().await.expect("the role").role.expect("a role");
+    let tags = bed.iam.list_role_tags().role_name(name).send().await.expect("its tags").tags;
+    let inline = bed.iam.list_role_policies().role_name(name).send().await.expect("its policies").policy_names;
+    let mut tags: Vec<(String, String)> = tags.into_iter().map(|t| (t.key, t.value)).collect();
+    tags.sort();
+    (role.assume_role_policy_document.unwrap_or_default(), tags, inline)
+}
+
+/// Every ServiceAccount of a namespace: name -> uid.
+async fn service_accounts(api: &Api<ServiceAccount>) -> BTreeMap<String, String> {
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|sa| (sa.name_any(), sa.uid().unwrap_or_default()))
+        .collect()
+}
+
+fn pod_with(volumes: &serde_json::Value, mounts: &serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"generateName": "takeover-", "labels": {"ephemera.dev/identity": "reader"}},
+        "spec": {"volumes": volumes, "containers": [{"name": "main", "image": "busybox", "volumeMounts": mounts}]},
+    }))
+    .unwrap()
+}
+
+/// The refusal of a pod create (retried while the webhook may not know the
+/// identity yet, which would admit the pod without one).
+async fn create_refused(pods: &Api<Pod>, pod: &Pod) -> String {
+    wait_until("the webhook to refuse the pod", WAIT, || async {
+        match pods.create(&PostParams::default(), pod).await {
+            Ok(made) => {
+                let _ = pods.delete(&made.name_any(), &DeleteParams::default()).await;
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        }
+    })
+    .await
+}
+
+/// The chart's lease-writers `ValidatingAdmissionPolicy` and its binding, as
+/// `helm template` renders them for a release of its own, bound to the one
+/// namespace `ns` (other tests' webhooks run as host processes, not as the
+/// chart's ServiceAccount). Deleted on drop.
+struct LeaseWritersPolicy {
+    namespace: String,
+    manifest: String,
+}
+
+impl LeaseWritersPolicy {
+    fn apply(ns: &str) -> LeaseWritersPolicy {
+        let release = unique_name("tenant");
+        let namespace = format!("{release}-ops");
+        let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/ephemera");
+        let out = Command::new("helm")
+            .args(["template", &release, chart, "-n", &namespace])
+            .args(["--set", &format!("clusterName={release}"), "--set-string", &format!("aws.accountId={ACCOUNT}")])
+            .args([
+                "--set",
+                &format!("leaseWriters.namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name={ns}"),
+            ])
+            .args(["--show-only", "templates/controller/lease-writers.yaml"])
+            .output()
+            .expect("helm template");
+        assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+        let manifest = String::from_utf8(out.stdout).unwrap();
+        kubectl(&["apply", "-f", "-"], &manifest);
+        LeaseWritersPolicy { namespace, manifest }
+    }
+}
+
+impl Drop for LeaseWritersPolicy {
+    fn drop(&mut self) {
+        kubectl(&["delete", "--ignore-not-found", "-f", "-"], &self.manifest);
+    }
+}
+
+fn kubectl(args: &[&str], stdin: &str) {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("kubectl");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "kubectl {args:?}");
+}

@@ -53,7 +53,16 @@ pub struct Environment<'a> {
     pub aws: &'a AwsTarget,
     /// Now, for lease expiry.
     pub now: Timestamp,
+    /// Who asks (`request.userInfo.username`): only the Job controller's
+    /// pods join a Job run's identity.
+    pub requester: &'a str,
 }
+
+/// Usernames the Job controller creates pods as: its own ServiceAccount
+/// (`--use-service-account-credentials`, as EKS, kubeadm and the test bed run
+/// it) or the controller manager's identity.
+pub const JOB_CONTROLLER_USERS: [&str; 2] =
+    ["system:serviceaccount:kube-system:job-controller", "system:kube-controller-manager"];
 
 /// Where roles are made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -200,14 +209,24 @@ fn holder(
     warnings: &mut Vec<String>,
 ) -> Result<(String, Holder), String> {
     if identity.spec.scope == Scope::Job {
-        if let Some(job) = job_owner(pod) {
-            let holder = Holder { kind: HolderKind::Job, name: job.name, uid: Some(job.uid.clone()) };
-            return Ok((naming::short_id(&job.uid, naming::LEASE_SUFFIX_LEN), holder));
+        match job_owner(pod) {
+            // Only the Job controller makes a Job's pods: anyone else can
+            // write any Job's name and uid into ownerReferences, and would
+            // join that run's role.
+            Some(job) if JOB_CONTROLLER_USERS.contains(&env.requester) => {
+                let holder = Holder { kind: HolderKind::Job, name: job.name, uid: Some(job.uid.clone()) };
+                return Ok((naming::short_id(&job.uid, naming::LEASE_SUFFIX_LEN), holder));
+            }
+            Some(job) => warnings.push(format!(
+                "metadata.ownerReferences: names Job {} but the pod was created by {}, not the Job controller: \
+                 it gets an identity of its own, not the Job run's",
+                job.name, env.requester
+            )),
+            None => warnings.push(format!(
+                "WorkloadIdentity {} has scope Job but this pod has no Job owner: it gets an identity of its own",
+                identity.name_any()
+            )),
         }
-        warnings.push(format!(
-            "WorkloadIdentity {} has scope Job but this pod has no Job owner: it gets an identity of its own",
-            identity.name_any()
-        ));
     }
     let suffix = naming::short_id(env.request_uid, naming::LEASE_SUFFIX_LEN);
     let name = match (pod.metadata.name.as_deref(), pod.metadata.generate_name.as_deref()) {
@@ -415,6 +434,7 @@ spec:
         identities: Vec<WorkloadIdentity>,
         leases: Vec<String>,
         aws: AwsTarget,
+        requester: &'static str,
     }
 
     impl Fixture {
@@ -425,6 +445,7 @@ spec:
                 identities: vec![report()],
                 leases: vec![],
                 aws: AwsTarget { partition: "aws".into(), account: "000000000000".into(), cluster: "test".into() },
+                requester: JOB_CONTROLLER_USERS[0],
             }
         }
 
@@ -440,6 +461,7 @@ spec:
                     leases: &self.leases,
                     aws: &self.aws,
                     now: "2026-11-23T10:00:00Z".parse().unwrap(),
+                    requester: self.requester,
                 },
             )
         }
@@ -540,7 +562,8 @@ spec: {{containers: [{{name: main}}]}}
         };
         let (a, la, _) = admitted(f.decide(&job_pod("nightly-abc")));
         let (b, _, _) = admitted(f.decide(&job_pod("nightly-def")));
-        assert_eq!(a.identity.unwrap().lease, b.identity.unwrap().lease);
+        let job_lease = a.identity.unwrap().lease;
+        assert_eq!(job_lease, b.identity.unwrap().lease);
         assert_eq!(
             la.unwrap().spec.holder,
             Holder { kind: HolderKind::Job, name: "nightly".into(), uid: Some("job-uid-1".into()) }
@@ -549,6 +572,19 @@ spec: {{containers: [{{name: main}}]}}
         let (_, lease, warnings) = admitted(f.decide(&pod(PLAIN)));
         assert_eq!(lease.unwrap().spec.holder.kind, HolderKind::Pod);
         assert_eq!(warnings.len(), 1, "{warnings:?}");
+        // The controller manager's own identity makes a Job's pods too.
+        f.requester = JOB_CONTROLLER_USERS[1];
+        let (c, _, _) = admitted(f.decide(&job_pod("nightly-ghi")));
+        assert_eq!(c.identity.unwrap().lease, job_lease);
+        // Anyone else naming the Job in ownerReferences: a pod of its own.
+        f.requester = "mallory";
+        let (forged, lease, warnings) = admitted(f.decide(&job_pod("nightly-forged")));
+        assert_ne!(forged.identity.unwrap().lease, job_lease);
+        assert_eq!(
+            lease.unwrap().spec.holder,
+            Holder { kind: HolderKind::Pod, name: "nightly-forged".into(), uid: None }
+        );
+        assert!(warnings[0].contains("created by mallory, not the Job controller"), "{warnings:?}");
     }
 
     #[test]

@@ -173,6 +173,7 @@ async fn admit_pod(state: &AppState, req: AdmissionRequest<DynamicObject>) -> Ad
         leases: &leases,
         aws: &state.aws,
         now: Timestamp::now(),
+        requester: req.user_info.username.as_deref().unwrap_or_default(),
     };
     let (mut admission, lease, mut warnings) = match pods::decide(&pod, &env) {
         Decision::Ignore => return allow,

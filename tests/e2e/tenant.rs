@@ -19,11 +19,14 @@
 //!     deletes it.
 //! - A pod whose own volume or mount stands in for ephemera's token is
 //!   refused with the field named.
+//! - A bare pod naming a real Job in its `ownerReferences` gets an identity
+//!   of its own, not the Job run's (only the Job controller's pods join it).
 
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use k8s_openapi::{
     api::{
+        batch::v1::Job,
         core::v1::{Pod, ServiceAccount},
         rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
     },
@@ -36,10 +39,15 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    support::{ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds, unique_name, wait_until},
+    support::{
+        ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds, two_pod_job, unique_name, wait_until,
+    },
     webhook::{governed, identity},
 };
-use ephemera::{api::IdentityLease, cloud::naming};
+use ephemera::{
+    api::{HolderKind, IdentityLease, WorkloadIdentity},
+    cloud::naming,
+};
 
 const WAIT: Duration = Duration::from_secs(45);
 const ACCOUNT: &str = "000000000000";
@@ -136,7 +144,42 @@ async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
         let _ = bed.iam.delete_role().role_name(role.as_str()).send().await;
     }
 
-    // 5. With the chart's lease-writers policy over the namespace, the
+    // 5. A bare pod naming a real Job (its name and uid) in ownerReferences:
+    // a pod of its own, not a member of that Job run's identity.
+    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns)
+        .create(&PostParams::default(), &identity("batch", json!({"scope": "Job"})))
+        .await
+        .unwrap();
+    let jobs = Api::<Job>::namespaced(mallory.clone(), &ns);
+    let job = jobs.create(&PostParams::default(), &two_pod_job("nightly", "batch")).await.unwrap();
+    let all_pods = Api::<Pod>::namespaced(bed.client.clone(), &ns);
+    let job_lease = wait_until("the Job's pods to get the Job run's identity", WAIT, || async {
+        let made = all_pods.list(&ListParams::default().labels("job-name=nightly")).await.ok()?.items;
+        made.first()?.labels().get("ephemera.dev/lease").cloned()
+    })
+    .await;
+    let stowaway: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "stowaway", "labels": {"ephemera.dev/identity": "batch"}, "ownerReferences": [
+            {"apiVersion": "batch/v1", "kind": "Job", "name": "nightly", "uid": job.uid(), "controller": true}]},
+        "spec": {"containers": [{"name": "main", "image": "busybox"}]},
+    }))
+    .unwrap();
+    let stowaway = pods.create(&PostParams::default(), &stowaway).await.expect("a pod of its own is admitted");
+    let its_lease = stowaway.labels().get("ephemera.dev/lease").cloned().expect("an identity of its own");
+    assert_ne!(its_lease, job_lease, "the stowaway joined the Job run's identity");
+    let lease = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns).get(&its_lease).await.unwrap();
+    assert_eq!(lease.spec.holder.kind, HolderKind::Pod, "held by the pod, not the Job");
+    jobs.delete("nightly", &DeleteParams::background()).await.unwrap();
+    pods.delete("stowaway", &DeleteParams::default()).await.unwrap();
+    // Reaped before the policy below (it would refuse this test's
+    // host-process controller, which does not run as the chart's account).
+    wait_until("the Job's and the stowaway's leases to be reaped", WAIT, || async {
+        let left = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns).list(&ListParams::default()).await.ok()?;
+        left.items.is_empty().then_some(())
+    })
+    .await;
+
+    // 6. With the chart's lease-writers policy over the namespace, the
     // attacker cannot make a lease at all, and is told who may.
     let policy = LeaseWritersPolicy::apply(&ns);
     let refused = wait_until("the lease-writers policy to be in force", WAIT, || async {

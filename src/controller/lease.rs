@@ -349,12 +349,33 @@ fn end_reason(
     match holder {
         Holder::Pod(None) => missing("pod"),
         Holder::Job(None) => missing("Job"),
-        Holder::Pod(Some(pod)) => {
-            replaced("pod", pod.uid()).or_else(|| pod_ended(pod).map(|how| format!("pod {} {how}", spec.name)))
-        }
+        Holder::Pod(Some(pod)) => replaced("pod", pod.uid())
+            .or_else(|| not_its_pod(lease, pod))
+            .or_else(|| pod_ended(pod).map(|how| format!("pod {} {how}", spec.name))),
         Holder::Job(Some(job)) => {
             replaced("Job", job.uid()).or_else(|| job_ended(job).map(|how| format!("Job {} {how}", spec.name)))
         }
+    }
+}
+
+/// The pod of the holder's name was admitted for another lease (or none):
+/// this lease's own pod was refused by a later admission step and another
+/// of the same name (a `StatefulSet`'s, a bare pod made again) came after it.
+/// Every pod ephemera admits with an identity carries its lease's label, so
+/// a pod without this lease's label is never this lease's: the lease ends
+/// at once instead of provisioning a role for a pod that is not its own.
+fn not_its_pod(lease: &IdentityLease, pod: &Pod) -> Option<String> {
+    let name = lease.name_any();
+    match pod.labels().get(LABEL_LEASE) {
+        Some(own) if *own == name => None,
+        Some(other) => Some(format!(
+            "pod {} belongs to IdentityLease {other}: this lease's pod was never created (refused after admission)",
+            lease.spec.holder.name
+        )),
+        None => Some(format!(
+            "pod {} has no ephemera identity: this lease's pod was never created (refused after admission)",
+            lease.spec.holder.name
+        )),
     }
 }
 
@@ -1243,6 +1264,36 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_whose_pod_name_went_to_another_lease_ends_at_once() {
+        let lease: IdentityLease = serde_json::from_value(json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+            "metadata": {"name": "l", "namespace": "n", "creationTimestamp": "2026-11-23T10:00:00Z"},
+            "spec": {"holder": {"kind": "Pod", "name": "w"}, "workloadIdentity": "wi",
+                     "serviceAccount": "l", "expiresAt": "2026-11-24T10:00:00Z"},
+        }))
+        .unwrap();
+        let identity: WorkloadIdentity = serde_json::from_value(json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity",
+            "metadata": {"name": "wi", "namespace": "n"}, "spec": {},
+        }))
+        .unwrap();
+        let pod_of = |lease: Option<&str>| -> Holder {
+            let labels: BTreeMap<&str, &str> = lease.map(|l| ("ephemera.dev/lease", l)).into_iter().collect();
+            Holder::Pod(Some(Box::new(
+                serde_json::from_value(json!({"metadata": {"name": "w", "uid": "p2", "labels": labels}})).unwrap(),
+            )))
+        };
+        let young: Timestamp = "2026-11-23T10:01:00Z".parse().unwrap();
+        let end = |holder: &Holder| end_reason(&lease, Some(&identity), holder, young, false);
+        assert_eq!(end(&pod_of(Some("l"))), None, "its own pod");
+        assert_eq!(
+            end(&pod_of(Some("l2"))).as_deref(),
+            Some("pod w belongs to IdentityLease l2: this lease's pod was never created (refused after admission)")
+        );
+        assert!(end(&pod_of(None)).is_some_and(|r| r.contains("has no ephemera identity")));
+    }
+
+    #[test]
     fn a_lease_ends_when_its_workload_does_and_not_before() {
         let lease = |kind: &str, uid: Option<&str>| -> IdentityLease {
             serde_json::from_value(json!({
@@ -1260,8 +1311,9 @@ mod tests {
         .unwrap();
         let pod = |uid: &str, phase: &str| -> Holder {
             Holder::Pod(Some(Box::new(
-                serde_json::from_value(json!({"metadata": {"name": "w", "uid": uid}, "status": {"phase": phase}}))
-                    .unwrap(),
+                serde_json::from_value(json!({"metadata": {"name": "w", "uid": uid,
+                    "labels": {"ephemera.dev/lease": "l"}}, "status": {"phase": phase}}))
+                .unwrap(),
             )))
         };
         let job = |condition: Option<&str>| -> Holder {

@@ -21,6 +21,8 @@
 //!   refused with the field named.
 //! - A bare pod naming a real Job in its `ownerReferences` gets an identity
 //!   of its own, not the Job run's (only the Job controller's pods join it).
+//! - A fixed pod name reused after a later admission step refused the first
+//!   create: the first create's lease is reaped at once.
 
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
@@ -179,7 +181,49 @@ async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
     })
     .await;
 
-    // 6. With the chart's lease-writers policy over the namespace, the
+    // 6. A fixed pod name reused after a later admission step refused the
+    // first create: the first lease sees a pod that is not its own and is
+    // reaped at once, not after the holder grace (2 min).
+    let later_step = RefusingPolicy::apply(&ns);
+    let fixed = |refuse: bool| -> Pod {
+        let mut pod = json!({"metadata": {"name": "fixed", "labels": {"ephemera.dev/identity": "reader"}},
+                             "spec": {"containers": [{"name": "main", "image": "busybox"}]}});
+        if refuse {
+            pod["metadata"]["annotations"] = json!({"e2e/refuse": "yes"});
+        }
+        serde_json::from_value(pod).unwrap()
+    };
+    let refused = create_refused(&pods, &fixed(true)).await;
+    assert!(refused.contains("refused by a later admission step"), "{refused}");
+    let ghosts: Vec<String> = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|l| l.spec.holder.name == "fixed")
+        .map(ResourceExt::name_any)
+        .collect();
+    assert!(!ghosts.is_empty(), "the refused create left its lease (what this step is about)");
+    let again = pods.create(&PostParams::default(), &fixed(false)).await.expect("the pod, made again");
+    let own = again.labels().get("ephemera.dev/lease").cloned().expect("its own lease");
+    assert!(!ghosts.contains(&own), "the pod made again has a new lease");
+    let made_again = std::time::Instant::now();
+    wait_until("the ghost leases to be reaped", Duration::from_secs(20), || async {
+        let left = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns).list(&ListParams::default()).await.ok()?;
+        (!left.items.iter().any(|l| ghosts.contains(&l.name_any()))).then_some(())
+    })
+    .await;
+    eprintln!("[tenant] ghost lease of a refused create reaped {:?} after the name was reused", made_again.elapsed());
+    drop(later_step);
+    pods.delete("fixed", &DeleteParams::default()).await.unwrap();
+    wait_until("the reused pod's lease to be reaped", WAIT, || async {
+        let left = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns).list(&ListParams::default()).await.ok()?;
+        left.items.is_empty().then_some(())
+    })
+    .await;
+
+    // 7. With the chart's lease-writers policy over the namespace, the
     // attacker cannot make a lease at all, and is told who may.
     let policy = LeaseWritersPolicy::apply(&ns);
     let refused = wait_until("the lease-writers policy to be in force", WAIT, || async {
@@ -350,6 +394,48 @@ impl LeaseWritersPolicy {
 }
 
 impl Drop for LeaseWritersPolicy {
+    fn drop(&mut self) {
+        kubectl(&["delete", "--ignore-not-found", "-f", "-"], &self.manifest);
+    }
+}
+
+/// A later admission step that refuses pods annotated `e2e/refuse` in `ns`
+/// (a `ValidatingAdmissionPolicy`: it runs after every mutating webhook, so
+/// ephemera has made the lease by then). Deleted on drop.
+struct RefusingPolicy {
+    manifest: String,
+}
+
+impl RefusingPolicy {
+    fn apply(ns: &str) -> RefusingPolicy {
+        let manifest = format!(
+            r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {ns}-refuse}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules: [{{apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods]}}]
+  validations:
+    - expression: "!has(object.metadata.annotations) || !('e2e/refuse' in object.metadata.annotations)"
+      message: refused by a later admission step (e2e)
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {ns}-refuse}}
+spec:
+  policyName: {ns}-refuse
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
+"#
+        );
+        kubectl(&["apply", "-f", "-"], &manifest);
+        RefusingPolicy { manifest }
+    }
+}
+
+impl Drop for RefusingPolicy {
     fn drop(&mut self) {
         kubectl(&["delete", "--ignore-not-found", "-f", "-"], &self.manifest);
     }

@@ -21,7 +21,11 @@ CLUSTER=$EPHEMERA_ROOT/e2e/scripts/cluster.sh
 # Sysctls that change by themselves (counters, random values, the last pid).
 VOLATILE_SYSCTLS='^(fs\.(dentry-state|file-nr|inode-nr|inode-state)|kernel\.(ns_last_pid|random\.)|net\.netfilter\.nf_conntrack_count|fs\.quota\.)'
 # Processes a test bed starts; anything else on the machine is not ours to judge.
-TESTBED_PROCESSES='containerd|runc|kubelet|kube-|etcd|kwok|pause|sdk-probe|ministack|launch\.py|/ephemera'
+# Test-bed processes by their name (comm), not by their arguments: a build
+# running beside the check (rustc with --extern kube...) is not the test bed.
+TESTBED_PROCESSES='^(containerd.*|runc|kubelet|kube-.*|etcd|kwok|pause|sdk-probe|ephemera)$'
+# MiniStack runs in Python: its launcher is known by its arguments.
+MINISTACK_PROCESS='ministack|launch\.py'
 
 snapshot() {
   local dir=$1
@@ -33,7 +37,9 @@ snapshot() {
   { ipset list -n 2>/dev/null || true; } | sort >"$dir/ipsets"
   awk '{print $5, $9}' /proc/self/mountinfo | sort >"$dir/mounts"
   find /sys/fs/cgroup -mindepth 1 -maxdepth 4 -type d 2>/dev/null | sort >"$dir/cgroups"
-  ps -eo comm=,args= | awk -v re="$TESTBED_PROCESSES" '$0 ~ re && !/host-check|awk/' | sort >"$dir/processes"
+  ps -eo comm=,args= |
+    awk -v re="$TESTBED_PROCESSES" -v py="$MINISTACK_PROCESS" '$1 ~ re || ($1 ~ /^python/ && $0 ~ py)' |
+    sort >"$dir/processes"
   ip -o link show | awk -F': ' '{print $2}' | sed 's/@.*//' | sort >"$dir/links"
   ip -o addr show | awk '{print $2, $3, $4}' | sort >"$dir/addresses"
   { ip route show table all; ip -6 route show table all; } 2>/dev/null | sort >"$dir/routes"

@@ -294,6 +294,7 @@ cmd_check() {
   can "$c" list jobs.batch -A
   can "$c" create serviceaccounts --subresource token -n team-a
   can "$c" delete serviceaccounts -n team-a
+  can "$c" get serviceaccounts -n team-a
   can "$c" create roles.rbac.authorization.k8s.io -n team-a
   can "$c" escalate roles.rbac.authorization.k8s.io -n team-a
   can "$c" bind roles.rbac.authorization.k8s.io -n team-a

@@ -60,7 +60,7 @@ async fn lifecycle_latencies() {
     let _turn = controller_turn().await;
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;
-    let webhook = Webhook::start(&bed.client).await;
+    let webhook = Webhook::start_for(&bed.client, "bench").await;
     let mut controller = ControllerProcess::start_with(CONTROLLER_ARGS);
     let worker = identity(
         "worker",

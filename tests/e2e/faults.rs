@@ -173,8 +173,8 @@ async fn lifecycles_complete_and_leak_nothing_under_cloud_faults() {
     let proxy = FaultProxy::start(upstream.trim_start_matches("http://").trim_end_matches('/'), rate, seed).await;
 
     let _turn = controller_turn().await;
-    let churn = Churn::new("e2e-faults").await;
     let cluster = unique_name("faults");
+    let churn = Churn::new("e2e-faults", &cluster).await;
     let mut controller = ControllerProcess::spawn_with_env(
         "controller",
         &["controller", "--admin-addr", "127.0.0.1:0", "--cluster-name", &cluster, "--aws-account-id", "000000000000"],

@@ -116,10 +116,10 @@ async fn a_leader_frozen_past_its_lease_deletes_the_role_it_made_for_a_reaped_le
     let proxy = HoldProxy::start(upstream.trim_start_matches("http://").trim_end_matches('/')).await;
     let _turn = controller_turn().await;
     // Churn admits pod churn-0 (gated, its lease waiting for a role).
-    let churn = Churn::new("e2e-frozen").await;
+    let cluster = unique_name("frozen");
+    let churn = Churn::new("e2e-frozen", &cluster).await;
     let client = churn.bed.client.clone();
     let ns = churn.gov.ns.name.clone();
-    let cluster = unique_name("frozen");
     let replica = |id: &str, env: &[(&str, &str)]| {
         ControllerProcess::spawn_with_env(
             id,

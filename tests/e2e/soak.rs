@@ -72,10 +72,11 @@ pub struct Made {
 }
 
 impl Churn {
-    pub async fn new(prefix: &str) -> Churn {
+    /// A churn whose webhook names roles for `cluster` (the controller's).
+    pub async fn new(prefix: &str, cluster: &str) -> Churn {
         let bed = TestBed::connect().await;
         ensure_crds(&bed.client).await;
-        let webhook = Webhook::start(&bed.client).await;
+        let webhook = Webhook::start_for(&bed.client, cluster).await;
         let reader = identity(
             "reader",
             json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-churn/*"]}]},
@@ -203,8 +204,8 @@ async fn controller_killed_at_random_points_leaves_no_orphans() {
     eprintln!("soak: {lifecycles} lifecycles, {concurrency} at a time, EPHEMERA_SOAK_SEED={seed}");
 
     let _turn = controller_turn().await;
-    let churn = Churn::new("e2e-soak").await;
     let cluster = unique_name("soak");
+    let churn = Churn::new("e2e-soak", &cluster).await;
 
     // The killer: SIGKILL after a random 0.1-1.5 s of life, restart at once.
     let done = Arc::new(AtomicBool::new(false));
@@ -252,8 +253,8 @@ async fn controller_killed_at_random_points_leaves_no_orphans() {
 async fn two_replicas_hand_over_and_reap_each_lease_once() {
     let lifecycles = env_or("EPHEMERA_REPLICAS_LIFECYCLES", 24);
     let _turn = controller_turn().await;
-    let churn = Churn::new("e2e-replicas").await;
     let cluster = unique_name("replicas");
+    let churn = Churn::new("e2e-replicas", &cluster).await;
     let ns = churn.gov.ns.name.clone();
     // Each process has its own identity, as each pod of a Deployment has its
     // own name: a restarted replica is a new candidate, not the old leader.
@@ -397,8 +398,9 @@ async fn restart_apiserver() -> Duration {
 #[ignore = "restarts the shared apiserver: run alone (make soak)"]
 async fn apiserver_restarts_mid_lifecycle_leave_nothing_behind() {
     let _turn = controller_turn().await;
-    let churn = Churn::new("e2e-apiserver").await;
-    let mut controller = ControllerProcess::start_with(&["--cluster-name", &unique_name("restart")]);
+    let cluster = unique_name("restart");
+    let churn = Churn::new("e2e-apiserver", &cluster).await;
+    let mut controller = ControllerProcess::start_with(&["--cluster-name", &cluster]);
     let pods = Api::<Pod>::namespaced(churn.bed.client.clone(), &churn.gov.ns.name);
     let names: Vec<String> = (0..8).map(|i| format!("restart-{i}")).collect();
     let mut roles = Vec::new();

@@ -522,7 +522,14 @@ pub struct Webhook {
 }
 
 impl Webhook {
+    /// The webhook for cluster `e2e` (the host-process controllers' usual name).
     pub async fn start(client: &Client) -> Webhook {
+        Self::start_for(client, "e2e").await
+    }
+
+    /// The webhook naming roles for `cluster`: a controller acts only on
+    /// leases whose role names its own cluster name derives.
+    pub async fn start_for(client: &Client, cluster: &str) -> Webhook {
         let id = unique_name("wh");
         let url = format!("https://127.0.0.1:{}", free_port());
         let addr = url.trim_start_matches("https://").to_owned();
@@ -541,7 +548,7 @@ impl Webhook {
                 "--webhook-namespace-label",
                 &format!("{WEBHOOK_LABEL}={id}"),
                 "--cluster-name",
-                "e2e",
+                cluster,
             ],
         );
         let configs = Api::<MutatingWebhookConfiguration>::all(client.clone());

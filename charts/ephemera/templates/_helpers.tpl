@@ -143,6 +143,11 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* The namespaceSelector of both webhooks: the exclusions, ANDed with the user's selector. */}}
 {{- define "ephemera.webhookNamespaceSelector" -}}
+{{- $own := or .Values.webhook.namespaceSelector.matchLabels .Values.webhook.namespaceSelector.matchExpressions }}
+{{- if and (not $own) (not .Values.webhook.allNamespaces) -}}
+matchLabels:
+  ephemera.dev/governed: "true"
+{{ end -}}
 {{- with .Values.webhook.namespaceSelector.matchLabels -}}
 matchLabels:
   {{- toYaml . | nindent 2 }}

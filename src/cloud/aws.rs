@@ -102,6 +102,10 @@ pub const TAG_LEASE: &str = "ephemera.dev/lease";
 /// Uid of the lease a role belongs to: a lease deleted and made again under
 /// the same name is another lease.
 pub const TAG_LEASE_UID: &str = "ephemera.dev/lease-uid";
+/// Host of the service-account issuer of the cluster that made a role (the
+/// issuer its trust policy names): unique per cluster even when two clusters
+/// sharing an account were given the same `clusterName`.
+pub const TAG_ISSUER: &str = "ephemera.dev/issuer";
 
 /// Whose a role is, as its tags say: the cluster, namespace and lease (and
 /// the lease's uid) it was made for. A role is adopted (after a crash) or
@@ -111,6 +115,8 @@ pub const TAG_LEASE_UID: &str = "ephemera.dev/lease-uid";
 pub struct RoleOwner {
     /// This cluster's name.
     pub cluster: String,
+    /// This cluster's service-account issuer host; `None`: not checked.
+    pub issuer: Option<String>,
     /// The lease's namespace.
     pub namespace: String,
     /// The lease's name.
@@ -129,6 +135,9 @@ impl RoleOwner {
             (TAG_NAMESPACE.to_owned(), self.namespace.clone()),
             (TAG_LEASE.to_owned(), self.lease.clone()),
         ];
+        if let Some(issuer) = &self.issuer {
+            tags.push((TAG_ISSUER.to_owned(), issuer.clone()));
+        }
         if let Some(uid) = &self.lease_uid {
             tags.push((TAG_LEASE_UID.to_owned(), uid.clone()));
         }
@@ -136,23 +145,25 @@ impl RoleOwner {
     }
 
     /// Whether `tags` (a role's) name this owner. A role made by ephemera
-    /// 0.1 has no uid tag and is judged on the rest.
+    /// 0.1 has no uid or issuer tag and is judged on the rest.
     #[must_use]
     pub fn owns(&self, tags: &[(String, String)]) -> bool {
         let tag = |k: &str| tags.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let agrees = |found: Option<&str>, wanted: Option<&String>| match (found, wanted) {
+            (Some(found), Some(wanted)) => found == wanted,
+            (None, _) | (Some(_), None) => true,
+        };
         tag(TAG_CLUSTER) == Some(&self.cluster)
             && tag(TAG_NAMESPACE) == Some(&self.namespace)
             && tag(TAG_LEASE) == Some(&self.lease)
-            && match (tag(TAG_LEASE_UID), &self.lease_uid) {
-                (Some(found), Some(wanted)) => found == wanted,
-                (None, _) | (Some(_), None) => true,
-            }
+            && agrees(tag(TAG_ISSUER), self.issuer.as_ref())
+            && agrees(tag(TAG_LEASE_UID), self.lease_uid.as_ref())
     }
 }
 
 /// The ownership tags of a role, for a message.
 fn describe_owner(tags: &[(String, String)]) -> String {
-    let owner: Vec<String> = [TAG_CLUSTER, TAG_NAMESPACE, TAG_LEASE, TAG_LEASE_UID]
+    let owner: Vec<String> = [TAG_CLUSTER, TAG_ISSUER, TAG_NAMESPACE, TAG_LEASE, TAG_LEASE_UID]
         .iter()
         .map(|k| {
             let v = tags.iter().find(|(key, _)| key == k).map_or("(none)", |(_, v)| v.as_str());
@@ -271,6 +282,8 @@ pub struct OwnedRole {
     pub lease_uid: Option<String>,
     /// This cluster's name (the sweep lists only this cluster's roles).
     pub cluster: String,
+    /// The issuer tag, if the role has one (only this cluster's are listed).
+    pub issuer: Option<String>,
 }
 
 impl OwnedRole {
@@ -279,6 +292,7 @@ impl OwnedRole {
     pub fn owner(&self) -> RoleOwner {
         RoleOwner {
             cluster: self.cluster.clone(),
+            issuer: self.issuer.clone(),
             namespace: self.namespace.clone(),
             lease: self.lease.clone(),
             lease_uid: self.lease_uid.clone(),
@@ -698,7 +712,13 @@ impl AwsProvider {
     ///
     /// # Errors
     /// When IAM cannot be listed.
-    pub async fn list_owned(&self, path: &str, cluster: &str, live: impl Fn(&str) -> bool) -> Result<Vec<OwnedRole>> {
+    pub async fn list_owned(
+        &self,
+        path: &str,
+        cluster: &str,
+        issuer: &str,
+        live: impl Fn(&str) -> bool,
+    ) -> Result<Vec<OwnedRole>> {
         let mut roles = Vec::new();
         let mut marker = None;
         loop {
@@ -720,7 +740,8 @@ impl AwsProvider {
                 Err(e) => return Err(cloud_error("ListRoleTags", &e)),
             };
             let tag = |k: &str| tags.iter().find(|t| t.key == k).map(|t| t.value.clone());
-            if tag(TAG_CLUSTER).as_deref() != Some(cluster) {
+            // Another cluster's, by name or (same name, shared account) by issuer.
+            if tag(TAG_CLUSTER).as_deref() != Some(cluster) || tag(TAG_ISSUER).is_some_and(|i| i != issuer) {
                 continue;
             }
             if let (Some(namespace), Some(lease)) = (tag(TAG_NAMESPACE), tag(TAG_LEASE)) {
@@ -730,6 +751,7 @@ impl AwsProvider {
                     lease,
                     lease_uid: tag(TAG_LEASE_UID),
                     cluster: cluster.to_owned(),
+                    issuer: tag(TAG_ISSUER),
                 });
             }
         }
@@ -745,6 +767,7 @@ mod tests {
     fn a_role_is_its_owners_only_when_every_tag_says_so() {
         let owner = RoleOwner {
             cluster: "c".into(),
+            issuer: Some("oidc.example/id/1".into()),
             namespace: "team-a".into(),
             lease: "report-x7k2p".into(),
             lease_uid: Some("u1".into()),
@@ -761,9 +784,10 @@ mod tests {
         assert!(!owner.owns(&with(TAG_NAMESPACE, "team-b")), "another namespace's");
         assert!(!owner.owns(&with(TAG_LEASE, "report-x7k2q")), "another lease's");
         assert!(!owner.owns(&with(TAG_LEASE_UID, "u2")), "an earlier lease of the same name");
+        assert!(!owner.owns(&with(TAG_ISSUER, "oidc.example/id/2")), "a cluster of the same name, sharing the account");
         assert!(!owner.owns(&[]), "untagged: someone else's");
         // Made by ephemera 0.1 (no uid tag): judged on the rest.
-        let legacy: Vec<_> = owner.tags().into_iter().filter(|(k, _)| k != TAG_LEASE_UID).collect();
+        let legacy: Vec<_> = owner.tags().into_iter().filter(|(k, _)| k != TAG_LEASE_UID && k != TAG_ISSUER).collect();
         assert!(owner.owns(&legacy));
         assert!(describe_owner(&legacy).contains("ephemera.dev/lease-uid=(none)"));
     }

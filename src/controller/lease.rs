@@ -445,6 +445,7 @@ pub fn trusted_role(lease: &IdentityLease, cluster: &str, account: &str) -> std:
 fn role_owner(lease: &IdentityLease, ctx: &LeaseContext) -> RoleOwner {
     RoleOwner {
         cluster: ctx.cloud.cluster.clone(),
+        issuer: Some(ctx.cloud.issuer_host.clone()),
         namespace: lease.namespace().unwrap_or_default(),
         lease: lease.name_any(),
         lease_uid: lease.uid(),
@@ -1140,7 +1141,12 @@ async fn sweep(ctx: &LeaseContext) -> Result<usize> {
         .collect();
     let mut deleted = 0;
     for path in paths {
-        for role in ctx.cloud.provider.list_owned(&path, &ctx.cloud.cluster, |arn| live.contains(arn)).await? {
+        let roles = ctx
+            .cloud
+            .provider
+            .list_owned(&path, &ctx.cloud.cluster, &ctx.cloud.issuer_host, |arn| live.contains(arn))
+            .await?;
+        for role in roles {
             let api = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &role.namespace);
             // The apiserver, not the cache, decides: a stale cache must never
             // delete a live role. A lease of that name with another uid (made

@@ -368,6 +368,22 @@ async fn orphaned_roles_are_swept_and_expired_leases_reaped() {
         .await
         .expect("create the foreign role");
 
+    // A cluster given the same name, sharing the account: its role carries
+    // its own issuer and must survive too.
+    let twin = unique_name("ephemera-twin");
+    bed.iam
+        .create_role()
+        .role_name(&twin)
+        .path("/ephemera/")
+        .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
+        .tags(tag("ephemera.dev/cluster", &cluster))
+        .tags(tag("ephemera.dev/issuer", "oidc.eks.eu-west-1.amazonaws.com/id/ANOTHERCLUSTER"))
+        .tags(tag("ephemera.dev/namespace", &ns.name))
+        .tags(tag("ephemera.dev/lease", "gone"))
+        .send()
+        .await
+        .expect("create the twin cluster's role");
+
     // A lease past its expiry (its workload would still be running).
     let expired: IdentityLease = serde_json::from_value(json!({
         "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
@@ -393,7 +409,12 @@ async fn orphaned_roles_are_swept_and_expired_leases_reaped() {
         role_exists(&bed, &format!("arn:aws:iam::000000000000:role/ephemera/{foreign}")).await,
         "another cluster's role was swept"
     );
+    assert!(
+        role_exists(&bed, &format!("arn:aws:iam::000000000000:role/ephemera/{twin}")).await,
+        "the role of a cluster with the same name and another issuer was swept"
+    );
     let _ = bed.iam.delete_role().role_name(&foreign).send().await;
+    let _ = bed.iam.delete_role().role_name(&twin).send().await;
 }
 
 #[tokio::test]

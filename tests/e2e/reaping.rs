@@ -27,6 +27,7 @@ async fn reaping_finishes_from_any_step_a_crash_left_it_at() {
     let provider = AwsProvider::from_env(None, None).await;
     let owner = RoleOwner {
         cluster: "reap-test".into(),
+        issuer: None,
         namespace: "reap".into(),
         lease: "reap-lease".into(),
         lease_uid: Some("reap-uid".into()),

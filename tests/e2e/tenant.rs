@@ -11,7 +11,7 @@
 //! - Where that policy is missing (a cluster below 1.30, a manifest applied
 //!   by hand), forged leases reach the controller, which acts only on what a
 //!   lease derives from its own identity and on roles whose tags name it:
-//!   - one naming another namespace's role by ARN is refused;
+//!   - one naming another namespace's (and cluster's) role by ARN is refused;
 //!   - one whose name makes ephemera 0.1's readable role name of another
 //!     namespace's lease (`team` + `a-report` reads as `team-a` + `report`)
 //!     finds that role and leaves it (its tags say another lease);
@@ -56,6 +56,8 @@ const ACCOUNT: &str = "000000000000";
 /// The host-process controller's and webhook's cluster name (`support`).
 const CLUSTER: &str = "e2e";
 const ATTACKER: &str = "mallory";
+/// The victims' cluster: another cluster sharing the AWS account.
+const ELSEWHERE: &str = "e2e-elsewhere";
 
 #[tokio::test]
 async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
@@ -73,10 +75,12 @@ async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
     let mallory = namespace_admin(&bed, &ns).await;
     controller.wait_synced().await;
 
-    // The victims: roles ephemera made for leases of other namespaces of
-    // this cluster, one named as this version names roles, one as 0.1 did.
+    // The victims: roles ephemera made for leases of another namespace, one
+    // named as this version names roles, one as 0.1 did. They are tagged as
+    // another cluster's sharing the account (this cluster's sweep would
+    // rightly delete roles of this cluster whose lease does not exist).
     let victim_ns = format!("{ns}-a");
-    let victim = naming::role_name("ephemera", CLUSTER, &victim_ns, "report-x");
+    let victim = naming::role_name("ephemera", ELSEWHERE, &victim_ns, "report-x");
     let legacy_victim = format!("ephemera-{victim_ns}-report-x");
     for role in [&victim, &legacy_victim] {
         make_role(&bed, role, &victim_ns, "report-x").await;
@@ -297,7 +301,8 @@ async fn namespace_admin(bed: &TestBed, ns: &str) -> Client {
     Client::try_from(config).unwrap()
 }
 
-/// A role as ephemera makes one for lease `namespace/lease` of this cluster.
+/// A role as ephemera makes one for lease `namespace/lease` of cluster
+/// [`ELSEWHERE`].
 async fn make_role(bed: &TestBed, name: &str, namespace: &str, lease: &str) {
     let tag = |k: &str, v: &str| aws_sdk_iam::types::Tag::builder().key(k).value(v).build().unwrap();
     bed.iam
@@ -309,7 +314,7 @@ async fn make_role(bed: &TestBed, name: &str, namespace: &str, lease: &str) {
                 "Action": "sts:AssumeRoleWithWebIdentity"}]})
             .to_string(),
         )
-        .tags(tag("ephemera.dev/cluster", CLUSTER))
+        .tags(tag("ephemera.dev/cluster", ELSEWHERE))
         .tags(tag("ephemera.dev/namespace", namespace))
         .tags(tag("ephemera.dev/lease", lease))
         .tags(tag("ephemera.dev/lease-uid", "victim-uid"))

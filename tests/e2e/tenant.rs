@@ -209,7 +209,12 @@ async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
         .map(ResourceExt::name_any)
         .collect();
     assert!(!ghosts.is_empty(), "the refused create left its lease (what this step is about)");
-    let again = pods.create(&PostParams::default(), &fixed(false)).await.expect("the pod, made again");
+    // (A create that got through before the policy was in force was deleted
+    // above: the name may take a moment to be free.)
+    let again = wait_until("the pod, made again", WAIT, || async {
+        pods.create(&PostParams::default(), &fixed(false)).await.ok()
+    })
+    .await;
     let own = again.labels().get("ephemera.dev/lease").cloned().expect("its own lease");
     assert!(!ghosts.contains(&own), "the pod made again has a new lease");
     let made_again = std::time::Instant::now();

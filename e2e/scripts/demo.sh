@@ -44,7 +44,10 @@ if helm status "$RELEASE" -n "$RELEASE_NS" >/dev/null 2>&1; then
   helm uninstall "$RELEASE" -n "$RELEASE_NS" --wait --timeout 2m >/dev/null
 fi
 kubectl delete namespace team-a --ignore-not-found --wait=true --timeout=60s >/dev/null
-kubectl delete identityboundary team-a --ignore-not-found >/dev/null
+# (On a fresh test bed the CRDs come with the chart below: nothing to delete.)
+if kubectl get crd identityboundaries.ephemera.dev >/dev/null 2>&1; then
+  kubectl delete identityboundary team-a --ignore-not-found >/dev/null
+fi
 
 say "The test bed: a real kube-apiserver $KUBERNETES_VERSION, a real node and a kwok node"
 run kubectl get nodes -o wide

@@ -20,7 +20,7 @@ N=${BENCH_LEASES:-500}
 RELEASE=bench-node
 RELEASE_NS=ephemera-bench-node
 GOV=bench-node-team
-VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$EPHEMERA_ROOT/Cargo.toml" | head -1)
+VERSION=$(crate_version)
 TMP=$(mktemp -d)
 
 # The release (its hook reaps what is left), the namespaces, the boundary.
@@ -53,25 +53,12 @@ within() {
 step "installing the chart from ephemera.local/ephemera:$VERSION onto the real node"
 remove_release # a previous run's
 kubectl create namespace "$RELEASE_NS" >/dev/null
-kubectl -n "$RELEASE_NS" create secret generic aws-credentials --from-literal=id="$AWS_ACCESS_KEY_ID" \
-  --from-literal=secret="$AWS_SECRET_ACCESS_KEY" >/dev/null
-cat >"$TMP/values.yaml" <<YAML
-image: {repository: ephemera.local/ephemera, tag: "$VERSION", pullPolicy: Never}
-clusterName: $RELEASE
-aws: {accountId: "$AWS_ACCOUNT", endpoint: "$EPHEMERA_NODE_AWS_ENDPOINT_URL", region: "$AWS_REGION", roleLimit: 100000}
-controller:
-  nodeSelector: {$EPHEMERA_NODE_TAINT: "true"}
-  tolerations: [{key: $EPHEMERA_NODE_TAINT, operator: Exists}]
-  extraEnv:
-    - {name: AWS_ACCESS_KEY_ID, valueFrom: {secretKeyRef: {name: aws-credentials, key: id}}}
-    - {name: AWS_SECRET_ACCESS_KEY, valueFrom: {secretKeyRef: {name: aws-credentials, key: secret}}}
-webhook:
-  nodeSelector: {$EPHEMERA_NODE_TAINT: "true"}
-  tolerations: [{key: $EPHEMERA_NODE_TAINT, operator: Exists}]
-  namespaceSelector: {matchLabels: {ephemera.dev/bench-node: "true"}}
-networkPolicy: {apiserver: {ports: [443, 6443, $APISERVER_PORT]}}
-YAML
-helm install "$RELEASE" "$EPHEMERA_ROOT/charts/ephemera" -n "$RELEASE_NS" -f "$TMP/values.yaml" --wait --timeout 3m >/dev/null
+node_release_values "$RELEASE_NS" ephemera.dev/bench-node >"$TMP/values.yaml"
+echo "clusterName: $RELEASE" >>"$TMP/values.yaml"
+# MiniStack reports a quota of 1,000 roles: BENCH_LEASES may need more.
+echo "aws: {roleLimit: 100000}" >"$TMP/bench-values.yaml"
+helm install "$RELEASE" "$EPHEMERA_ROOT/charts/ephemera" -n "$RELEASE_NS" -f "$TMP/values.yaml" \
+  -f "$TMP/bench-values.yaml" --wait --timeout 3m >/dev/null
 sleep 5 # let the pods settle after their start
 ok "idle RSS (MiB): controllers $(rss controller)| webhooks $(rss webhook)"
 

@@ -12,7 +12,7 @@ source "$STATE/dev.env"
 
 RELEASE=ephemera
 RELEASE_NS=ephemera
-VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$EPHEMERA_ROOT/Cargo.toml" | head -1)
+VERSION=$(crate_version)
 ARCHIVE=$EPHEMERA_ROOT/target/image/ephemera-$VERSION.oci.tar
 STEPS=8
 n=0
@@ -56,30 +56,13 @@ info "$EPHEMERA_NODE_NAME runs containers (containerd + runc, kubelet, kube-prox
 
 say "Install ephemera with Helm, from its own image ($(du -h "$ARCHIVE" | cut -f1) archive, FROM scratch)"
 kubectl create namespace "$RELEASE_NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-# MiniStack's administrator stands in for the controller's IRSA role.
-kubectl -n "$RELEASE_NS" create secret generic aws-credentials --from-literal=id="$AWS_ACCESS_KEY_ID" \
-  --from-literal=secret="$AWS_SECRET_ACCESS_KEY" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 VALUES=$(mktemp --suffix .yaml)
 trap 'rm -f "$VALUES"; cleanup' EXIT
-cat >"$VALUES" <<YAML
-image: {repository: ephemera.local/ephemera, tag: "$VERSION", pullPolicy: Never}
-clusterName: demo
-aws: {accountId: "$AWS_ACCOUNT", endpoint: "$EPHEMERA_NODE_AWS_ENDPOINT_URL", region: "$AWS_REGION"}
-logFormat: text
-controller:
-  nodeSelector: {$EPHEMERA_NODE_TAINT: "true"}
-  tolerations: [{key: $EPHEMERA_NODE_TAINT, operator: Exists}]
-  extraEnv:
-    - {name: AWS_ACCESS_KEY_ID, valueFrom: {secretKeyRef: {name: aws-credentials, key: id}}}
-    - {name: AWS_SECRET_ACCESS_KEY, valueFrom: {secretKeyRef: {name: aws-credentials, key: secret}}}
-webhook:
-  nodeSelector: {$EPHEMERA_NODE_TAINT: "true"}
-  tolerations: [{key: $EPHEMERA_NODE_TAINT, operator: Exists}]
-  namespaceSelector: {matchLabels: {ephemera.dev/governed: "true"}}
-# kube-router enforces the chart's NetworkPolicies, and sees the apiserver's
-# real port behind the kubernetes Service (16443 here).
-networkPolicy: {apiserver: {ports: [443, 6443, 16443]}}
-YAML
+{
+  node_release_values "$RELEASE_NS" ephemera.dev/governed
+  echo "clusterName: demo"
+  echo "logFormat: text"
+} >"$VALUES"
 START=$(date +%s%N)
 run helm install "$RELEASE" "$EPHEMERA_ROOT/charts/ephemera" -n "$RELEASE_NS" -f "$VALUES" --wait --timeout 2m >/dev/null
 info "helm install --wait: every pod Ready in $(ms_since "$START") ms (probes answered by the binary)"

@@ -130,3 +130,36 @@ wait_for() {
     sleep 0.3
   done
 }
+
+# === the chart on the real node (make demo, make bench-node) ===============
+
+# Version of the crate, the image's tag.
+crate_version() { sed -n 's/^version = "\(.*\)"$/\1/p' "$EPHEMERA_ROOT/Cargo.toml" | head -1; }
+
+# node_release_values NAMESPACE LABEL: Helm values (on stdout) for a release
+# of the local image in NAMESPACE whose pods run on the real node, governing
+# namespaces labelled LABEL=true. MiniStack's administrator stands in for the
+# controller's IRSA role: its keys go into the Secret aws-credentials of
+# NAMESPACE, made (or updated) here. kube-router enforces the chart's
+# NetworkPolicies and sees the apiserver's real port behind the kubernetes
+# Service. Needs dev.env sourced.
+node_release_values() {
+  local namespace=$1 label=$2
+  kubectl -n "$namespace" create secret generic aws-credentials --from-literal=id="$AWS_ACCESS_KEY_ID" \
+    --from-literal=secret="$AWS_SECRET_ACCESS_KEY" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  cat <<YAML
+image: {repository: ephemera.local/ephemera, tag: "$(crate_version)", pullPolicy: Never}
+aws: {accountId: "$AWS_ACCOUNT", endpoint: "$EPHEMERA_NODE_AWS_ENDPOINT_URL", region: "$AWS_REGION"}
+controller:
+  nodeSelector: {$EPHEMERA_NODE_TAINT: "true"}
+  tolerations: [{key: $EPHEMERA_NODE_TAINT, operator: Exists}]
+  extraEnv:
+    - {name: AWS_ACCESS_KEY_ID, valueFrom: {secretKeyRef: {name: aws-credentials, key: id}}}
+    - {name: AWS_SECRET_ACCESS_KEY, valueFrom: {secretKeyRef: {name: aws-credentials, key: secret}}}
+webhook:
+  nodeSelector: {$EPHEMERA_NODE_TAINT: "true"}
+  tolerations: [{key: $EPHEMERA_NODE_TAINT, operator: Exists}]
+  namespaceSelector: {matchLabels: {$label: "true"}}
+networkPolicy: {apiserver: {ports: [443, 6443, $APISERVER_PORT]}}
+YAML
+}

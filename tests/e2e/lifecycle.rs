@@ -342,47 +342,29 @@ async fn orphaned_roles_are_swept_and_expired_leases_reaped() {
     // between making the role and the lease being recorded, or a lease
     // force-deleted without its finalizer).
     let orphan = unique_name("ephemera-orphan");
-    let tag = |k: &str, v: &str| aws_sdk_iam::types::Tag::builder().key(k).value(v).build().unwrap();
-    bed.iam
-        .create_role()
-        .role_name(&orphan)
-        .path("/ephemera/")
-        .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
-        .tags(tag("ephemera.dev/cluster", &cluster))
-        .tags(tag("ephemera.dev/namespace", &ns.name))
-        .tags(tag("ephemera.dev/lease", "gone"))
-        .send()
-        .await
-        .expect("create the orphan role");
+    let sweepable = |name: String, extra: &[(&str, &str)], cluster: String| {
+        let tag = |k: &str, v: &str| aws_sdk_iam::types::Tag::builder().key(k).value(v).build().unwrap();
+        let mut create = bed
+            .iam
+            .create_role()
+            .role_name(name)
+            .path("/ephemera/")
+            .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
+            .tags(tag("ephemera.dev/cluster", &cluster));
+        for (k, v) in extra {
+            create = create.tags(tag(k, v));
+        }
+        create.tags(tag("ephemera.dev/namespace", &ns.name)).tags(tag("ephemera.dev/lease", "gone")).send()
+    };
+    sweepable(orphan.clone(), &[], cluster.clone()).await.expect("create the orphan role");
     // Another cluster's role with the same lease tags must survive.
     let foreign = unique_name("ephemera-foreign");
-    bed.iam
-        .create_role()
-        .role_name(&foreign)
-        .path("/ephemera/")
-        .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
-        .tags(tag("ephemera.dev/cluster", "another-cluster"))
-        .tags(tag("ephemera.dev/namespace", &ns.name))
-        .tags(tag("ephemera.dev/lease", "gone"))
-        .send()
-        .await
-        .expect("create the foreign role");
-
+    sweepable(foreign.clone(), &[], "another-cluster".into()).await.expect("create the foreign role");
     // A cluster given the same name, sharing the account: its role carries
     // its own issuer and must survive too.
     let twin = unique_name("ephemera-twin");
-    bed.iam
-        .create_role()
-        .role_name(&twin)
-        .path("/ephemera/")
-        .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
-        .tags(tag("ephemera.dev/cluster", &cluster))
-        .tags(tag("ephemera.dev/issuer", "oidc.eks.eu-west-1.amazonaws.com/id/ANOTHERCLUSTER"))
-        .tags(tag("ephemera.dev/namespace", &ns.name))
-        .tags(tag("ephemera.dev/lease", "gone"))
-        .send()
-        .await
-        .expect("create the twin cluster's role");
+    let other_issuer = [("ephemera.dev/issuer", "oidc.eks.eu-west-1.amazonaws.com/id/ANOTHERCLUSTER")];
+    sweepable(twin.clone(), &other_issuer, cluster.clone()).await.expect("create the twin cluster's role");
 
     // A lease past its expiry (its workload would still be running).
     let expired: IdentityLease = serde_json::from_value(json!({

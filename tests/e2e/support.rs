@@ -13,12 +13,42 @@ use k8s_openapi::api::{
     admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
     authentication::v1::{TokenRequest, TokenRequestSpec},
     core::v1::{Namespace, ServiceAccount},
+    rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
 };
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
+
+/// A client acting as `user`, who holds `rules` in `namespace` through a Role
+/// and RoleBinding named `role` (made with the test bed's admin client).
+pub async fn user_with_role(bed: &TestBed, namespace: &str, user: &str, role: &str, rules: Vec<PolicyRule>) -> Client {
+    let meta = ObjectMeta { name: Some(role.to_owned()), ..ObjectMeta::default() };
+    let made = Role { metadata: meta.clone(), rules: Some(rules) };
+    Api::<Role>::namespaced(bed.client.clone(), namespace).create(&PostParams::default(), &made).await.unwrap();
+    let binding = RoleBinding {
+        metadata: meta,
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: role.to_owned(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "User".into(),
+            name: user.to_owned(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            namespace: None,
+        }]),
+    };
+    Api::<RoleBinding>::namespaced(bed.client.clone(), namespace)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let mut config = kube::Config::infer().await.unwrap();
+    config.auth_info.impersonate = Some(user.to_owned());
+    Client::try_from(config).unwrap()
+}
 
 /// Where the test bed is, read from `.ephemera/dev.env` (exported by `make e2e`).
 pub struct TestBed {

@@ -26,13 +26,10 @@
 
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
-use k8s_openapi::{
-    api::{
-        batch::v1::Job,
-        core::v1::{Pod, ServiceAccount},
-        rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+use k8s_openapi::api::{
+    batch::v1::Job,
+    core::v1::{Pod, ServiceAccount},
+    rbac::v1::PolicyRule,
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -42,7 +39,8 @@ use serde_json::json;
 
 use crate::{
     support::{
-        ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds, two_pod_job, unique_name, wait_until,
+        ControllerProcess, TestBed, Webhook, controller_turn, ensure_crds, two_pod_job, unique_name, user_with_role,
+        wait_until,
     },
     webhook::{governed, identity},
 };
@@ -121,11 +119,7 @@ async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
     for lease in ["reader-steal", "a-report-x", "app"] {
         leases.delete(lease, &DeleteParams::default()).await.unwrap();
     }
-    wait_until("the forged leases to be gone", WAIT, || async {
-        let left = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns).list(&ListParams::default()).await.ok()?;
-        left.items.is_empty().then_some(())
-    })
-    .await;
+    no_leases_left(&bed, &ns, "the forged leases to be gone").await;
     assert!(!crate::lifecycle::role_exists(&bed, &arn(&own_role)).await, "no role was made for the forged lease");
 
     // 4. A pod whose own volume or mount takes the token's place.
@@ -179,16 +173,12 @@ async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
     let _ = pods.delete("stowaway", &DeleteParams::default()).await; // or gone with its "Job" already
     // Reaped before the policy below (it would refuse this test's
     // host-process controller, which does not run as the chart's account).
-    wait_until("the Job's and the stowaway's leases to be reaped", WAIT, || async {
-        let left = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns).list(&ListParams::default()).await.ok()?;
-        left.items.is_empty().then_some(())
-    })
-    .await;
+    no_leases_left(&bed, &ns, "the Job's and the stowaway's leases to be reaped").await;
 
     // 6. A fixed pod name reused after a later admission step refused the
     // first create: the first lease sees a pod that is not its own and is
     // reaped at once, not after the holder grace (2 min).
-    let later_step = RefusingPolicy::apply(&ns);
+    let later_step = refusing_policy(&ns);
     let fixed = |refuse: bool| -> Pod {
         let mut pod = json!({"metadata": {"name": "fixed", "labels": {"ephemera.dev/identity": "reader"}},
                              "spec": {"containers": [{"name": "main", "image": "busybox"}]}});
@@ -226,15 +216,11 @@ async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
     eprintln!("[tenant] ghost lease of a refused create reaped {:?} after the name was reused", made_again.elapsed());
     drop(later_step);
     pods.delete("fixed", &DeleteParams::default()).await.unwrap();
-    wait_until("the reused pod's lease to be reaped", WAIT, || async {
-        let left = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns).list(&ListParams::default()).await.ok()?;
-        left.items.is_empty().then_some(())
-    })
-    .await;
+    no_leases_left(&bed, &ns, "the reused pod's lease to be reaped").await;
 
     // 7. With the chart's lease-writers policy over the namespace, the
     // attacker cannot make a lease at all, and is told who may.
-    let policy = LeaseWritersPolicy::apply(&ns);
+    let (_policy, release_ns) = lease_writers_policy(&ns);
     let refused = wait_until("the lease-writers policy to be in force", WAIT, || async {
         match leases.create(&PostParams::default(), &forged("reader-late", "reader-late", &arn(&own_role))).await {
             Ok(made) => {
@@ -246,7 +232,7 @@ async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
     })
     .await;
     assert!(
-        refused.contains(&format!("made only by ephemera's webhook (system:serviceaccount:{}:", policy.namespace))
+        refused.contains(&format!("made only by ephemera's webhook (system:serviceaccount:{release_ns}:"))
             && refused.contains(&format!("{ATTACKER} may not create one")),
         "{refused}"
     );
@@ -263,6 +249,13 @@ fn forged(name: &str, service_account: &str, role_arn: &str) -> IdentityLease {
     .unwrap()
 }
 
+/// Waits until `ns` holds no lease (`what` names the wait).
+async fn no_leases_left(bed: &TestBed, ns: &str, what: &str) {
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), ns);
+    wait_until(what, WAIT, || async { leases.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(()) })
+        .await;
+}
+
 /// Waits for the lease's Ready condition to carry `reason`; its message.
 async fn refused_with(bed: &TestBed, ns: &str, lease: &str, reason: &str) -> String {
     let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), ns);
@@ -276,34 +269,13 @@ async fn refused_with(bed: &TestBed, ns: &str, lease: &str, reason: &str) -> Str
 
 /// User `mallory`, admin of `ns` through a wildcard Role.
 async fn namespace_admin(bed: &TestBed, ns: &str) -> Client {
-    let role = Role {
-        metadata: ObjectMeta { name: Some("admin-of-everything".into()), ..ObjectMeta::default() },
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec!["*".into()]),
-            resources: Some(vec!["*".into()]),
-            verbs: vec!["*".into()],
-            ..PolicyRule::default()
-        }]),
+    let everything = PolicyRule {
+        api_groups: Some(vec!["*".into()]),
+        resources: Some(vec!["*".into()]),
+        verbs: vec!["*".into()],
+        ..PolicyRule::default()
     };
-    Api::<Role>::namespaced(bed.client.clone(), ns).create(&PostParams::default(), &role).await.unwrap();
-    let binding = RoleBinding {
-        metadata: ObjectMeta { name: Some("admin-of-everything".into()), ..ObjectMeta::default() },
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "Role".into(),
-            name: "admin-of-everything".into(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "User".into(),
-            name: ATTACKER.into(),
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            namespace: None,
-        }]),
-    };
-    Api::<RoleBinding>::namespaced(bed.client.clone(), ns).create(&PostParams::default(), &binding).await.unwrap();
-    let mut config = kube::Config::infer().await.unwrap();
-    config.auth_info.impersonate = Some(ATTACKER.into());
-    Client::try_from(config).unwrap()
+    user_with_role(bed, ns, ATTACKER, "admin-of-everything", vec![everything]).await
 }
 
 /// A role as ephemera makes one for lease `namespace/lease` of cluster
@@ -372,54 +344,49 @@ async fn create_refused(pods: &Api<Pod>, pod: &Pod) -> String {
     .await
 }
 
-/// The chart's lease-writers `ValidatingAdmissionPolicy` and its binding, as
-/// `helm template` renders them for a release of its own, bound to the one
-/// namespace `ns` (other tests' webhooks run as host processes, not as the
-/// chart's ServiceAccount). Deleted on drop.
-struct LeaseWritersPolicy {
-    namespace: String,
+/// Objects applied with kubectl from a manifest, deleted on drop.
+struct Applied {
     manifest: String,
 }
 
-impl LeaseWritersPolicy {
-    fn apply(ns: &str) -> LeaseWritersPolicy {
-        let release = unique_name("tenant");
-        let namespace = format!("{release}-ops");
-        let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/ephemera");
-        let out = Command::new("helm")
-            .args(["template", &release, chart, "-n", &namespace])
-            .args(["--set", &format!("clusterName={release}"), "--set-string", &format!("aws.accountId={ACCOUNT}")])
-            .args([
-                "--set",
-                &format!("leaseWriters.namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name={ns}"),
-            ])
-            .args(["--show-only", "templates/controller/lease-writers.yaml"])
-            .output()
-            .expect("helm template");
-        assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
-        let manifest = String::from_utf8(out.stdout).unwrap();
+impl Applied {
+    fn apply(manifest: String) -> Applied {
         kubectl(&["apply", "-f", "-"], &manifest);
-        LeaseWritersPolicy { namespace, manifest }
+        Applied { manifest }
     }
 }
 
-impl Drop for LeaseWritersPolicy {
+impl Drop for Applied {
     fn drop(&mut self) {
         kubectl(&["delete", "--ignore-not-found", "-f", "-"], &self.manifest);
     }
 }
 
-/// A later admission step that refuses pods annotated `e2e/refuse` in `ns`
-/// (a `ValidatingAdmissionPolicy`: it runs after every mutating webhook, so
-/// ephemera has made the lease by then). Deleted on drop.
-struct RefusingPolicy {
-    manifest: String,
+/// The chart's lease-writers `ValidatingAdmissionPolicy` and its binding, as
+/// `helm template` renders them for a release of its own, bound to the one
+/// namespace `ns` (other tests' webhooks run as host processes, not as the
+/// chart's ServiceAccount); and the release's namespace.
+fn lease_writers_policy(ns: &str) -> (Applied, String) {
+    let release = unique_name("tenant");
+    let namespace = format!("{release}-ops");
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/ephemera");
+    let out = Command::new("helm")
+        .args(["template", &release, chart, "-n", &namespace])
+        .args(["--set", &format!("clusterName={release}"), "--set-string", &format!("aws.accountId={ACCOUNT}")])
+        .args(["--set", &format!("leaseWriters.namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name={ns}")])
+        .args(["--show-only", "templates/controller/lease-writers.yaml"])
+        .output()
+        .expect("helm template");
+    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+    (Applied::apply(String::from_utf8(out.stdout).unwrap()), namespace)
 }
 
-impl RefusingPolicy {
-    fn apply(ns: &str) -> RefusingPolicy {
-        let manifest = format!(
-            r#"apiVersion: admissionregistration.k8s.io/v1
+/// A later admission step that refuses pods annotated `e2e/refuse` in `ns`
+/// (a `ValidatingAdmissionPolicy`: it runs after every mutating webhook, so
+/// ephemera has made the lease by then).
+fn refusing_policy(ns: &str) -> Applied {
+    Applied::apply(format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
 kind: ValidatingAdmissionPolicy
 metadata: {{name: {ns}-refuse}}
 spec:
@@ -439,16 +406,7 @@ spec:
   matchResources:
     namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
 "#
-        );
-        kubectl(&["apply", "-f", "-"], &manifest);
-        RefusingPolicy { manifest }
-    }
-}
-
-impl Drop for RefusingPolicy {
-    fn drop(&mut self) {
-        kubectl(&["delete", "--ignore-not-found", "-f", "-"], &self.manifest);
-    }
+    ))
 }
 
 fn kubectl(args: &[&str], stdin: &str) {

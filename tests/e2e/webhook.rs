@@ -12,11 +12,11 @@ use std::time::Duration;
 use k8s_openapi::api::{
     batch::v1::Job,
     core::v1::{Pod, ServiceAccount},
-    rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
+    rbac::v1::PolicyRule,
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 
@@ -282,45 +282,22 @@ async fn workload_identities_cannot_escalate() {
 
     // alice may manage WorkloadIdentities and read ConfigMaps, not Secrets.
     let user = unique_name("alice");
-    let role = Role {
-        metadata: ObjectMeta { name: Some("identity-author".into()), ..ObjectMeta::default() },
-        rules: Some(vec![
-            PolicyRule {
-                api_groups: Some(vec!["ephemera.dev".into()]),
-                resources: Some(vec!["workloadidentities".into()]),
-                verbs: vec!["create".into(), "update".into(), "patch".into(), "get".into()],
-                ..PolicyRule::default()
-            },
-            PolicyRule {
-                api_groups: Some(vec![String::new()]),
-                resources: Some(vec!["configmaps".into()]),
-                verbs: vec!["get".into(), "list".into()],
-                ..PolicyRule::default()
-            },
-        ]),
-    };
-    Api::<Role>::namespaced(bed.client.clone(), &ns.name).create(&PostParams::default(), &role).await.unwrap();
-    let binding = RoleBinding {
-        metadata: ObjectMeta { name: Some("identity-author".into()), ..ObjectMeta::default() },
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "Role".into(),
-            name: "identity-author".into(),
+    let rules = vec![
+        PolicyRule {
+            api_groups: Some(vec!["ephemera.dev".into()]),
+            resources: Some(vec!["workloadidentities".into()]),
+            verbs: vec!["create".into(), "update".into(), "patch".into(), "get".into()],
+            ..PolicyRule::default()
         },
-        subjects: Some(vec![Subject {
-            kind: "User".into(),
-            name: user.clone(),
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            namespace: None,
-        }]),
-    };
-    Api::<RoleBinding>::namespaced(bed.client.clone(), &ns.name)
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
-    let mut config = kube::Config::infer().await.unwrap();
-    config.auth_info.impersonate = Some(user.clone());
-    let alice = Api::<WorkloadIdentity>::namespaced(Client::try_from(config).unwrap(), &ns.name);
+        PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["configmaps".into()]),
+            verbs: vec!["get".into(), "list".into()],
+            ..PolicyRule::default()
+        },
+    ];
+    let as_alice = crate::support::user_with_role(&bed, &ns.name, &user, "identity-author", rules).await;
+    let alice = Api::<WorkloadIdentity>::namespaced(as_alice, &ns.name);
 
     let configmaps =
         json!({"kubernetes": {"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]}});

@@ -143,9 +143,15 @@ struct WebhookArgs {
     #[arg(long, env = "EPHEMERA_TLS_KEY_FILE", requires = "tls_cert_file")]
     tls_key_file: Option<std::path::PathBuf>,
     /// Secret (in the operator namespace) holding the self-managed CA and
-    /// serving certificate.
-    #[arg(long, env = "EPHEMERA_TLS_SECRET", default_value = "ephemera-webhook-tls")]
+    /// serving certificate. It must exist (the chart makes it empty); the
+    /// webhook fills and renews it and never creates Secrets.
+    #[arg(long, env = "EPHEMERA_TLS_SECRET", default_value = "ephemera-webhook-certs")]
     tls_secret: String,
+    /// Secret an earlier release kept the self-managed CA in: an empty
+    /// `--tls-secret` takes its CA over (so the `caBundle` stays valid during
+    /// the upgrade), then it is deleted.
+    #[arg(long, env = "EPHEMERA_TLS_SECRET_ADOPT_FROM")]
+    tls_secret_adopt_from: Option<String>,
     /// Service in front of the webhook (its DNS names go into the certificate).
     #[arg(long, env = "EPHEMERA_WEBHOOK_SERVICE", default_value = "ephemera-webhook")]
     webhook_service: String,
@@ -176,7 +182,8 @@ struct CloudArgs {
     aws_partition: String,
     /// Name of this cluster, in role names and tags (the orphan sweep only
     /// deletes roles tagged with it).
-    #[arg(long, env = "EPHEMERA_CLUSTER_NAME", default_value = "kubernetes")]
+    /// Required: two clusters sharing an account must not share it.
+    #[arg(long, env = "EPHEMERA_CLUSTER_NAME", value_parser = parse_cluster_name)]
     cluster_name: String,
     /// The cluster's service-account issuer URL, which roles trust; read
     /// from the apiserver's OpenID discovery document when unset.
@@ -205,7 +212,11 @@ impl WebhookArgs {
         let tls = match (self.tls_cert_file, self.tls_key_file, &self.register_url) {
             (Some(cert), Some(key), _) => TlsSource::Files { cert, key },
             (_, _, Some(_)) => TlsSource::Ephemeral,
-            _ => TlsSource::Secret { name: self.tls_secret, service: self.webhook_service },
+            _ => TlsSource::Secret {
+                name: self.tls_secret,
+                service: self.webhook_service,
+                adopt_from: self.tls_secret_adopt_from,
+            },
         };
         ephemera::webhook::Settings {
             listen_addr: self.webhook_addr,
@@ -241,6 +252,23 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .filter(|(k, _)| !k.is_empty())
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// A cluster name as the chart's schema allows: 1-63 characters, letters,
+/// digits, `-`, `_`, `.`, starting and ending with a letter or digit.
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok = (1..=63).contains(&s.len())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && edge(s.chars().next())
+        && edge(s.chars().last());
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a cluster name: 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+        ))
+    }
 }
 
 /// `90s`, `5m`, `1h30m`: the duration syntax of the CRDs.

@@ -330,15 +330,18 @@ cmd_check() {
   can "$w" create identityleases.ephemera.dev -n team-a
   can "$w" create serviceaccounts -n team-a
   can "$w" create subjectaccessreviews.authorization.k8s.io
-  can "$w" create secrets -n "$CHECK_NS"
-  can "$w" get secrets/"$CHECK_RELEASE"-webhook-tls -n "$CHECK_NS"
-  can "$w" update secrets/"$CHECK_RELEASE"-webhook-tls -n "$CHECK_NS"
+  can "$w" get secrets/"$CHECK_RELEASE"-webhook-certs -n "$CHECK_NS"
+  can "$w" update secrets/"$CHECK_RELEASE"-webhook-certs -n "$CHECK_NS"
+  can "$w" delete secrets/"$CHECK_RELEASE"-webhook-tls -n "$CHECK_NS"
   can "$w" patch mutatingwebhookconfigurations.admissionregistration.k8s.io/"$CHECK_RELEASE"
   can "$w" patch validatingwebhookconfigurations.admissionregistration.k8s.io/"$CHECK_RELEASE"
   cannot "$w" get secrets -n kube-system
   cannot "$w" list secrets -n "$CHECK_NS"
   cannot "$w" get secrets/other -n "$CHECK_NS"
   cannot "$w" create secrets -n team-a
+  cannot "$w" create secrets -n "$CHECK_NS"
+  cannot "$w" update secrets/"$CHECK_RELEASE"-webhook-tls -n "$CHECK_NS"
+  cannot "$w" delete secrets/"$CHECK_RELEASE"-webhook-certs -n "$CHECK_NS"
   cannot "$w" patch mutatingwebhookconfigurations.admissionregistration.k8s.io/other
   cannot "$w" delete serviceaccounts -n team-a
   cannot "$w" create serviceaccounts --subresource token -n team-a
@@ -352,6 +355,8 @@ cmd_check() {
   webhook_smoke
 
   step "helm upgrade with webhook.replicas=3"
+  local ca_before
+  ca_before=$(kubectl -n "$CHECK_NS" get secret "$CHECK_RELEASE-webhook-certs" -o jsonpath='{.data.ca\.crt}' 2>/dev/null)
   t0=$SECONDS
   run helm upgrade "$CHECK_RELEASE" "$CHART" -n "$CHECK_NS" "${check_values[@]}" --set webhook.replicas=3 \
     --wait --timeout 90s || die "helm upgrade failed; see $CHECK_LOG"
@@ -365,6 +370,9 @@ cmd_check() {
         die "the upgrade removed the caBundle the webhook published on $kind $CHECK_RELEASE"
     done
     ok "the caBundle the webhook published survived the upgrade (the chart never sets it)"
+    [[ $(kubectl -n "$CHECK_NS" get secret "$CHECK_RELEASE-webhook-certs" -o jsonpath='{.data.ca\.crt}') == "$ca_before" ]] ||
+      die "the upgrade emptied or changed the CA the webhook stored in the chart's Secret $CHECK_RELEASE-webhook-certs"
+    ok "the CA the webhook stored in the chart's (empty) Secret survived the upgrade (Helm's three-way merge)"
   fi
 
   step "GitOps: manifests/ applied server-side twice, the second apply changes nothing, kubectl diff is empty"
@@ -386,15 +394,15 @@ cmd_check() {
   done
   [[ -z $left ]] || die "left after uninstall: $(echo $left)"
   ok "uninstalled in $((SECONDS - t0))s; no object labelled app.kubernetes.io/instance=$CHECK_RELEASE remains"
-  info "left by design: the CRDs (Helm never deletes crds/) and what the operator makes at run time,"
-  info "$(kubectl -n "$CHECK_NS" get secret,lease -o name 2>/dev/null | grep -E 'webhook-tls|ephemera-controller' | tr '\n' ' ')(deleting the namespace removes them)"
+  info "left by design: the CRDs (Helm never deletes crds/) and the controller's leader-election Lease"
+  info "$(kubectl -n "$CHECK_NS" get lease -o name 2>/dev/null | grep -E 'ephemera-controller' | tr '\n' ' ')(deleting the namespace removes it); the webhook's TLS Secret is the chart's and went with it"
 
   step "chart check passed in $(fmt_duration $((SECONDS - start)))"
 }
 
 # Runs `ephemera webhook` on loopback with a token of the chart's webhook
-# ServiceAccount: its caches fill (list/watch), it makes its CA and certificate
-# in the Secret and publishes the CA on the release's configurations, all under
+# ServiceAccount: its caches fill (list/watch), it fills the chart's empty
+# Secret with its CA and certificate and publishes the CA on the release's configurations, all under
 # the chart's RBAC. It never registers anything, so the tests sharing the test
 # bed do not see it. The controller is not run this way: it would reconcile
 # the tests' resources.
@@ -421,7 +429,7 @@ KUBECONFIG
   # No AWS credentials: with the account given, the webhook never calls AWS.
   env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY KUBECONFIG="$TMP/webhook.kubeconfig" POD_NAMESPACE="$CHECK_NS" \
     "$bin" webhook --webhook-addr "127.0.0.1:$port" --webhook-admin-addr "127.0.0.1:$admin" \
-    --tls-secret "$CHECK_RELEASE-webhook-tls" --webhook-service "$CHECK_RELEASE-webhook" \
+    --tls-secret "$CHECK_RELEASE-webhook-certs" --webhook-service "$CHECK_RELEASE-webhook" \
     --webhook-configuration "$CHECK_RELEASE" --aws-account-id 000000000000 --cluster-name chart-check \
     >"$log" 2>&1 &
   WEBHOOK_PID=$!
@@ -432,15 +440,15 @@ KUBECONFIG
     sleep 0.2
   done
   ok "ready in $((SECONDS - t0))s: caches filled with list/watch of namespaces and ephemera.dev resources"
-  kubectl -n "$CHECK_NS" get secret "$CHECK_RELEASE-webhook-tls" >/dev/null 2>&1 ||
-    die "the webhook made no Secret $CHECK_RELEASE-webhook-tls; see $log"
+  [[ -n $(kubectl -n "$CHECK_NS" get secret "$CHECK_RELEASE-webhook-certs" -o jsonpath='{.data.ca\.crt}' 2>/dev/null) ]] ||
+    die "the webhook did not fill the chart's Secret $CHECK_RELEASE-webhook-certs; see $log"
   local kind bundle
   for kind in mutatingwebhookconfiguration validatingwebhookconfiguration; do
     bundle=$(kubectl get "$kind" "$CHECK_RELEASE" -o jsonpath='{.webhooks[0].clientConfig.caBundle}')
     [[ -n $bundle ]] || die "no caBundle on $kind $CHECK_RELEASE; see $log"
   done
   CA_PUBLISHED=1
-  ok "made Secret $CHECK_RELEASE-webhook-tls and published its CA on both configurations"
+  ok "filled the chart's Secret $CHECK_RELEASE-webhook-certs (it may create none) and published its CA on both configurations"
   local code
   code=$(curl -sk -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
     --data '{"not": "a review"}' "https://127.0.0.1:$port/mutate/pods")

@@ -70,7 +70,8 @@ pub enum TlsSource {
     Files { cert: PathBuf, key: PathBuf },
     /// Self-managed, kept in this Secret of the operator namespace, for the
     /// Service `service` (its DNS names go into the certificate).
-    Secret { name: String, service: String },
+    /// `adopt_from` is where an earlier release kept it ([`tls::ensure_secret`]).
+    Secret { name: String, service: String, adopt_from: Option<String> },
     /// Made in memory at start (with `register_url`, for local runs).
     Ephemeral,
 }
@@ -150,7 +151,7 @@ async fn serving_config(
             let config = tls::server_config(bundle.cert.as_bytes(), bundle.key.as_bytes())?;
             Ok((axum_server::tls_rustls::RustlsConfig::from_config(config), Some(bundle.ca_cert)))
         }
-        TlsSource::Secret { name, service } => {
+        TlsSource::Secret { name, service, adopt_from } => {
             let ns = &settings.namespace;
             let names = vec![
                 format!("{service}.{ns}.svc"),
@@ -158,7 +159,7 @@ async fn serving_config(
                 format!("{service}.{ns}"),
                 service.clone(),
             ];
-            let bundle = tls::ensure_secret(client, ns, name, &names, &local_ips).await?;
+            let bundle = tls::ensure_secret(client, ns, name, adopt_from.as_deref(), &names, &local_ips).await?;
             metrics.certificate_expiry.set(bundle.not_after);
             let config = axum_server::tls_rustls::RustlsConfig::from_config(tls::server_config(
                 bundle.cert.as_bytes(),
@@ -202,17 +203,18 @@ async fn keep_secret_fresh(
     config: axum_server::tls_rustls::RustlsConfig,
     metrics: Arc<Metrics>,
 ) {
-    let TlsSource::Secret { name, .. } = &settings.tls else { return };
+    let TlsSource::Secret { name, adopt_from, .. } = &settings.tls else { return };
     let ips = [IpAddr::from([127, 0, 0, 1])];
     loop {
         tokio::time::sleep(tls::RECHECK * 20).await;
-        let bundle = match tls::ensure_secret(&client, &settings.namespace, name, &names, &ips).await {
-            Ok(bundle) => bundle,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot check the webhook serving certificate");
-                continue;
-            }
-        };
+        let bundle =
+            match tls::ensure_secret(&client, &settings.namespace, name, adopt_from.as_deref(), &names, &ips).await {
+                Ok(bundle) => bundle,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check the webhook serving certificate");
+                    continue;
+                }
+            };
         metrics.certificate_expiry.set(bundle.not_after);
         if bundle == current {
             continue;

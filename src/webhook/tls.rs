@@ -13,7 +13,7 @@ use std::{
 };
 
 use axum_server::tls_rustls::RustlsConfig;
-use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
     Api, Client, ResourceExt,
     api::{Patch, PatchParams, PostParams},
@@ -198,82 +198,136 @@ async fn modified(path: &Path) -> Option<SystemTime> {
 
 // === Secret ===
 
-/// Reads the bundle from the Secret `namespace/name`, making (or renewing)
-/// it when needed. Replicas race safely: a create conflict means another
-/// replica won, and its bundle is used.
+/// Reads the bundle from the Secret `namespace/name`, filling it (or
+/// renewing it) when needed. The Secret must exist: the chart makes it as an
+/// empty placeholder, so the webhook needs no right to create Secrets (RBAC
+/// cannot limit `create` by name). Replicas race safely: a write conflict
+/// means another replica filled or renewed it first, and its bundle is used.
+///
+/// `adopt_from` names the Secret an earlier release kept the bundle in
+/// (`<fullname>-webhook-tls`, which the webhook made itself): an empty
+/// placeholder takes its CA and certificate over, so the `caBundle` stays
+/// valid while old and new replicas serve side by side, and the old Secret
+/// is then deleted (only when ephemera's label says ephemera made it).
 ///
 /// # Errors
-/// When the Secret cannot be read or written.
+/// When the Secret is missing, holds something else, or cannot be written.
 pub async fn ensure_secret(
     client: &Client,
     namespace: &str,
     name: &str,
+    adopt_from: Option<&str>,
     dns_names: &[String],
     ips: &[IpAddr],
 ) -> Result<CertBundle> {
     let api = Api::<Secret>::namespaced(client.clone(), namespace);
     let context = || format!("reading Secret {namespace}/{name}");
     for _ in 0..3 {
-        match api.get_opt(name).await.map_err(Error::kube(context()))? {
-            None => {
-                let bundle = generate(dns_names, ips)?;
-                match api.create(&PostParams::default(), &to_secret(name, namespace, &bundle)).await {
-                    Ok(_) => {
-                        tracing::info!(secret = name, "made a self-managed webhook CA and serving certificate");
-                        return Ok(bundle);
-                    }
-                    Err(kube::Error::Api(s)) if s.is_already_exists() => {}
-                    Err(e) => return Err(Error::kube(format!("creating Secret {namespace}/{name}"))(e)),
-                }
-            }
-            Some(secret) => {
-                let Some(mut bundle) = from_secret(&secret) else {
-                    return Err(Error::Config(format!(
-                        "Secret {namespace}/{name} does not hold ca.crt, ca.key, tls.crt and tls.key; delete it to have ephemera make a new one"
-                    )));
-                };
-                if !needs_renewal(&bundle, SystemTime::now()) {
-                    return Ok(bundle);
-                }
+        let Some(secret) = api.get_opt(name).await.map_err(Error::kube(context()))? else {
+            return Err(Error::Config(format!(
+                "Secret {namespace}/{name} does not exist: the Helm chart makes it empty and the webhook fills it; \
+                 without the chart, make it with `kubectl -n {namespace} create secret generic {name}`"
+            )));
+        };
+        let mut adopted = None;
+        let bundle = match from_secret(&secret) {
+            Some(bundle) if !needs_renewal(&bundle, SystemTime::now()) => return Ok(bundle),
+            Some(mut bundle) => {
                 renew(&mut bundle, dns_names, ips)?;
-                let mut updated = to_secret(name, namespace, &bundle);
-                updated.metadata.resource_version = secret.resource_version();
-                match api.replace(name, &PostParams::default(), &updated).await {
-                    Ok(_) => {
-                        tracing::info!(secret = name, "renewed the webhook serving certificate");
-                        return Ok(bundle);
+                bundle
+            }
+            None if is_placeholder(&secret) => {
+                let earlier = match adopt_from {
+                    Some(old) => earlier_bundle(&api, old).await?.map(|(b, s)| (b, s, old)),
+                    None => None,
+                };
+                match earlier {
+                    Some((mut bundle, old_secret, old)) => {
+                        if needs_renewal(&bundle, SystemTime::now()) {
+                            renew(&mut bundle, dns_names, ips)?;
+                        }
+                        adopted = Some((old, old_secret));
+                        bundle
                     }
-                    Err(kube::Error::Api(s)) if s.code == 409 => {}
-                    Err(e) => return Err(Error::kube(format!("renewing Secret {namespace}/{name}"))(e)),
+                    None => generate(dns_names, ips)?,
                 }
             }
+            None => {
+                return Err(Error::Config(format!(
+                    "Secret {namespace}/{name} holds data but not all of ca.crt, ca.key, tls.crt, tls.key and the \
+                     {NOT_AFTER_ANNOTATION} annotation; empty it (or delete it and run helm upgrade) to have ephemera \
+                     make a new CA"
+                )));
+            }
+        };
+        match api.replace(name, &PostParams::default(), &with_bundle(secret, &bundle)).await {
+            Ok(_) => {
+                if let Some((old, old_secret)) = &adopted {
+                    tracing::info!(secret = name, from = old, "took over the webhook CA of an earlier release");
+                    delete_earlier(&api, old, old_secret).await;
+                } else {
+                    tracing::info!(secret = name, "wrote the webhook CA and serving certificate");
+                }
+                return Ok(bundle);
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(Error::kube(format!("writing Secret {namespace}/{name}"))(e)),
         }
     }
     Err(Error::Config(format!("Secret {namespace}/{name} keeps changing under us; giving up for now")))
 }
 
-fn to_secret(name: &str, namespace: &str, bundle: &CertBundle) -> Secret {
-    let data = |s: &str| ByteString(s.as_bytes().to_vec());
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(namespace.to_owned()),
-            labels: Some(BTreeMap::from([(
-                crate::api::well_known::LABEL_MANAGED_BY.to_owned(),
-                crate::api::well_known::MANAGED_BY.to_owned(),
-            )])),
-            annotations: Some(BTreeMap::from([(NOT_AFTER_ANNOTATION.to_owned(), bundle.not_after.to_string())])),
-            ..ObjectMeta::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(BTreeMap::from([
-            ("ca.crt".to_owned(), data(&bundle.ca_cert)),
-            ("ca.key".to_owned(), data(&bundle.ca_key)),
-            ("tls.crt".to_owned(), data(&bundle.cert)),
-            ("tls.key".to_owned(), data(&bundle.key)),
-        ])),
-        ..Secret::default()
+/// An empty Secret: the chart's placeholder, not yet filled.
+fn is_placeholder(secret: &Secret) -> bool {
+    secret.data.as_ref().is_none_or(BTreeMap::is_empty) && secret.string_data.as_ref().is_none_or(BTreeMap::is_empty)
+}
+
+/// The bundle an earlier release kept in `old`, when ephemera made it.
+async fn earlier_bundle(api: &Api<Secret>, old: &str) -> Result<Option<(CertBundle, Secret)>> {
+    let Some(secret) = api.get_opt(old).await.map_err(Error::kube(format!("reading Secret {old}")))? else {
+        return Ok(None);
+    };
+    let ours = secret.labels().get(crate::api::well_known::LABEL_MANAGED_BY).map(String::as_str)
+        == Some(crate::api::well_known::MANAGED_BY);
+    if !ours {
+        tracing::warn!(secret = old, "not taking over a Secret ephemera did not make");
+        return Ok(None);
     }
+    Ok(from_secret(&secret).map(|bundle| (bundle, secret)))
+}
+
+/// Deletes the earlier release's Secret (the one read, by uid); a failure
+/// only leaves it behind, which is logged.
+async fn delete_earlier(api: &Api<Secret>, old: &str, read: &Secret) {
+    let params = kube::api::DeleteParams {
+        preconditions: Some(kube::api::Preconditions { uid: read.uid(), resource_version: None }),
+        ..kube::api::DeleteParams::default()
+    };
+    match api.delete(old, &params).await {
+        Ok(_) => tracing::info!(secret = old, "deleted the earlier release's webhook Secret"),
+        Err(kube::Error::Api(s)) if s.is_not_found() || s.code == 409 => {}
+        Err(e) => tracing::warn!(secret = old, error = %e, "cannot delete the earlier release's webhook Secret"),
+    }
+}
+
+/// `secret` holding `bundle`: its labels (`managed-by: Helm`), annotations and
+/// type are kept, because Helm owns the object.
+fn with_bundle(mut secret: Secret, bundle: &CertBundle) -> Secret {
+    let data = |s: &str| ByteString(s.as_bytes().to_vec());
+    secret.metadata.managed_fields = None;
+    secret
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(NOT_AFTER_ANNOTATION.to_owned(), bundle.not_after.to_string());
+    secret.string_data = None;
+    secret.data = Some(BTreeMap::from([
+        ("ca.crt".to_owned(), data(&bundle.ca_cert)),
+        ("ca.key".to_owned(), data(&bundle.ca_key)),
+        ("tls.crt".to_owned(), data(&bundle.cert)),
+        ("tls.key".to_owned(), data(&bundle.key)),
+    ]));
+    secret
 }
 
 fn from_secret(secret: &Secret) -> Option<CertBundle> {
@@ -346,6 +400,7 @@ fn ca_patch<'a>(current: impl Iterator<Item = Option<&'a ByteString>>, ca_bundle
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     #[test]
     fn generated_certificates_load_and_renew_under_the_same_ca() {
@@ -359,8 +414,19 @@ mod tests {
         renew(&mut bundle, &names, &ips).unwrap();
         assert_eq!(bundle.ca_cert, ca);
         assert_ne!(bundle.cert, cert);
-        // The Secret round-trips, and keys never reach Debug output.
-        let secret = to_secret("tls", "ns", &bundle);
+        // The chart's placeholder is recognised; filled, it keeps Helm's
+        // metadata and round-trips; keys never reach Debug output.
+        let helm = BTreeMap::from([("meta.helm.sh/release-name".to_owned(), "r".to_owned())]);
+        let placeholder = Secret {
+            metadata: ObjectMeta { annotations: Some(helm), ..ObjectMeta::default() },
+            type_: Some("Opaque".into()),
+            ..Secret::default()
+        };
+        assert!(is_placeholder(&placeholder) && from_secret(&placeholder).is_none());
+        let secret = with_bundle(placeholder, &bundle);
+        assert!(!is_placeholder(&secret));
+        assert_eq!(secret.annotations()["meta.helm.sh/release-name"], "r");
+        assert_eq!(secret.type_.as_deref(), Some("Opaque"));
         assert_eq!(from_secret(&secret).unwrap(), bundle);
         assert!(!format!("{bundle:?}").contains("PRIVATE KEY"));
     }

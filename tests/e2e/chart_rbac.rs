@@ -4,8 +4,8 @@
 //! carry a pod through its whole life, Kubernetes rules included, without one
 //! refused API call.
 //!
-//! Only the chart's ServiceAccounts, `ClusterRoles`, Roles and bindings are
-//! applied. Its webhook configurations are applied too, with one change: they
+//! Only the chart's ServiceAccounts, `ClusterRoles`, Roles, bindings and the
+//! webhook's empty TLS Secret are applied. Its webhook configurations are applied too, with one change: they
 //! call the webhook on loopback instead of through the release's Service
 //! (this test bed runs no pods). The webhook's self-managed certificate names
 //! 127.0.0.1, so the apiserver accepts it, and the webhook publishes its CA on
@@ -44,8 +44,9 @@ use crate::{
 use ephemera::api::{IdentityBoundary, IdentityLease, LeasePhase, WorkloadIdentity};
 
 const WAIT: Duration = Duration::from_mins(1);
-/// Kinds of the chart applied as they are: its RBAC.
-const RBAC_KINDS: [&str; 5] = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"];
+/// Kinds of the chart applied as they are: its RBAC, and the empty Secret the
+/// webhook fills with its CA (it may not create one).
+const RBAC_KINDS: [&str; 6] = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Secret"];
 /// The instance-metadata NetworkPolicy (`api::well_known`).
 const IMDS_POLICY: &str = "ephemera-block-instance-metadata";
 

@@ -50,9 +50,16 @@ pub async fn boundary(client: &Client, team: &str, extra: serde_json::Value) -> 
 /// extended by `boundary_extra`), holding one `WorkloadIdentity`.
 pub struct Governed {
     // Fields drop in order: the boundary before the namespace.
-    _boundary: DeleteOnDrop<IdentityBoundary>,
+    boundary: DeleteOnDrop<IdentityBoundary>,
     pub ns: crate::support::TestNamespace,
     pub pods: Api<Pod>,
+}
+
+impl Governed {
+    /// Name of the namespace's boundary.
+    pub fn boundary(&self) -> &str {
+        self.boundary.name()
+    }
 }
 
 pub async fn governed(
@@ -71,7 +78,7 @@ pub async fn governed(
         .await
         .expect("create the identity");
     let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
-    Governed { _boundary: boundary, ns, pods }
+    Governed { boundary, ns, pods }
 }
 
 pub fn identity(name: &str, spec: serde_json::Value) -> WorkloadIdentity {
@@ -428,20 +435,39 @@ async fn a_self_managed_certificate_is_kept_in_a_secret_and_published_as_ca_bund
     let start = |a: Vec<String>| {
         crate::support::EphemeraProcess::spawn("webhook-tls", &a.iter().map(String::as_str).collect::<Vec<_>>())
     };
-    let mut process = start(args(&addr));
     let secrets = Api::<Secret>::namespaced(bed.client.clone(), &operator.name);
+
+    stops_without_its_secret(start(args(&addr))).await;
+
+    // An earlier release's webhook made its own Secret (ephemera-webhook-tls,
+    // kubernetes.io/tls). The chart now makes an empty one; the webhook takes
+    // the earlier CA over, so the caBundle old replicas serve under stays
+    // valid, and deletes the earlier Secret.
+    let earlier =
+        ephemera::webhook::tls::generate(&["localhost".into()], &[std::net::IpAddr::from([127, 0, 0, 1])]).unwrap();
+    secrets.create(&PostParams::default(), &earlier_release_secret(&earlier)).await.unwrap();
+    secrets.create(&PostParams::default(), &charts_placeholder()).await.unwrap();
+    let mut with_adopt = args(&addr);
+    with_adopt.extend(["--tls-secret-adopt-from".to_owned(), "ephemera-webhook-tls".to_owned()]);
+    let mut process = start(with_adopt);
     let published = || async {
-        let secret = secrets.get_opt("ephemera-webhook-tls").await.ok()??;
+        let secret = secrets.get_opt("ephemera-webhook-certs").await.ok()??;
         let ca = secret.data.as_ref()?.get("ca.crt")?.0.clone();
         let config = configs.get(&id).await.ok()?;
         let bundle = config.webhooks?.first()?.client_config.ca_bundle.clone()?.0;
         (bundle == ca).then_some(secret)
     };
-    let secret = wait_until("the CA in a Secret and in the caBundle", WAIT, published).await;
-    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let secret = wait_until("the CA in the Secret and in the caBundle", WAIT, published).await;
+    assert_eq!(secret.data.as_ref().unwrap()["ca.crt"].0, earlier.ca_cert.as_bytes(), "the earlier CA is kept");
+    assert_eq!(secret.type_.as_deref(), Some("Opaque"), "the chart's type is kept");
+    assert_eq!(secret.annotations()["meta.helm.sh/release-name"], "ephemera", "Helm's metadata is kept");
     for key in ["ca.crt", "ca.key", "tls.crt", "tls.key"] {
         assert!(secret.data.as_ref().unwrap().contains_key(key), "{key}");
     }
+    wait_until("the earlier Secret to be deleted", WAIT, || async {
+        secrets.get_opt("ephemera-webhook-tls").await.ok()?.is_none().then_some(())
+    })
+    .await;
     // Its expiry is exported, for the certificate alert.
     let not_after: f64 = secret.annotations()["ephemera.dev/not-after"].parse().unwrap();
     let exported = process.metric("ephemera_webhook_certificate_expiry_timestamp_seconds").await;
@@ -471,13 +497,55 @@ async fn a_self_managed_certificate_is_kept_in_a_secret_and_published_as_ca_bund
     drop(process);
     let _again = start(args(&addr));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = secrets.get("ephemera-webhook-tls").await.unwrap();
+    let after = secrets.get("ephemera-webhook-certs").await.unwrap();
     assert_eq!(after.metadata.resource_version, secret.metadata.resource_version, "the Secret was rewritten");
     wait_until("the restarted webhook to mutate pods", WAIT, || async {
         let p = pods.create(&PostParams::default(), &pod(json!({"generateName": "p-"}))).await.ok()?;
         (p.spec.as_ref()?.automount_service_account_token == Some(false)).then_some(())
     })
     .await;
+}
+
+/// The webhook may not create Secrets: without the chart's empty one it
+/// stops at once and says how to make it.
+async fn stops_without_its_secret(mut process: crate::support::EphemeraProcess) {
+    let started = std::time::Instant::now();
+    while process.is_running() {
+        assert!(started.elapsed() < WAIT, "the webhook without its Secret still runs; see {}", process.log.display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&process.log).unwrap();
+    assert!(
+        log.contains("ephemera-webhook-certs does not exist") && log.contains("create secret generic"),
+        "the error names the Secret and how to make it: {log}"
+    );
+}
+
+/// The chart's empty TLS Secret (with Helm's metadata, which must survive).
+fn charts_placeholder() -> k8s_openapi::api::core::v1::Secret {
+    serde_json::from_value(json!({"metadata": {"name": "ephemera-webhook-certs",
+        "annotations": {"meta.helm.sh/release-name": "ephemera"}}, "type": "Opaque"}))
+    .unwrap()
+}
+
+/// The Secret a webhook of ephemera 0.2 made for itself, holding `bundle`.
+fn earlier_release_secret(bundle: &ephemera::webhook::tls::CertBundle) -> k8s_openapi::api::core::v1::Secret {
+    let data: std::collections::BTreeMap<String, k8s_openapi::ByteString> =
+        [("ca.crt", &bundle.ca_cert), ("ca.key", &bundle.ca_key), ("tls.crt", &bundle.cert), ("tls.key", &bundle.key)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.as_bytes().to_vec())))
+            .collect();
+    let mut secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {
+            "name": "ephemera-webhook-tls",
+            "labels": {"app.kubernetes.io/managed-by": "ephemera"},
+            "annotations": {"ephemera.dev/not-after": bundle.not_after.to_string()},
+        },
+        "type": "kubernetes.io/tls",
+    }))
+    .unwrap();
+    secret.data = Some(data);
+    secret
 }
 
 /// What the README promises when the webhook is down: pod creation in a

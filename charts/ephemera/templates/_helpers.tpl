@@ -30,7 +30,16 @@
 {{- end }}
 
 {{- define "ephemera.tlsSecret" -}}
-{{- default (printf "%s-webhook-tls" (include "ephemera.fullname" .)) .Values.tls.secretName }}
+{{- default (printf "%s-webhook-certs" (include "ephemera.fullname" .)) .Values.tls.secretName }}
+{{- end }}
+
+{{/* The Secret an earlier release's webhook made for itself (tls.adoptFrom). */}}
+{{- define "ephemera.tlsSecretAdoptFrom" -}}
+{{- $from := default (printf "%s-webhook-tls" (include "ephemera.fullname" .)) .Values.tls.adoptFrom }}
+{{- if eq $from (include "ephemera.tlsSecret" .) }}
+{{- fail "tls.adoptFrom must differ from tls.secretName: the chart owns tls.secretName, and an earlier release's webhook made tls.adoptFrom" }}
+{{- end }}
+{{- $from }}
 {{- end }}
 
 {{/* cert-manager: the Secret of the serving Certificate. */}}

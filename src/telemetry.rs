@@ -60,6 +60,16 @@ pub struct ErrorLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the opt-out counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OptOutLabels {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// `skipped` (admitted unchanged) or `refused` (a boundary does not
+    /// allow it; the pod was governed as usual, or denied).
+    pub outcome: &'static str,
+}
+
 /// Labels of the admission metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
@@ -119,6 +129,9 @@ pub struct Metrics {
     pub provision_latency: Histogram,
     /// `ephemera_ghost_window_seconds`: workload over -> role deleted.
     pub ghost_window: Histogram,
+    /// `ephemera_credential_window_seconds`: workload over -> every session
+    /// of its role denied.
+    pub credential_window: Histogram,
     /// `ephemera_cloud_requests_total{operation,outcome}`.
     pub cloud_requests: Family<CloudLabels, Counter>,
     /// `ephemera_cloud_request_duration_seconds{operation}`.
@@ -132,106 +145,121 @@ pub struct Metrics {
     /// `ephemera_webhook_certificate_expiry_timestamp_seconds`: when the
     /// self-managed serving certificate expires (unset with cert-manager).
     pub certificate_expiry: Gauge,
+    /// `ephemera_pod_opt_outs_total{namespace,outcome}`: pods labelled
+    /// `ephemera.dev/skip: "true"`.
+    pub opt_outs: Family<OptOutLabels, Counter>,
+}
+
+/// Registers `metric` under `name` and returns it.
+fn registered<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("ephemera");
-        let reconciles = Family::<ControllerLabels, Counter>::default();
-        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
-        let reconcile_duration = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
-        });
-        registry.register("reconciles", "Reconciliations run, by controller", reconciles.clone());
-        registry.register(
-            "reconcile_errors",
-            "Reconciliations that failed, by controller and reason",
-            reconcile_errors.clone(),
-        );
-        registry.register("reconcile_duration_seconds", "Time spent in one reconciliation", reconcile_duration.clone());
-        let admission_requests = Family::<AdmissionLabels, Counter>::default();
-        let admission_duration = Family::<AdmissionLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0])
-        });
-        registry.register(
-            "admission_requests",
-            "AdmissionReviews answered, by webhook and outcome",
-            admission_requests.clone(),
-        );
-        registry.register(
-            "admission_duration_seconds",
-            "Time to answer one AdmissionReview (includes making the ServiceAccount and lease)",
-            admission_duration.clone(),
-        );
-        let leases = Family::<PhaseLabels, Gauge>::default();
-        registry.register("leases", "Live IdentityLeases by phase", leases.clone());
+        let mut r = Registry::with_prefix("ephemera");
         let lifecycle_buckets = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0];
-        let provision_latency = Histogram::new(lifecycle_buckets);
-        registry.register(
-            "provision_latency_seconds",
-            "From lease creation (pod admission) to the role verified and the gate lifted",
-            provision_latency.clone(),
-        );
-        let ghost_window = Histogram::new(lifecycle_buckets);
-        registry.register(
-            "ghost_window_seconds",
-            "From the workload ending to its role being deleted",
-            ghost_window.clone(),
-        );
-        let cloud_requests = Family::<CloudLabels, Counter>::default();
-        registry.register(
-            "cloud_requests",
-            "Cloud API calls (IAM, STS), by operation and outcome",
-            cloud_requests.clone(),
-        );
-        let cloud_duration = Family::<OperationLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0])
-        });
-        registry.register(
-            "cloud_request_duration_seconds",
-            "Latency of one cloud API call, SDK retries included",
-            cloud_duration.clone(),
-        );
-        let cloud_retries = Family::<RetryLabels, Counter>::default();
-        registry.register(
-            "cloud_retries",
-            "Cloud API attempts the SDK repeated (throttling, 5xx, timeouts), by operation",
-            cloud_retries.clone(),
-        );
-        let iam_roles = Gauge::default();
-        registry.register(
-            "iam_roles",
-            "IAM roles in the account (GetAccountSummary, plus roles made minus deleted since)",
-            iam_roles.clone(),
-        );
-        let iam_roles_limit = Gauge::default();
-        registry.register(
-            "iam_roles_limit",
-            "IAM roles the account may hold (RolesQuota, or --aws-role-limit)",
-            iam_roles_limit.clone(),
-        );
-        let certificate_expiry = Gauge::default();
-        registry.register(
-            "webhook_certificate_expiry_timestamp_seconds",
-            "When the webhook's self-managed serving certificate expires (Unix time; renewed with a third left)",
-            certificate_expiry.clone(),
-        );
+        let since_end = "From the workload's end as the apiserver records it (whole seconds: up to 1 s early) to";
         Metrics {
-            registry,
-            reconciles,
-            reconcile_errors,
-            reconcile_duration,
-            admission_requests,
-            admission_duration,
-            leases,
-            provision_latency,
-            ghost_window,
-            cloud_requests,
-            cloud_duration,
-            cloud_retries,
-            iam_roles,
-            iam_roles_limit,
-            certificate_expiry,
+            reconciles: registered(&mut r, "reconciles", "Reconciliations run, by controller", Family::default()),
+            reconcile_errors: registered(
+                &mut r,
+                "reconcile_errors",
+                "Reconciliations that failed, by controller and reason",
+                Family::default(),
+            ),
+            reconcile_duration: registered(
+                &mut r,
+                "reconcile_duration_seconds",
+                "Time spent in one reconciliation",
+                Family::new_with_constructor(|| {
+                    Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+                }),
+            ),
+            admission_requests: registered(
+                &mut r,
+                "admission_requests",
+                "AdmissionReviews answered, by webhook and outcome",
+                Family::default(),
+            ),
+            admission_duration: registered(
+                &mut r,
+                "admission_duration_seconds",
+                "Time to answer one AdmissionReview (includes making the ServiceAccount and lease)",
+                Family::new_with_constructor(|| {
+                    Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0])
+                }),
+            ),
+            leases: registered(&mut r, "leases", "Live IdentityLeases by phase", Family::default()),
+            provision_latency: registered(
+                &mut r,
+                "provision_latency_seconds",
+                "From lease creation (pod admission) to the role verified and the gate lifted",
+                Histogram::new(lifecycle_buckets),
+            ),
+            ghost_window: registered(
+                &mut r,
+                "ghost_window_seconds",
+                &format!("{since_end} its role, RBAC and ServiceAccount deleted"),
+                Histogram::new(lifecycle_buckets),
+            ),
+            credential_window: registered(
+                &mut r,
+                "credential_window_seconds",
+                &format!("{since_end} every session of its role denied (the deny-all policy in place)"),
+                Histogram::new(lifecycle_buckets),
+            ),
+            cloud_requests: registered(
+                &mut r,
+                "cloud_requests",
+                "Cloud API calls (IAM, STS), by operation and outcome",
+                Family::default(),
+            ),
+            cloud_duration: registered(
+                &mut r,
+                "cloud_request_duration_seconds",
+                "Latency of one cloud API call, SDK retries included",
+                Family::new_with_constructor(|| {
+                    Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0])
+                }),
+            ),
+            cloud_retries: registered(
+                &mut r,
+                "cloud_retries",
+                "Cloud API attempts the SDK repeated (throttling, 5xx, timeouts), by operation",
+                Family::default(),
+            ),
+            iam_roles: registered(
+                &mut r,
+                "iam_roles",
+                "IAM roles in the account (GetAccountSummary, plus roles made minus deleted since)",
+                Gauge::default(),
+            ),
+            iam_roles_limit: registered(
+                &mut r,
+                "iam_roles_limit",
+                "IAM roles the account may hold (RolesQuota, or --aws-role-limit)",
+                Gauge::default(),
+            ),
+            certificate_expiry: registered(
+                &mut r,
+                "webhook_certificate_expiry_timestamp_seconds",
+                "When the webhook's self-managed serving certificate expires (Unix time; renewed with a third left)",
+                Gauge::default(),
+            ),
+            opt_outs: registered(
+                &mut r,
+                "pod_opt_outs",
+                "Pods created with the label ephemera.dev/skip=true, by namespace and outcome (skipped: admitted unchanged, as their boundaries allow; refused: governed as usual or denied)",
+                Family::default(),
+            ),
+            registry: r,
         }
     }
 }
@@ -255,6 +283,11 @@ impl Metrics {
         let labels = AdmissionLabels { webhook, outcome };
         self.admission_requests.get_or_create(&labels).inc();
         self.admission_duration.get_or_create(&labels).observe(took.as_secs_f64());
+    }
+
+    /// Counts one pod that asked to be skipped.
+    pub fn opt_out(&self, namespace: &str, outcome: &'static str) {
+        self.opt_outs.get_or_create(&OptOutLabels { namespace: namespace.to_owned(), outcome }).inc();
     }
 
     /// Counts one cloud API call and its latency.

@@ -81,6 +81,14 @@ pub struct IdentityBoundarySpec {
     /// governed namespace loses it.
     #[serde(default)]
     pub allow_default_token: bool,
+
+    /// Allow pods labelled `ephemera.dev/skip: "true"` to be admitted
+    /// unchanged: no identity, and they keep the default ServiceAccount
+    /// token (the opt-out IRSA users know). Default `false`: the label is
+    /// ignored with a warning. Every pod admitted this way is counted in
+    /// `ephemera_pod_opt_outs_total{outcome="skipped"}`.
+    #[serde(default)]
+    pub allow_skip: bool,
 }
 
 /// The AWS part of a boundary.

@@ -11,6 +11,9 @@ pub const MANAGED_BY: &str = "ephemera";
 /// Label tying a per-pod object to its `IdentityLease`.
 pub const LABEL_LEASE: &str = "ephemera.dev/lease";
 
+/// Pod label (value `true`) asking to be admitted unchanged; honoured only
+/// where every governing boundary sets `allowSkip`.
+pub const LABEL_SKIP: &str = "ephemera.dev/skip";
 /// Pod annotation asking to keep the default ServiceAccount token
 /// (value `keep`); honoured only where the boundary allows it.
 pub const ANNOTATION_DEFAULT_TOKEN: &str = "ephemera.dev/default-token";

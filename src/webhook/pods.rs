@@ -27,7 +27,7 @@ use crate::{
         Holder, HolderKind, IdentityBoundary, IdentityLease, IdentityLeaseSpec, Scope, WorkloadIdentity,
         well_known::{
             ANNOTATION_DEFAULT_TOKEN, ANNOTATION_OWNER, ANNOTATION_PURPOSE, DEFAULT_AUDIENCE, LABEL_IDENTITY,
-            LABEL_LEASE, LABEL_MANAGED_BY, MANAGED_BY,
+            LABEL_LEASE, LABEL_MANAGED_BY, LABEL_SKIP, MANAGED_BY,
         },
     },
     cloud::naming,
@@ -85,6 +85,15 @@ pub enum Decision {
     Admit { admission: Admission, lease: Option<Box<IdentityLease>>, warnings: Vec<String> },
     /// Refuse the pod, with a reason naming the field.
     Deny(String),
+    /// The pod asked to be skipped (`ephemera.dev/skip`) and every governing
+    /// boundary allows it: admitted unchanged.
+    Skip { warnings: Vec<String> },
+}
+
+/// The pod asks to be admitted unchanged (`ephemera.dev/skip: "true"`).
+#[must_use]
+pub fn asks_to_skip(pod: &Pod) -> bool {
+    pod.labels().get(LABEL_SKIP).map(String::as_str) == Some("true")
 }
 
 /// Decides what `pod` gets. Pure: everything it reads is in `env`.
@@ -97,20 +106,17 @@ pub fn decide(pod: &Pod, env: &Environment<'_>) -> Decision {
     let mut warnings = Vec::new();
     let mut admission = Admission::default();
 
-    if pod.annotations().get(ANNOTATION_DEFAULT_TOKEN).map(String::as_str) == Some("keep") {
-        let refusing: Vec<String> =
-            governing.iter().filter(|b| !b.spec.allow_default_token).map(|b| b.name_any()).collect();
-        if refusing.is_empty() {
-            admission.keep_default_token = true;
-            warnings.push(format!(
-                "metadata.annotations[{ANNOTATION_DEFAULT_TOKEN}]: the pod keeps the default ServiceAccount token, as its boundaries allow"
-            ));
-        } else {
-            warnings.push(format!(
-                "metadata.annotations[{ANNOTATION_DEFAULT_TOKEN}]: ignored, IdentityBoundary {} does not set allowDefaultToken; the default token is removed",
-                refusing.join(", ")
-            ));
+    if asks_to_skip(pod) {
+        match skip(pod, &governing, env) {
+            Ok(decision) => return decision,
+            Err(ignored) => warnings.push(ignored),
         }
+    }
+
+    if pod.annotations().get(ANNOTATION_DEFAULT_TOKEN).map(String::as_str) == Some("keep") {
+        let (keep, warning) = keep_default_token(&governing);
+        admission.keep_default_token = keep;
+        warnings.push(warning);
     }
 
     let identity = match select_identity(pod, env) {
@@ -340,6 +346,52 @@ fn select_identity<'a>(pod: &Pod, env: &Environment<'a>) -> Result<Option<&'a Wo
 /// A pod may not borrow another workload's ServiceAccount (and with it that
 /// workload's role): `serviceAccountName` naming a lease other than the one
 /// this request gets is refused.
+/// A pod asking to keep the default token: whether it may, and the warning
+/// saying so.
+fn keep_default_token(governing: &[&IdentityBoundary]) -> (bool, String) {
+    let refusing: Vec<String> =
+        governing.iter().filter(|b| !b.spec.allow_default_token).map(|b| b.name_any()).collect();
+    if refusing.is_empty() {
+        (
+            true,
+            format!(
+                "metadata.annotations[{ANNOTATION_DEFAULT_TOKEN}]: the pod keeps the default ServiceAccount token, as its boundaries allow"
+            ),
+        )
+    } else {
+        (
+            false,
+            format!(
+                "metadata.annotations[{ANNOTATION_DEFAULT_TOKEN}]: ignored, IdentityBoundary {} does not set allowDefaultToken; the default token is removed",
+                refusing.join(", ")
+            ),
+        )
+    }
+}
+
+/// A pod asking to be skipped: [`Decision::Skip`] (or a denial) when every
+/// governing boundary allows it, else the warning saying it is ignored.
+fn skip(pod: &Pod, governing: &[&IdentityBoundary], env: &Environment<'_>) -> Result<Decision, String> {
+    let refusing: Vec<String> = governing.iter().filter(|b| !b.spec.allow_skip).map(|b| b.name_any()).collect();
+    if !refusing.is_empty() {
+        return Err(format!(
+            "metadata.labels[{LABEL_SKIP}]: ignored, IdentityBoundary {} does not set allowSkip; the pod is governed as usual",
+            refusing.join(", ")
+        ));
+    }
+    // Skipped pods still may not run as another workload's account.
+    if let Some(reason) = foreign_service_account(pod, env, None) {
+        return Ok(Decision::Deny(reason));
+    }
+    let allowing: Vec<String> = governing.iter().map(|b| b.name_any()).collect();
+    Ok(Decision::Skip {
+        warnings: vec![format!(
+            "metadata.labels[{LABEL_SKIP}]: admitted unchanged, without an identity and with the default ServiceAccount token, as IdentityBoundary {} allows",
+            allowing.join(", ")
+        )],
+    })
+}
+
 fn foreign_service_account(pod: &Pod, env: &Environment<'_>, own: Option<&str>) -> Option<String> {
     let sa = pod.spec.as_ref()?.service_account_name.as_deref()?;
     (env.leases.iter().any(|l| l == sa) && Some(sa) != own).then(|| {
@@ -631,6 +683,37 @@ spec: {containers: [{name: main}]}
         f.boundaries[0].spec.allow_default_token = true;
         let (admission, _, _) = admitted(f.decide(&p));
         assert!(admission.keep_default_token);
+    }
+
+    #[test]
+    fn skipping_needs_every_boundary_to_allow_it_and_never_lends_a_lease_account() {
+        let mut f = Fixture::new();
+        let p = pod("
+metadata: {name: p, namespace: team-a, labels: {app: report, ephemera.dev/skip: 'true'}}
+spec: {containers: [{name: main}]}
+");
+        // Not allowed: governed as usual (this pod matches an identity).
+        let (admission, lease, warnings) = admitted(f.decide(&p));
+        assert!(admission.identity.is_some() && lease.is_some());
+        assert!(warnings[0].contains("ignored, IdentityBoundary team-a does not set allowSkip"), "{warnings:?}");
+        // Allowed: unchanged, with a warning that says why.
+        f.boundaries[0].spec.allow_skip = true;
+        let Decision::Skip { warnings } = f.decide(&p) else { panic!("must skip") };
+        assert!(warnings[0].contains("admitted unchanged") && warnings[0].contains("team-a"), "{warnings:?}");
+        // Any other value is not a request to skip.
+        let other = pod("
+metadata: {name: p, namespace: team-a, labels: {app: report, ephemera.dev/skip: 'yes'}}
+spec: {containers: [{name: main}]}
+");
+        assert!(matches!(f.decide(&other), Decision::Admit { .. }));
+        // A skipped pod still may not run as a lease's ServiceAccount.
+        f.leases.push("report-zzzzz".into());
+        let thief = pod("
+metadata: {name: p, namespace: team-a, labels: {ephemera.dev/skip: 'true'}}
+spec: {serviceAccountName: report-zzzzz, containers: [{name: main}]}
+");
+        let Decision::Deny(reason) = f.decide(&thief) else { panic!("must deny") };
+        assert!(reason.contains("belongs to another workload's IdentityLease"), "{reason}");
     }
 
     #[test]

@@ -175,9 +175,25 @@ async fn admit_pod(state: &AppState, req: AdmissionRequest<DynamicObject>) -> Ad
         now: Timestamp::now(),
         requester: req.user_info.username.as_deref().unwrap_or_default(),
     };
-    let (mut admission, lease, mut warnings) = match pods::decide(&pod, &env) {
+    let decision = pods::decide(&pod, &env);
+    if pods::asks_to_skip(&pod) && !req.dry_run {
+        match &decision {
+            Decision::Ignore => {}
+            Decision::Skip { .. } => state.metrics.opt_out(&namespace, "skipped"),
+            Decision::Admit { .. } | Decision::Deny(_) => state.metrics.opt_out(&namespace, "refused"),
+        }
+    }
+    let (mut admission, lease, mut warnings) = match decision {
         Decision::Ignore => return allow,
         Decision::Deny(reason) => return allow.deny(reason),
+        Decision::Skip { warnings } => {
+            tracing::info!(
+                namespace,
+                pod = pod.metadata.name.as_deref().or(pod.metadata.generate_name.as_deref()).unwrap_or_default(),
+                "admitted a pod unchanged, as its boundaries allow (ephemera.dev/skip)"
+            );
+            return with_warnings(allow, warnings);
+        }
         Decision::Admit { admission, lease, warnings } => (admission, lease, warnings),
     };
     // A dry run makes nothing, and the ServiceAccount plugin still checks

@@ -409,6 +409,10 @@ impl EphemeraProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ephemera"));
         if clear {
             command.env_clear();
+        } else {
+            // `--cluster-name` is required; a test that names none runs as
+            // the chart's old default did (an argument or `env` wins).
+            command.env("EPHEMERA_CLUSTER_NAME", "kubernetes");
         }
         let child = command
             .args(args)
@@ -589,6 +593,11 @@ impl Webhook {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         Webhook { _mutating: DeleteOnDrop::new(&id), _validating: DeleteOnDrop::new(&id), id, url, process }
+    }
+
+    /// A sample of the webhook's `/metrics` ([`EphemeraProcess::metric`]).
+    pub async fn metric(&mut self, sample: &str) -> Option<f64> {
+        self.process.metric(sample).await
     }
 
     /// Where the webhook process logs.

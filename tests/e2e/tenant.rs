@@ -19,6 +19,8 @@
 //!     deletes it.
 //! - A pod whose own volume or mount stands in for ephemera's token is
 //!   refused with the field named.
+//! - A pod labelled `ephemera.dev/skip` is governed as usual unless the
+//!   boundary sets `allowSkip`; both outcomes are counted.
 //! - A bare pod naming a real Job in its `ownerReferences` gets an identity
 //!   of its own, not the Job run's (only the Job controller's pods join it).
 //! - A fixed pod name reused after a later admission step refused the first
@@ -62,7 +64,7 @@ async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
     let _turn = controller_turn().await;
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;
-    let webhook = Webhook::start(&bed.client).await;
+    let mut webhook = Webhook::start(&bed.client).await;
     let mut controller = ControllerProcess::start_with(&["--cluster-name", CLUSTER]);
     let reader = identity(
         "reader",
@@ -134,6 +136,45 @@ async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
     let refused = create_refused(&pods, &mount).await;
     assert!(refused.contains("spec.containers[0].volumeMounts[0]"), "{refused}");
 
+    // 5. A pod asking to be left alone (`ephemera.dev/skip`, to keep the
+    // default token and escape its boundary): governed as usual until the
+    // platform team's boundary sets allowSkip; counted either way.
+    let skipper = |name: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"ephemera.dev/identity": "reader", "ephemera.dev/skip": "true"}},
+            "spec": {"containers": [{"name": "main", "image": "busybox"}]},
+        }))
+        .unwrap()
+    };
+    let governed_anyway = pods.create(&PostParams::default(), &skipper("skip-refused")).await.unwrap();
+    let spec = governed_anyway.spec.as_ref().unwrap();
+    assert_eq!(spec.automount_service_account_token, Some(false), "the skip label took the default token back");
+    assert!(governed_anyway.labels().contains_key("ephemera.dev/lease"), "governed: an identity of its own");
+    let allow_skip = serde_json::json!({"spec": {"allowSkip": true}});
+    Api::<ephemera::api::IdentityBoundary>::all(bed.client.clone())
+        .patch(gov.boundary(), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&allow_skip))
+        .await
+        .unwrap();
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    wait_until("the webhook to see allowSkip", WAIT, || async {
+        let p = pods.create(&dry_run, &skipper("skip-probe")).await.ok()?;
+        (p.spec?.automount_service_account_token.is_none()).then_some(())
+    })
+    .await;
+    let left_alone = pods.create(&PostParams::default(), &skipper("skipped")).await.unwrap();
+    assert!(!left_alone.labels().contains_key("ephemera.dev/lease"), "a skipped pod gets no identity");
+    assert!(
+        left_alone.spec.as_ref().unwrap().volumes.iter().flatten().any(|v| v.name.starts_with("kube-api-access-")),
+        "a skipped pod keeps the default token, as its boundary allows"
+    );
+    let sample = |outcome: &str| format!("ephemera_pod_opt_outs_total{{namespace=\"{ns}\",outcome=\"{outcome}\"}}");
+    assert_eq!(webhook.metric(&sample("refused")).await, Some(1.0), "the refused opt-out is counted");
+    assert_eq!(webhook.metric(&sample("skipped")).await, Some(1.0), "the skipped pod is counted (dry runs are not)");
+    for name in ["skip-refused", "skipped"] {
+        pods.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    no_leases_left(&bed, &ns, "the governed skip pod's lease to be reaped").await;
+
     // Nothing of anyone else's changed.
     let roles_after = [role_state(&bed, &victim).await, role_state(&bed, &legacy_victim).await];
     assert_eq!(roles_before, roles_after, "a victim's role changed");
@@ -144,7 +185,7 @@ async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
         let _ = bed.iam.delete_role().role_name(role.as_str()).send().await;
     }
 
-    // 5. A bare pod naming a real Job (its name and uid) in ownerReferences:
+    // 6. A bare pod naming a real Job (its name and uid) in ownerReferences:
     // a pod of its own, not a member of that Job run's identity.
     Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns)
         .create(&PostParams::default(), &identity("batch", json!({"scope": "Job"})))
@@ -175,7 +216,7 @@ async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
     // host-process controller, which does not run as the chart's account).
     no_leases_left(&bed, &ns, "the Job's and the stowaway's leases to be reaped").await;
 
-    // 6. A fixed pod name reused after a later admission step refused the
+    // 7. A fixed pod name reused after a later admission step refused the
     // first create: the first lease sees a pod that is not its own and is
     // reaped at once, not after the holder grace (2 min).
     let later_step = refusing_policy(&ns);
@@ -218,7 +259,7 @@ async fn a_namespace_admin_cannot_take_or_touch_what_is_not_theirs() {
     pods.delete("fixed", &DeleteParams::default()).await.unwrap();
     no_leases_left(&bed, &ns, "the reused pod's lease to be reaped").await;
 
-    // 7. With the chart's lease-writers policy over the namespace, the
+    // 8. With the chart's lease-writers policy over the namespace, the
     // attacker cannot make a lease at all, and is told who may.
     let (_policy, release_ns) = lease_writers_policy(&ns);
     let refused = wait_until("the lease-writers policy to be in force", WAIT, || async {

@@ -90,9 +90,14 @@ use crate::{Error, Result, api::AwsStatement, telemetry::Metrics};
 
 /// Name of the inline policy holding the identity's statements.
 pub const POLICY_NAME: &str = "ephemera";
-/// Name of the inline policy that revokes sessions issued before reaping
-/// (the name AWS's console uses for the same thing).
-pub const REVOKE_POLICY_NAME: &str = "AWSRevokeOlderSessions";
+/// Name of the inline policy that denies everything to every session of a
+/// role being reaped: the first reaping step.
+pub const REVOKE_POLICY_NAME: &str = "ephemera-revoked";
+/// The revoking policy of ephemera 0.2 and before (a `aws:TokenIssueTime`
+/// deny, named as AWS's console names it). A role a crash left with it is
+/// finished like any other: [`AwsProvider::revoke_and_delete`] deletes
+/// whatever inline policies it finds.
+pub const LEGACY_REVOKE_POLICY_NAME: &str = "AWSRevokeOlderSessions";
 /// Tag naming the cluster that owns a role; the sweep looks for it.
 pub const TAG_CLUSTER: &str = "ephemera.dev/cluster";
 /// Tags naming the lease a role belongs to.
@@ -220,18 +225,17 @@ pub fn permissions_policy(statements: &[AwsStatement]) -> Value {
     json!({"Version": "2012-10-17", "Statement": statements})
 }
 
-/// Denies everything to sessions issued before `now` (RFC 3339): sessions
-/// already handed out stop working at once, whatever their expiry.
+/// Denies everything to every session of the role, unconditionally: the
+/// sessions already handed out and any a still-valid token mints before the
+/// role is gone. (AWS's "revoke older sessions" deny, on `aws:TokenIssueTime`,
+/// leaves the second kind working until `DeleteRole` lands.) An explicit deny
+/// beats every allow, inline or managed, so the rest of the reap can take
+/// its time.
 #[must_use]
-pub fn revoke_policy(now: &str) -> Value {
+pub fn revoke_policy() -> Value {
     json!({
         "Version": "2012-10-17",
-        "Statement": [{
-            "Effect": "Deny",
-            "Action": "*",
-            "Resource": "*",
-            "Condition": {"DateLessThan": {"aws:TokenIssueTime": now}},
-        }],
+        "Statement": [{"Sid": "EphemeraRevoked", "Effect": "Deny", "Action": "*", "Resource": "*"}],
     })
 }
 
@@ -263,8 +267,9 @@ pub struct RoleSpec {
 /// What reaping found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reaped {
-    /// The role was there and is deleted now.
-    Deleted,
+    /// The role was there and is deleted now; every session of it was denied
+    /// from `revoked` on (when the deny-all policy was in place).
+    Deleted { revoked: std::time::SystemTime },
     /// No such role (reaped before, or never made).
     Gone,
 }
@@ -611,15 +616,17 @@ impl AwsProvider {
         Ok(Some((found.arn, tags)))
     }
 
-    /// Revokes every session issued so far and deletes the role with its
-    /// policies, once its tags show it is `owner`'s. Idempotent: a role
-    /// already gone is [`Reaped::Gone`].
+    /// Denies everything to every session of the role (one `PutRolePolicy`,
+    /// the first call after reading its tags), then deletes the role with
+    /// its policies, once its tags show it is `owner`'s. Idempotent: a role
+    /// already gone is [`Reaped::Gone`]; one a crash left half-reaped is
+    /// finished.
     ///
     /// # Errors
     /// [`Error::RoleConflict`] when the role is another owner's (nothing is
     /// touched); any other IAM refusal (throttling, conflicts): the caller
     /// retries.
-    pub async fn revoke_and_delete(&self, role: &str, owner: &RoleOwner, now_rfc3339: &str) -> Result<Reaped> {
+    pub async fn revoke_and_delete(&self, role: &str, owner: &RoleOwner) -> Result<Reaped> {
         let Some((_, tags)) = self.role_tags(role).await? else { return Ok(Reaped::Gone) };
         if !owner.owns(&tags) {
             return Err(Error::RoleConflict(format!(
@@ -629,31 +636,35 @@ impl AwsProvider {
                 describe_owner(&tags)
             )));
         }
-        self.revoke_and_delete_owned(role, now_rfc3339).await?;
-        Ok(Reaped::Deleted)
+        match self.revoke_and_delete_owned(role).await? {
+            Some(revoked) => Ok(Reaped::Deleted { revoked }),
+            None => Ok(Reaped::Gone),
+        }
     }
 
-    /// [`Self::revoke_and_delete`] once ownership is established.
-    async fn revoke_and_delete_owned(&self, role: &str, now_rfc3339: &str) -> Result<()> {
+    /// [`Self::revoke_and_delete`] once ownership is established: when the
+    /// deny-all landed, or `None` when the role was gone already.
+    async fn revoke_and_delete_owned(&self, role: &str) -> Result<Option<std::time::SystemTime>> {
         let revoke = self
             .iam
             .put_role_policy()
             .role_name(role)
             .policy_name(REVOKE_POLICY_NAME)
-            .policy_document(revoke_policy(now_rfc3339).to_string())
+            .policy_document(revoke_policy().to_string())
             .send();
         match self.call("PutRolePolicy", revoke).await {
             Ok(_) => {}
-            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
+            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(None),
             Err(e) => return Err(cloud_error("PutRolePolicy", &e)),
         }
+        let revoked = std::time::SystemTime::now();
         // Managed policies first: while they are attached the deny must stay.
         let attached = match self
             .call("ListAttachedRolePolicies", self.iam.list_attached_role_policies().role_name(role).send())
             .await
         {
             Ok(out) => out.attached_policies.unwrap_or_default(),
-            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
+            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(Some(revoked)),
             Err(e) => return Err(cloud_error("ListAttachedRolePolicies", &e)),
         };
         for policy in attached.into_iter().filter_map(|p| p.policy_arn) {
@@ -669,26 +680,26 @@ impl AwsProvider {
         self.delete_inline(role, &[POLICY_NAME, REVOKE_POLICY_NAME]).await?;
         match self.call("DeleteRole", self.iam.delete_role().role_name(role).send()).await {
             Ok(_) => {}
-            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
+            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(Some(revoked)),
             Err(e) if is_code(&e, "DeleteConflict") => {
                 let inline =
                     match self.call("ListRolePolicies", self.iam.list_role_policies().role_name(role).send()).await {
                         Ok(out) => out.policy_names,
-                        Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
+                        Err(e) if is_code(&e, "NoSuchEntity") => return Ok(Some(revoked)),
                         Err(e) => return Err(cloud_error("ListRolePolicies", &e)),
                     };
                 let names: Vec<&str> = inline.iter().map(String::as_str).collect();
                 self.delete_inline(role, &names).await?;
                 match self.call("DeleteRole", self.iam.delete_role().role_name(role).send()).await {
                     Ok(_) => {}
-                    Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
+                    Err(e) if is_code(&e, "NoSuchEntity") => return Ok(Some(revoked)),
                     Err(e) => return Err(cloud_error("DeleteRole", &e)),
                 }
             }
             Err(e) => return Err(cloud_error("DeleteRole", &e)),
         }
         self.release_role().await;
-        Ok(())
+        Ok(Some(revoked))
     }
 
     /// Deletes inline policies of `role` by name; one already gone is fine.
@@ -820,7 +831,14 @@ mod tests {
             json!({"Sid": "Read", "Effect": "Deny", "Action": ["s3:GetObject"], "Resource": ["arn:aws:s3:::b/*"],
                    "Condition": {"StringEquals": {"aws:RequestedRegion": ["eu-west-1"]}}})
         );
-        let revoke = revoke_policy("2026-11-23T10:00:00Z");
-        assert_eq!(revoke["Statement"][0]["Condition"]["DateLessThan"]["aws:TokenIssueTime"], "2026-11-23T10:00:00Z");
+        // The first reaping step denies everything to every session, old or
+        // new: no condition a fresh session could pass.
+        let revoke = revoke_policy();
+        assert_eq!(revoke["Statement"][0]["Effect"], "Deny");
+        assert_eq!(
+            (&revoke["Statement"][0]["Action"], &revoke["Statement"][0]["Resource"]),
+            (&json!("*"), &json!("*"))
+        );
+        assert!(revoke["Statement"][0].get("Condition").is_none(), "{revoke}");
     }
 }

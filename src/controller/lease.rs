@@ -49,7 +49,7 @@ use crate::{
         },
     },
     cloud::{
-        aws::{self, AwsProvider, RoleOwner, RoleSpec},
+        aws::{self, AwsProvider, Reaped, RoleOwner, RoleSpec},
         naming,
     },
 };
@@ -520,7 +520,7 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     let holder = Holder::read(lease, client).await?;
     if let Some(reason) = end_reason(lease, identity.as_ref(), &holder, now, seen) {
         // (A refused lease goes too, and its reap touches nothing it names.)
-        return start_reaping(lease, ctx, &reason, now).await;
+        return start_reaping(lease, ctx, &reason, workload_ended_at(lease, &holder, now)).await;
     }
     let role_name = match trusted_role(lease, &ctx.cloud.cluster, &ctx.cloud.account) {
         Ok(role) => role,
@@ -583,7 +583,7 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
         Ok(Proven::Waiting) | Err(_) => still_live(lease, ctx).await.unwrap_or(true),
     };
     if !live {
-        ctx.cloud.provider.revoke_and_delete(&spec.name, &spec.owner, &Timestamp::now().to_string()).await?;
+        ctx.cloud.provider.revoke_and_delete(&spec.name, &spec.owner).await?;
         tracing::warn!(
             namespace,
             lease = name,
@@ -922,11 +922,60 @@ async fn lift_gates(lease: &IdentityLease, ctx: &LeaseContext, uid_bound: bool, 
     Ok(())
 }
 
-/// Records why, then deletes the lease: the finalizer does the reaping.
-async fn start_reaping(lease: &IdentityLease, ctx: &LeaseContext, reason: &str, now: Timestamp) -> Result<Action> {
+/// When the workload ended, as the apiserver shows it (whole seconds, so
+/// at most 1 s before the true end): the deletion request of a pod being
+/// deleted, the last container's end of a pod that succeeded or failed, the
+/// Complete/Failed condition of a Job, the expiry of an expired lease; `now`
+/// when the apiserver shows nothing earlier (a pod already gone).
+fn workload_ended_at(lease: &IdentityLease, holder: &Holder, now: Timestamp) -> Timestamp {
+    let shown = if lease.spec.expires_at.0 <= now {
+        Some(lease.spec.expires_at.0)
+    } else {
+        match holder {
+            Holder::Pod(Some(pod)) => pod_ended_at(pod),
+            Holder::Job(Some(job)) => job_ended_at(job),
+            Holder::Pod(None) | Holder::Job(None) => None,
+        }
+    };
+    shown.map_or(now, |t| t.min(now))
+}
+
+/// When a pod's workload ended (see [`workload_ended_at`]).
+fn pod_ended_at(pod: &Pod) -> Option<Timestamp> {
+    if let Some(deleting) = &pod.meta().deletion_timestamp {
+        let grace = pod.meta().deletion_grace_period_seconds.unwrap_or(0);
+        return deleting.0.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(grace)).ok();
+    }
+    pod_ended(pod)?;
+    let status = pod.status.as_ref()?;
+    status
+        .container_statuses
+        .iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref().map(|t| t.finished_at.as_ref().map(|f| f.0)))
+        .collect::<Option<Vec<_>>>()?
+        .into_iter()
+        .max()
+}
+
+/// When a Job ended: its Complete or Failed condition's transition.
+fn job_ended_at(job: &Job) -> Option<Timestamp> {
+    job_ended(job)?;
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    conditions
+        .iter()
+        .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")?
+        .last_transition_time
+        .as_ref()
+        .map(|t| t.0)
+}
+
+/// Records why and when the workload ended, then deletes the lease: the
+/// finalizer does the reaping.
+async fn start_reaping(lease: &IdentityLease, ctx: &LeaseContext, reason: &str, ended: Timestamp) -> Result<Action> {
     let namespace = lease.namespace().unwrap_or_default();
     let api = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &namespace);
-    let note = json!({"reason": reason, "at": now.to_string()}).to_string();
+    let note = json!({"reason": reason, "ended": ended.to_string()}).to_string();
     api.patch(
         &lease.name_any(),
         &PatchParams::default(),
@@ -965,9 +1014,21 @@ async fn reap(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     };
     // The lease is normally gone within milliseconds: status says Reaping
     // only when something holds it (kubectl shows the deletion meanwhile).
-    let now = Timestamp::now().to_string();
-    match ctx.cloud.provider.revoke_and_delete(&role, &role_owner(lease, ctx), &now).await {
-        Ok(_) => {}
+    // (`at`, the reap decision, is what 0.2 recorded.)
+    let ended = note
+        .as_ref()
+        .and_then(|n| n["ended"].as_str().or_else(|| n["at"].as_str()))
+        .and_then(|t| t.parse::<Timestamp>().ok());
+    let since_end = |at: std::time::SystemTime| {
+        ended.and_then(|e| Timestamp::try_from(at).ok().map(|at| at.duration_since(e).as_secs_f64().max(0.0)))
+    };
+    match ctx.cloud.provider.revoke_and_delete(&role, &role_owner(lease, ctx)).await {
+        Ok(Reaped::Deleted { revoked }) => {
+            if let Some(window) = since_end(revoked) {
+                ctx.base.metrics.credential_window.observe(window);
+            }
+        }
+        Ok(Reaped::Gone) => {}
         // Not ours: left alone, said once; the lease's own objects still go.
         Err(e @ Error::RoleConflict(_)) => {
             publish(ctx, lease, EventType::Warning, "RoleConflict", e.to_string()).await;
@@ -982,8 +1043,7 @@ async fn reap(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     delete_if_owned::<RoleBinding>(client, lease, &name).await?;
     delete_if_owned::<Role>(client, lease, &name).await?;
     delete_if_owned::<ServiceAccount>(client, lease, &lease.spec.service_account).await?;
-    if let Some(at) = note.as_ref().and_then(|n| n["at"].as_str()).and_then(|t| t.parse::<Timestamp>().ok()) {
-        let window = Timestamp::now().duration_since(at).as_secs_f64().max(0.0);
+    if let Some(window) = since_end(std::time::SystemTime::now()) {
         ctx.base.metrics.ghost_window.observe(window);
     }
     publish(
@@ -1155,7 +1215,7 @@ async fn sweep(ctx: &LeaseContext) -> Result<usize> {
             if lease.is_some_and(|l| role.lease_uid.is_none() || l.uid() == role.lease_uid) {
                 continue;
             }
-            ctx.cloud.provider.revoke_and_delete(&role.name, &role.owner(), &Timestamp::now().to_string()).await?;
+            ctx.cloud.provider.revoke_and_delete(&role.name, &role.owner()).await?;
             tracing::info!(
                 role = role.name,
                 lease = role.lease,

@@ -147,6 +147,93 @@ async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Faults>) -> Resu
     Ok(forward(&state.upstream, parts, body).await.unwrap_or_else(|e| aws_error(502, "ProxyError", &e)))
 }
 
+/// Forwards IAM/STS calls, holding those of one action (`CreateRole`)
+/// while holding is on, until the test releases them.
+pub struct HoldProxy {
+    pub url: String,
+    state: Arc<Hold>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Hold {
+    upstream: String,
+    /// `Action=<action>&`: how the action starts a Query API request body.
+    action: Vec<u8>,
+    /// Whether calls of the action are held now.
+    holding: tokio::sync::watch::Sender<bool>,
+    /// Calls that arrived while holding.
+    held: tokio::sync::watch::Sender<u64>,
+    /// Held calls forwarded and answered by the upstream.
+    forwarded: tokio::sync::watch::Sender<u64>,
+}
+
+impl Drop for HoldProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl HoldProxy {
+    /// Holding calls of `action` from the start, or only after [`Self::hold`].
+    pub async fn start(upstream: &str, action: &str, holding: bool) -> HoldProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binding the proxy");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(Hold {
+            upstream: upstream.to_owned(),
+            action: format!("Action={action}&").into_bytes(),
+            holding: tokio::sync::watch::channel(holding).0,
+            held: tokio::sync::watch::channel(0).0,
+            forwarded: tokio::sync::watch::channel(0).0,
+        });
+        let task = serve(listener, state.clone(), hold_or_forward);
+        HoldProxy { url, state, task }
+    }
+
+    /// Holds calls of the action from now on.
+    pub fn hold(&self) {
+        self.state.holding.send_replace(true);
+    }
+
+    /// Waits until a call of the action is held.
+    pub async fn wait_held(&self, timeout: Duration) {
+        let mut held = self.state.held.subscribe();
+        tokio::time::timeout(timeout, held.wait_for(|n| *n > 0))
+            .await
+            .expect("no call of the held action reached the proxy in time")
+            .unwrap();
+    }
+
+    /// Lets held calls go on; waits until the first was answered upstream.
+    pub async fn release(&self, timeout: Duration) {
+        self.state.holding.send_replace(false);
+        let mut forwarded = self.state.forwarded.subscribe();
+        tokio::time::timeout(timeout, forwarded.wait_for(|n| *n > 0))
+            .await
+            .expect("the held call was not answered in time")
+            .unwrap();
+    }
+}
+
+async fn hold_or_forward(
+    req: Request<hyper::body::Incoming>,
+    state: Arc<Hold>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
+    let matches = body.windows(state.action.len()).any(|w| w == state.action.as_slice());
+    let held = matches && *state.holding.borrow();
+    if held {
+        state.held.send_modify(|n| *n += 1);
+        let mut holding = state.holding.subscribe();
+        let _ = holding.wait_for(|h| !*h).await;
+    }
+    let response = forward(&state.upstream, parts, body).await;
+    if held {
+        state.forwarded.send_modify(|n| *n += 1);
+    }
+    Ok(response.unwrap_or_else(|e| aws_error(502, "ProxyError", &e)))
+}
+
 pub async fn forward(
     upstream: &str,
     parts: hyper::http::request::Parts,

@@ -9,99 +9,18 @@
 //! call (which then makes the role in MiniStack) only after the new leader
 //! has reaped the lease.
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, body::Bytes};
 use kube::{Api, Client, ResourceExt};
 
 use crate::{
-    faults::{forward, serve},
+    faults::HoldProxy,
     lifecycle::{finish, role_exists, wait_ungated_within},
     soak::{Churn, assert_reaped_once},
     support::{ControllerProcess, controller_turn, leader_of, unique_name, wait_until},
     webhook::env_of,
 };
 use ephemera::api::IdentityLease;
-
-/// Forwards IAM/STS calls, holding every `CreateRole` until released.
-struct HoldProxy {
-    url: String,
-    state: Arc<Hold>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-struct Hold {
-    upstream: String,
-    /// `CreateRole` calls that arrived while holding.
-    held: tokio::sync::watch::Sender<u64>,
-    /// Whether held calls may go on.
-    released: tokio::sync::watch::Sender<bool>,
-    /// Held calls forwarded and answered by the upstream.
-    forwarded: tokio::sync::watch::Sender<u64>,
-}
-
-impl Drop for HoldProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl HoldProxy {
-    async fn start(upstream: &str) -> HoldProxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binding the proxy");
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let state = Arc::new(Hold {
-            upstream: upstream.to_owned(),
-            held: tokio::sync::watch::channel(0).0,
-            released: tokio::sync::watch::channel(false).0,
-            forwarded: tokio::sync::watch::channel(0).0,
-        });
-        let task = serve(listener, state.clone(), handle);
-        HoldProxy { url, state, task }
-    }
-
-    /// Waits until a `CreateRole` call is held.
-    async fn wait_held(&self, timeout: Duration) {
-        let mut held = self.state.held.subscribe();
-        tokio::time::timeout(timeout, held.wait_for(|n| *n > 0))
-            .await
-            .expect("no CreateRole call reached the proxy in time")
-            .unwrap();
-    }
-
-    /// Lets held calls go on; waits until the first was answered upstream.
-    async fn release(&self, timeout: Duration) {
-        self.state.released.send_replace(true);
-        let mut forwarded = self.state.forwarded.subscribe();
-        tokio::time::timeout(timeout, forwarded.wait_for(|n| *n > 0))
-            .await
-            .expect("the held CreateRole was not answered in time")
-            .unwrap();
-    }
-}
-
-async fn handle(req: Request<hyper::body::Incoming>, state: Arc<Hold>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
-    let create_role = body.windows(b"Action=CreateRole".len()).any(|w| w == b"Action=CreateRole");
-    let held = create_role && !*state.released.borrow();
-    if held {
-        state.held.send_modify(|n| *n += 1);
-        let mut released = state.released.subscribe();
-        let _ = released.wait_for(|r| *r).await;
-    }
-    let response = forward(&state.upstream, parts, body).await;
-    if held {
-        state.forwarded.send_modify(|n| *n += 1);
-    }
-    Ok(response
-        .unwrap_or_else(|e| Response::builder().status(502).body(Full::new(Bytes::from(e))).expect("a valid response")))
-}
 
 async fn wait_leader(client: &Client, namespace: &str, identity: &str) {
     wait_until(&format!("{identity} to lead"), Duration::from_mins(1), move || async move {
@@ -113,7 +32,8 @@ async fn wait_leader(client: &Client, namespace: &str, identity: &str) {
 #[tokio::test]
 async fn a_leader_frozen_past_its_lease_deletes_the_role_it_made_for_a_reaped_lease() {
     let upstream = std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL (source .ephemera/dev.env)");
-    let proxy = HoldProxy::start(upstream.trim_start_matches("http://").trim_end_matches('/')).await;
+    let proxy =
+        HoldProxy::start(upstream.trim_start_matches("http://").trim_end_matches('/'), "CreateRole", true).await;
     let _turn = controller_turn().await;
     // Churn admits pod churn-0 (gated, its lease waiting for a role).
     let cluster = unique_name("frozen");

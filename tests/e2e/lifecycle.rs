@@ -459,3 +459,90 @@ async fn api_status_with_token(token: &str) -> u16 {
         Err(e) => panic!("listing pods with a token: {e}"),
     }
 }
+
+/// The first reaping step leaves the role with no usable session, old or
+/// new: with the proxy holding the reap right after that step (its first
+/// `DeleteRolePolicy`, while the identity's own allow is still attached), a
+/// session from before the end and one assumed after the step, with the
+/// pod's still-valid token, are both denied on S3. Only then does the
+/// deletion go on. (Under 0.2's `aws:TokenIssueTime` deny the new session
+/// read the object.)
+#[tokio::test]
+async fn the_first_reaping_step_denies_every_session_old_and_new() {
+    let upstream = std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL (source .ephemera/dev.env)");
+    let proxy = crate::faults::HoldProxy::start(
+        upstream.trim_start_matches("http://").trim_end_matches('/'),
+        "DeleteRolePolicy",
+        false,
+    )
+    .await;
+    let _turn = controller_turn().await;
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    let mut controller = ControllerProcess::spawn_with_env(
+        "controller",
+        &["controller", "--admin-addr", "127.0.0.1:0", "--cluster-name", "e2e"],
+        &[("AWS_ENDPOINT_URL", &proxy.url)],
+    );
+    let bucket = unique_name("team-a-revoke");
+    let object = format!("{bucket}/report.csv");
+    bed.seed_s3(&[&object]);
+    let reader = identity(
+        "reader",
+        json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": [format!("arn:aws:s3:::{bucket}/*")]}]}}),
+    );
+    let gov = governed(&bed, &webhook, "e2e-revoke", json!({}), &reader).await;
+    let ns = gov.ns.name.clone();
+    controller.wait_synced().await;
+    let p = admitted_with_identity(
+        &gov.pods,
+        &pod(json!({"name": "worker", "labels": {"ephemera.dev/identity": "reader"}})),
+    )
+    .await;
+    let p = wait_ungated(&gov.pods, &p.name_any()).await;
+    let role = env_of(&p, "AWS_ROLE_ARN").expect("an injected role");
+    let sa = p.spec.as_ref().unwrap().service_account_name.clone().unwrap();
+    let token = bed.token(&ns, &sa, "sts.amazonaws.com", 600).await;
+    let assume = |name: &'static str| {
+        let (sts, role, token) = (bed.sts.clone(), role.clone(), token.clone());
+        async move {
+            sts.assume_role_with_web_identity()
+                .role_arn(role)
+                .role_session_name(name)
+                .web_identity_token(token)
+                .send()
+                .await
+                .map(|out| out.credentials.expect("session credentials"))
+        }
+    };
+    let before = assume("before-the-end").await.expect("a session while the pod runs");
+    let read =
+        |creds: &aws_sdk_sts::types::Credentials| bed.workload_with_session(creds, &[&object]).s3[&object].clone();
+    assert_eq!(read(&before), "ok", "the identity reads its object while the pod runs");
+
+    // The pod ends; the reap stops right after its first step.
+    proxy.hold();
+    let ended = Instant::now();
+    finish(&bed.client, &ns, "worker", "Succeeded").await;
+    proxy.wait_held(WAIT).await;
+    let revoked_within = ended.elapsed();
+    assert!(role_exists(&bed, &role).await, "the role must still exist here, or this test proves nothing");
+    assert_eq!(read(&before), "AccessDenied", "a session from before the end still reads");
+    // The token is still valid and the role still trusts it: a new session
+    // may be minted, but it can do nothing.
+    match assume("after-the-first-step").await {
+        Ok(after) => assert_eq!(read(&after), "AccessDenied", "a session minted after the first step reads"),
+        Err(e) => eprintln!("a new session was refused outright: {e:?}"),
+    }
+
+    // Only now does the deletion go on.
+    proxy.release(WAIT).await;
+    wait_until("the role to be deleted", WAIT, || async { (!role_exists(&bed, &role).await).then_some(()) }).await;
+    let window = controller.metric("ephemera_credential_window_seconds_count").await;
+    assert_eq!(window, Some(1.0), "the credential window is observed once per reaped role");
+    eprintln!(
+        "pod Succeeded (test's clock) -> deny-all in place: under {revoked_within:?} (the credential window; \
+         the reap was held after it)"
+    );
+}

@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use ephemera::cloud::aws::{AwsProvider, POLICY_NAME, REVOKE_POLICY_NAME, RoleOwner, RoleSpec};
+use ephemera::cloud::aws::{
+    AwsProvider, LEGACY_REVOKE_POLICY_NAME, POLICY_NAME, REVOKE_POLICY_NAME, Reaped, RoleOwner, RoleSpec, revoke_policy,
+};
 use serde_json::json;
 
 use crate::{
@@ -19,7 +21,6 @@ use crate::{
 /// any prefix of them.
 const STEPS: [&str; 5] = ["put the deny", "detach managed", "delete inline", "delete the deny", "delete the role"];
 const HAND_ADDED: &str = "added-by-hand";
-const NOW: &str = "2026-11-23T00:00:00Z";
 
 #[tokio::test]
 async fn reaping_finishes_from_any_step_a_crash_left_it_at() {
@@ -44,8 +45,12 @@ async fn reaping_finishes_from_any_step_a_crash_left_it_at() {
         .and_then(|p| p.arn)
         .expect("its ARN");
 
-    for done in 0..=STEPS.len() {
-        for hand_added in [false, true] {
+    // A crash under ephemera 0.2 left its revoking policy (a deny on
+    // aws:TokenIssueTime, another name): finished all the same.
+    let cases =
+        (0..=STEPS.len()).flat_map(|done| [(done, false, false), (done, true, false)]).chain([(1, false, true)]);
+    for (done, hand_added, legacy) in cases {
+        {
             let name = unique_name("ephemera-reap");
             let spec = RoleSpec {
                 name: name.clone(),
@@ -64,15 +69,23 @@ async fn reaping_finishes_from_any_step_a_crash_left_it_at() {
             }
             // The state a crash after `done` steps leaves behind.
             for step in &STEPS[..done] {
-                apply_step(&bed.iam, &name, &managed, step, hand_added)
+                apply_step(&bed.iam, &name, &managed, step, hand_added, legacy)
                     .await
                     .unwrap_or_else(|e| panic!("{step} on {name}: {e}"));
             }
-            let case = format!("crash after [{}], hand-added policy: {hand_added}", STEPS[..done].join(", "));
-            provider.revoke_and_delete(&name, &owner, NOW).await.unwrap_or_else(|e| panic!("{case}: {e}"));
+            let case = format!(
+                "crash after [{}], hand-added policy: {hand_added}, 0.2's deny: {legacy}",
+                STEPS[..done].join(", ")
+            );
+            let reaped = provider.revoke_and_delete(&name, &owner).await.unwrap_or_else(|e| panic!("{case}: {e}"));
+            // A role the crash had already deleted is Gone; any other, Deleted.
+            let deleted_now = matches!(reaped, Reaped::Deleted { .. });
+            assert_eq!(deleted_now, done < STEPS.len(), "{case}: {reaped:?}");
             let arn = format!("arn:aws:iam::000000000000:role/ephemera/{name}");
             assert!(!role_exists(&bed, &arn).await, "{case}: the role is still there");
-            provider.revoke_and_delete(&name, &owner, NOW).await.unwrap_or_else(|e| panic!("{case}, run again: {e}"));
+            let again =
+                provider.revoke_and_delete(&name, &owner).await.unwrap_or_else(|e| panic!("{case}, again: {e}"));
+            assert_eq!(again, Reaped::Gone, "{case}, run again");
         }
     }
     // The managed policy is the account's, not the role's: untouched.
@@ -116,12 +129,14 @@ async fn apply_step(
     managed: &str,
     step: &str,
     hand_added: bool,
+    legacy: bool,
 ) -> Result<(), String> {
     match step {
-        "put the deny" => {
-            let condition = json!({"DateLessThan": {"aws:TokenIssueTime": NOW}});
-            put_inline(iam, role, REVOKE_POLICY_NAME, &document("Deny", "*", Some(condition))).await
+        "put the deny" if legacy => {
+            let condition = json!({"DateLessThan": {"aws:TokenIssueTime": "2026-11-23T00:00:00Z"}});
+            put_inline(iam, role, LEGACY_REVOKE_POLICY_NAME, &document("Deny", "*", Some(condition))).await
         }
+        "put the deny" => put_inline(iam, role, REVOKE_POLICY_NAME, &revoke_policy()).await,
         "detach managed" => iam
             .detach_role_policy()
             .role_name(role)

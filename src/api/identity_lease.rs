@@ -132,6 +132,12 @@ pub struct IdentityLeaseStatus {
     /// The last error, until a step succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The `WorkloadIdentity`'s `status.effective.policyDigest` (its permissions,
+    /// clamped to the boundaries) the role's policies were last brought to.
+    /// When the identity or a boundary changes, the controller re-applies
+    /// them to the live role and updates this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_digest: Option<String>,
     /// `.metadata.generation` the controller last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -594,6 +594,61 @@ impl AwsProvider {
         }
     }
 
+    /// Whether role `role` exists and its tags say it is `owner`'s.
+    ///
+    /// # Errors
+    /// When IAM cannot be read.
+    pub async fn role_is(&self, role: &str, owner: &RoleOwner) -> Result<bool> {
+        Ok(self.role_tags(role).await?.is_some_and(|(_, tags)| owner.owns(&tags)))
+    }
+
+    /// Brings a live role's permissions to `spec`: its inline policy (put,
+    /// or deleted when it allows nothing now) and its managed policies
+    /// (attached and detached to match). The narrowing calls come first.
+    /// Trust policy, permissions boundary and session length stay as made.
+    ///
+    /// # Errors
+    /// When IAM refuses; the caller retries.
+    pub async fn update_permissions(&self, spec: &RoleSpec) -> Result<()> {
+        let role = spec.name.as_str();
+        match &spec.policy {
+            Some(policy) => {
+                let put = self
+                    .iam
+                    .put_role_policy()
+                    .role_name(role)
+                    .policy_name(POLICY_NAME)
+                    .policy_document(policy.to_string())
+                    .send();
+                self.call("PutRolePolicy", put).await.map_err(|e| cloud_error("PutRolePolicy", &e))?;
+            }
+            None => self.delete_inline(role, &[POLICY_NAME]).await?,
+        }
+        let attached: Vec<String> = self
+            .call("ListAttachedRolePolicies", self.iam.list_attached_role_policies().role_name(role).send())
+            .await
+            .map_err(|e| cloud_error("ListAttachedRolePolicies", &e))?
+            .attached_policies
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| p.policy_arn)
+            .collect();
+        for arn in attached.iter().filter(|a| !spec.managed_policy_arns.contains(a)) {
+            let detach = self.iam.detach_role_policy().role_name(role).policy_arn(arn).send();
+            match self.call("DetachRolePolicy", detach).await {
+                Ok(_) => {}
+                Err(e) if is_code(&e, "NoSuchEntity") => {}
+                Err(e) => return Err(cloud_error("DetachRolePolicy", &e)),
+            }
+        }
+        for arn in spec.managed_policy_arns.iter().filter(|a| !attached.contains(a)) {
+            self.call("AttachRolePolicy", self.iam.attach_role_policy().role_name(role).policy_arn(arn).send())
+                .await
+                .map_err(|e| cloud_error("AttachRolePolicy", &e))?;
+        }
+        Ok(())
+    }
+
     /// The ARN and tags of a role; `None` when there is no such role. One
     /// `GetRole` (which returns tags), or `ListRoleTags` too where a
     /// `GetRole` answer carries none.

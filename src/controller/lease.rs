@@ -197,7 +197,24 @@ pub async fn run(
         .default_backoff()
         .inspect(synced.on_init_done("Jobs"))
         .touched_objects();
+    // A WorkloadIdentity's effective permissions (its status.policyDigest,
+    // which follows its boundaries) reach the live roles made from it.
+    let by_identity = leases.clone();
+    let identities = watcher(Api::<WorkloadIdentity>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
     let stream = Controller::for_stream(lease_events, leases)
+        .watches_stream(identities, move |identity| {
+            let (ns, name) = (identity.namespace(), identity.name_any());
+            let digest = identity.status.as_ref().and_then(|s| s.effective.as_ref()?.policy_digest.clone());
+            by_identity
+                .state()
+                .iter()
+                .filter(|l| l.namespace() == ns && l.spec.workload_identity == name)
+                .filter(|l| l.status.as_ref().and_then(|s| s.policy_digest.clone()) != digest)
+                .map(|l| ObjectRef::from_obj(&**l))
+                .collect::<Vec<_>>()
+        })
         // A pod's phase and deletion decide when its lease ends.
         .watches_stream(pods, move |pod| {
             let ns = pod.namespace()?;
@@ -461,7 +478,7 @@ async fn refuse(lease: &IdentityLease, ctx: &LeaseContext, why: String) -> Resul
         .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == cond::READY && c.reason == "Refused"));
     if !already {
         let error = Error::LeaseRefused(why.clone());
-        write_status(lease, ctx, LeasePhase::Pending, None, Some(&error), "not provisioned").await?;
+        write_status(lease, ctx, LeasePhase::Pending, None, Some(&error), "not provisioned", None).await?;
         publish(ctx, lease, EventType::Warning, "LeaseRefused", format!("{why}; nothing is provisioned")).await;
         tracing::warn!(namespace = lease.namespace(), lease = %lease.name_any(), why, "lease refused");
     }
@@ -538,6 +555,9 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     if status.phase == Some(LeasePhase::Ready) || made_ready() {
         // Pods of a Job may arrive after the first one: lift their gates too.
         lift_gates(lease, ctx, uid_bound, &holder).await?;
+        if status.phase == Some(LeasePhase::Ready) && status.policy_digest.as_deref() != digest_of(&identity) {
+            follow_policy(lease, ctx, &identity, &role_name).await?;
+        }
         return Ok(Action::requeue(next_look(lease, now)));
     }
 
@@ -551,7 +571,7 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     let (spec, rules) = match role_spec(lease, &identity, &role_arn, &role_name, ctx).await {
         Ok(found) => found,
         Err(e) => {
-            write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision").await?;
+            write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision", None).await?;
             return Err(e);
         }
     };
@@ -559,16 +579,7 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
     if let Some(fence) = &ctx.base.fence {
         fence.check().await?;
     }
-    if let Err(e) = ctx.cloud.provider.provision(&spec).await {
-        write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision").await?;
-        let reason = match e {
-            Error::QuotaExceeded(_) => "QuotaExceeded",
-            Error::RoleConflict(_) => "RoleConflict",
-            _ => "ProvisionFailed",
-        };
-        publish(ctx, lease, EventType::Warning, reason, e.to_string()).await;
-        return Err(e);
-    }
+    make_role(lease, ctx, &spec, &identity).await?;
     // The role exists now. Every way out of here either confirms the lease
     // was still live after the role was made (the Ready status write answers
     // with the lease) or asks the apiserver; a lease gone or being deleted
@@ -642,16 +653,98 @@ async fn prove_and_lift(
     let token = token_for(client, &namespace, &lease.spec.service_account, &identity.spec.token.audience).await?;
     let session = naming::session_name(&namespace, &format!("ephemera-verify-{}", lease.name_any()));
     if !ctx.cloud.provider.verify(role_arn, &session, &token).await? {
-        if lease.status.as_ref().and_then(|s| s.phase) != Some(LeasePhase::Provisioning) {
+        let status = lease.status.clone().unwrap_or_default();
+        if status.phase != Some(LeasePhase::Provisioning) || status.policy_digest.as_deref() != digest_of(identity) {
             let waiting = "role made; waiting for STS to accept it (IAM propagation)";
-            write_status(lease, ctx, LeasePhase::Provisioning, None, None, waiting).await?;
+            write_status(lease, ctx, LeasePhase::Provisioning, None, None, waiting, digest_of(identity)).await?;
         }
         return Ok(Proven::Waiting);
     }
     lift_gates(lease, ctx, uid_bound, holder).await?;
-    let written =
-        write_status(lease, ctx, LeasePhase::Ready, Some(role_arn.to_owned()), None, "role verified usable").await?;
+    let written = write_status(
+        lease,
+        ctx,
+        LeasePhase::Ready,
+        Some(role_arn.to_owned()),
+        None,
+        "role verified usable",
+        digest_of(identity),
+    )
+    .await?;
     Ok(Proven::Ready { deleting: written.meta().deletion_timestamp.is_some() })
+}
+
+/// Makes the role, or brings it to `spec`. A role made and brought to this
+/// policy on an earlier pass (waiting for STS to accept it) is not rewritten
+/// on every retry (rewriting its trust policy would only restart IAM's
+/// propagation): one read tells that it is still there and ours.
+async fn make_role(
+    lease: &IdentityLease,
+    ctx: &LeaseContext,
+    spec: &RoleSpec,
+    identity: &WorkloadIdentity,
+) -> Result<()> {
+    let status = lease.status.clone().unwrap_or_default();
+    let made_before = status.phase == Some(LeasePhase::Provisioning)
+        && status.policy_digest.is_some()
+        && status.policy_digest.as_deref() == digest_of(identity)
+        && ctx.cloud.provider.role_is(&spec.name, &spec.owner).await?;
+    if made_before {
+        tracing::debug!(lease = %lease.name_any(), "role made on an earlier pass; proving it again");
+        return Ok(());
+    }
+    if let Err(e) = ctx.cloud.provider.provision(spec).await {
+        write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision", None).await?;
+        let reason = match e {
+            Error::QuotaExceeded(_) => "QuotaExceeded",
+            Error::RoleConflict(_) => "RoleConflict",
+            _ => "ProvisionFailed",
+        };
+        publish(ctx, lease, EventType::Warning, reason, e.to_string()).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The identity's effective permissions, as its controller digested them
+/// (`status.effective.policyDigest`); `None` until it has.
+fn digest_of(identity: &WorkloadIdentity) -> Option<&str> {
+    identity.status.as_ref()?.effective.as_ref()?.policy_digest.as_deref()
+}
+
+/// Brings a live role's policies and the lease's RBAC to what the identity
+/// and its boundaries allow now (a boundary or identity changed), records
+/// the digest and says so in an Event.
+async fn follow_policy(
+    lease: &IdentityLease,
+    ctx: &LeaseContext,
+    identity: &WorkloadIdentity,
+    role_name: &str,
+) -> Result<()> {
+    let role_arn = lease.spec.role_arn.clone().unwrap_or_default(); // checked by `trusted_role`
+    let (spec, rules) = role_spec(lease, identity, &role_arn, role_name, ctx).await?;
+    if let Some(fence) = &ctx.base.fence {
+        fence.check().await?;
+    }
+    let first = lease.status.as_ref().and_then(|s| s.policy_digest.as_ref()).is_none();
+    if !first {
+        // (A lease made before digests were recorded adopts the current one:
+        // its role was made from it.)
+        ctx.cloud.provider.update_permissions(&spec).await?;
+        ensure_rbac(lease, &ctx.base.client, &rules).await?;
+    }
+    let digest = digest_of(identity);
+    let note = format!(
+        "the role's permissions follow WorkloadIdentity {} as its boundaries allow now (policy digest {})",
+        identity.name_any(),
+        digest.unwrap_or_default().chars().take(12).collect::<String>()
+    );
+    write_status(lease, ctx, LeasePhase::Ready, None, None, &note, digest).await?;
+    if !first {
+        tracing::info!(lease = %lease.name_any(), role = role_name, "re-applied the role's permissions");
+        publish(ctx, lease, EventType::Normal, "PolicyUpdated", note).await;
+    }
+    Ok(())
 }
 
 /// Whether the lease still exists as this reconciliation knew it (same uid)
@@ -1035,7 +1128,7 @@ async fn reap(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
         }
         Err(e) => {
             // Best effort: the namespace may be going away.
-            let _ = write_status(lease, ctx, LeasePhase::Reaping, None, Some(&e), &reason).await;
+            let _ = write_status(lease, ctx, LeasePhase::Reaping, None, Some(&e), &reason, None).await;
             publish(ctx, lease, EventType::Warning, "ReapFailed", e.to_string()).await;
             return Err(e);
         }
@@ -1096,6 +1189,7 @@ async fn write_status(
     role_arn: Option<String>,
     error: Option<&Error>,
     message: &str,
+    digest: Option<&str>,
 ) -> Result<IdentityLease> {
     let previous = lease.status.clone().unwrap_or_default();
     let ready = phase == LeasePhase::Ready;
@@ -1115,9 +1209,14 @@ async fn write_status(
     let status = IdentityLeaseStatus {
         phase: Some(phase),
         role_arn: role_arn.or(previous.role_arn.clone()),
-        issued_at: if ready { Some(Time(Timestamp::now())) } else { previous.issued_at.clone() },
+        issued_at: if ready && previous.phase != Some(LeasePhase::Ready) {
+            Some(Time(Timestamp::now()))
+        } else {
+            previous.issued_at.clone()
+        },
         revoked_at: if phase == LeasePhase::Reaping { Some(Time(Timestamp::now())) } else { None },
         last_error: error.map(ToString::to_string),
+        policy_digest: digest.map(str::to_owned).or(previous.policy_digest.clone()),
         observed_generation: lease.meta().generation,
         conditions: vec![condition(&previous.conditions, cond::READY, ready, reason, message, lease.meta().generation)],
     };

@@ -546,3 +546,82 @@ async fn the_first_reaping_step_denies_every_session_old_and_new() {
          the reap was held after it)"
     );
 }
+
+/// A boundary tightened under a live role reaches it within seconds: the
+/// running pod's session (the same one, not a new one) loses the resource the
+/// boundary no longer allows, keeps the rest, and the lease records the new
+/// policy digest with a `PolicyUpdated` Event.
+#[tokio::test]
+async fn a_tightened_boundary_reaches_a_live_role_within_seconds() {
+    let _turn = controller_turn().await;
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    let mut controller = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
+    let (keep, drop) = (unique_name("team-a-keep"), unique_name("team-a-drop"));
+    let (kept, dropped) = (format!("{keep}/report.csv"), format!("{drop}/report.csv"));
+    bed.seed_s3(&[&kept, &dropped]);
+    let resources = [format!("arn:aws:s3:::{keep}/*"), format!("arn:aws:s3:::{drop}/*")];
+    let reader =
+        identity("reader", json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": resources}]}}));
+    let gov = governed(&bed, &webhook, "e2e-follow", json!({}), &reader).await;
+    let ns = gov.ns.name.clone();
+    controller.wait_synced().await;
+    let p = admitted_with_identity(
+        &gov.pods,
+        &pod(json!({"name": "worker", "labels": {"ephemera.dev/identity": "reader"}})),
+    )
+    .await;
+    let p = wait_ungated(&gov.pods, &p.name_any()).await;
+    let role = env_of(&p, "AWS_ROLE_ARN").expect("an injected role");
+    let lease_name = p.labels()["ephemera.dev/lease"].clone();
+    let sa = p.spec.as_ref().unwrap().service_account_name.clone().unwrap();
+    let token = bed.token(&ns, &sa, "sts.amazonaws.com", 600).await;
+    let session = bed
+        .sts
+        .assume_role_with_web_identity()
+        .role_arn(&role)
+        .role_session_name("running")
+        .web_identity_token(&token)
+        .send()
+        .await
+        .expect("the pod's session")
+        .credentials
+        .expect("session credentials");
+    let seen = bed.workload_with_session(&session, &[&kept, &dropped]);
+    assert_eq!((seen.s3[&kept].as_str(), seen.s3[&dropped].as_str()), ("ok", "ok"), "{seen:?}");
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns);
+    let digest_of = |l: &IdentityLease| l.status.as_ref().and_then(|s| s.policy_digest.clone());
+    let before = digest_of(&leases.get(&lease_name).await.unwrap());
+    assert!(before.is_some(), "a Ready lease records the policy its role was made from");
+
+    // The platform team narrows the boundary to one bucket.
+    let tightened = Instant::now();
+    let narrow = json!({"spec": {"aws": {"allowedResources": [format!("arn:aws:s3:::{keep}/*")]}}});
+    Api::<ephemera::api::IdentityBoundary>::all(bed.client.clone())
+        .patch(gov.boundary(), &PatchParams::default(), &Patch::Merge(&narrow))
+        .await
+        .unwrap();
+    wait_until("the lease to record the narrowed policy", WAIT, || async {
+        let now = digest_of(&leases.get(&lease_name).await.ok()?);
+        (now.is_some() && now != before).then_some(())
+    })
+    .await;
+    let recorded = tightened.elapsed();
+    let seen = bed.workload_with_session(&session, &[&kept, &dropped]);
+    assert_eq!(
+        seen.s3[&dropped], "AccessDenied",
+        "the running session still reads what the boundary dropped: {seen:?}"
+    );
+    assert_eq!(seen.s3[&kept], "ok", "the running session lost what the boundary still allows: {seen:?}");
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(bed.client.clone(), &ns);
+    wait_until("a PolicyUpdated Event on the lease", WAIT, || async {
+        let list =
+            events.list(&ListParams::default().fields(&format!("involvedObject.name={lease_name}"))).await.ok()?;
+        list.items.iter().any(|e| e.reason.as_deref() == Some("PolicyUpdated")).then_some(())
+    })
+    .await;
+    eprintln!("boundary narrowed -> live role's policy re-applied and recorded: {recorded:?}");
+    gov.pods.delete("worker", &kube::api::DeleteParams::default()).await.unwrap();
+    wait_until("the role to be reaped", WAIT, || async { (!role_exists(&bed, &role).await).then_some(()) }).await;
+}

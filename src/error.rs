@@ -57,6 +57,17 @@ pub enum Error {
     #[error("lease refused: {0}")]
     LeaseRefused(String),
 
+    /// STS rejects the workload's token itself (`InvalidIdentityToken`): most
+    /// often the account has no IAM OIDC provider for the cluster's issuer.
+    #[error("token rejected: {0}")]
+    TokenRejected(String),
+
+    /// STS still refuses to let the token assume the role after IAM had
+    /// time to propagate it (`AccessDenied`): the trust policy does not
+    /// match the token, or a policy outside ephemera denies it.
+    #[error("trust denied: {0}")]
+    TrustDenied(String),
+
     /// This replica no longer leads (or cannot tell): it makes nothing in
     /// the cloud and stops; the leader does the work.
     #[error("not the leader: {0}")]
@@ -71,10 +82,6 @@ pub enum Error {
     /// every identity in time.
     #[error("uninstall incomplete: {0}")]
     UninstallIncomplete(String),
-
-    /// The subcommand exists in the CLI but its feature has not landed yet.
-    #[error("`ephemera {command}` is not implemented yet (tracked in issue #{issue})")]
-    NotImplemented { command: &'static str, issue: u32 },
 }
 
 impl Error {
@@ -91,10 +98,25 @@ impl Error {
             Error::QuotaExceeded(_) => "quota",
             Error::RoleConflict(_) => "role_conflict",
             Error::LeaseRefused(_) => "lease_refused",
+            Error::TokenRejected(_) => "token_rejected",
+            Error::TrustDenied(_) => "trust_denied",
             Error::NotLeader(_) => "not_leader",
             Error::WebhookCheck(_) => "webhook_check",
             Error::UninstallIncomplete(_) => "uninstall_incomplete",
-            Error::NotImplemented { .. } => "not_implemented",
+        }
+    }
+
+    /// The reason of the condition and Event that report it, for errors a
+    /// user acts on (`Error` otherwise).
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::QuotaExceeded(_) => "QuotaExceeded",
+            Error::RoleConflict(_) => "RoleConflict",
+            Error::LeaseRefused(_) => "Refused",
+            Error::TokenRejected(_) => "TokenRejected",
+            Error::TrustDenied(_) => "TrustDenied",
+            _ => "Error",
         }
     }
 
@@ -131,8 +153,8 @@ mod tests {
         assert_eq!(err.metric_label(), "io");
         assert!(err.to_string().starts_with("reading /etc/ephemera/tls.crt: "));
 
-        let err = Error::NotImplemented { command: "webhook", issue: 5 };
-        assert_eq!(err.metric_label(), "not_implemented");
-        assert_eq!(err.to_string(), "`ephemera webhook` is not implemented yet (tracked in issue #5)");
+        let err = Error::TokenRejected("no IAM OIDC provider".into());
+        assert_eq!((err.metric_label(), err.reason()), ("token_rejected", "TokenRejected"));
+        assert_eq!(err.to_string(), "token rejected: no IAM OIDC provider");
     }
 }

@@ -125,6 +125,11 @@ struct ControllerArgs {
     /// account's IAM role quota. Set it lower to leave room for other roles.
     #[arg(long, env = "EPHEMERA_AWS_ROLE_LIMIT")]
     aws_role_limit: Option<u64>,
+    /// How long after a lease is made STS may refuse its new role
+    /// (`AccessDenied`) before that is reported as an error rather than IAM
+    /// propagating (`90s`, `2m`).
+    #[arg(long, env = "EPHEMERA_PROPAGATION_WINDOW", default_value = "60s", value_parser = parse_duration)]
+    propagation_window: std::time::Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -243,6 +248,7 @@ impl ControllerArgs {
             identity: self.identity,
             cloud,
             aws_role_limit: self.aws_role_limit,
+            propagation_window: self.propagation_window,
         }
     }
 }

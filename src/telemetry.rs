@@ -125,7 +125,7 @@ pub struct Metrics {
     pub admission_duration: Family<AdmissionLabels, Histogram>,
     /// `ephemera_leases{phase}`.
     pub leases: Family<PhaseLabels, Gauge>,
-    /// `ephemera_provision_latency_seconds`: lease created -> gate lifted.
+    /// `ephemera_provision_latency_seconds`: pod created -> gate lifted.
     pub provision_latency: Histogram,
     /// `ephemera_ghost_window_seconds`: workload over -> role deleted.
     pub ghost_window: Histogram,
@@ -200,7 +200,7 @@ impl Default for Metrics {
             provision_latency: registered(
                 &mut r,
                 "provision_latency_seconds",
-                "From lease creation (pod admission) to the role verified and the gate lifted",
+                "From the pod's creation as the apiserver records it (whole seconds: up to 1 s early; the lease's for a Job run) to the role verified and the gate lifted",
                 Histogram::new(lifecycle_buckets),
             ),
             ghost_window: registered(

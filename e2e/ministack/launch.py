@@ -11,6 +11,13 @@ denies. Ephemera's trust policies must stay AWS-correct, so the test bed closes
 that fidelity gap here: a one-element `aud` list is turned into its string
 before the trust evaluation. A wrong audience is still denied.
 
+It also closes a second gap: MiniStack 1.5.33 lets a token assume a role
+whatever the IAM OIDC provider of its issuer, even when the account has none
+(measured: AssumeRoleWithWebIdentity succeeds after DeleteOpenIDConnectProvider).
+AWS answers `InvalidIdentityToken`, "No OpenIDConnect provider found in your
+account for https://<issuer>", the commonest setup mistake ephemera must name;
+so does this launcher, checking the provider before the trust policy.
+
 It also listens on the real node's address (EPHEMERA_MINISTACK_EXTRA_BIND,
 host:port, comma-separated) besides BIND_HOST: pods reach MiniStack there,
 and MiniStack has one BIND_HOST only. Never 0.0.0.0: nothing but loopback and
@@ -47,6 +54,27 @@ def _principal_with_scalar_aud(token, provider_id, role_arn):
 
 
 sts._web_identity_principal = _principal_with_scalar_aud
+
+_original_trust_denied = sts._web_identity_trust_denied
+
+
+def _trust_denied_without_provider(role_arn, params, use_json):
+    from ministack.services import iam as iam_svc
+
+    provider, _ = sts._web_identity_principal(
+        sts._p(params, "WebIdentityToken"), sts._p(params, "ProviderId"), role_arn)
+    if ":oidc-provider/" in provider:
+        account = role_arn.split(":")[4]
+        if not iam_svc._oidc_providers.contains_scoped(account, None, provider):
+            host = provider.split(":oidc-provider/", 1)[1]
+            message = f"No OpenIDConnect provider found in your account for https://{host}"
+            if use_json:
+                return sts.error_response_json("InvalidIdentityToken", message, 400)
+            return sts._error(400, "InvalidIdentityToken", message, ns="sts")
+    return _original_trust_denied(role_arn, params, use_json)
+
+
+sts._web_identity_trust_denied = _trust_denied_without_provider
 
 if __name__ == "__main__":
     sys.argv = [sys.argv[0]]

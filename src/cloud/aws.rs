@@ -264,6 +264,15 @@ pub struct RoleSpec {
     pub tags: Vec<(String, String)>,
 }
 
+/// What STS said to a role's first assumption.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// It issued a session.
+    Accepted,
+    /// It refused, with this error code and message.
+    Refused { code: String, message: String },
+}
+
 /// What reaping found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reaped {
@@ -567,12 +576,12 @@ impl AwsProvider {
         }
     }
 
-    /// Proves the chain end to end: STS accepts `token` for the role. Returns
-    /// whether it did (`false` also while IAM is still propagating).
+    /// Proves the chain end to end: STS accepts `token` for the role, or
+    /// says why not (the caller tells IAM propagation from a real problem).
     ///
     /// # Errors
     /// Only when STS cannot be reached at all.
-    pub async fn verify(&self, role_arn: &str, session: &str, token: &str) -> Result<bool> {
+    pub async fn verify(&self, role_arn: &str, session: &str, token: &str) -> Result<Verdict> {
         let request = self
             .sts
             .assume_role_with_web_identity()
@@ -582,11 +591,11 @@ impl AwsProvider {
             .duration_seconds(900)
             .send();
         match self.call("AssumeRoleWithWebIdentity", request).await {
-            Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(e)) => {
-                tracing::debug!(role_arn, code = ?e.err().code(), "role not assumable yet");
-                Ok(false)
-            }
+            Ok(_) => Ok(Verdict::Accepted),
+            Err(SdkError::ServiceError(e)) => Ok(Verdict::Refused {
+                code: e.err().code().unwrap_or("Unknown").to_owned(),
+                message: e.err().message().unwrap_or_default().to_owned(),
+            }),
             Err(e) => Err(Error::Cloud {
                 operation: "AssumeRoleWithWebIdentity",
                 message: aws_sdk_sts::error::DisplayErrorContext(e).to_string(),

@@ -49,7 +49,7 @@ use crate::{
         },
     },
     cloud::{
-        aws::{self, AwsProvider, Reaped, RoleOwner, RoleSpec},
+        aws::{self, AwsProvider, Reaped, RoleOwner, RoleSpec, Verdict},
         naming,
     },
 };
@@ -78,7 +78,14 @@ pub struct Cloud {
     pub issuer_host: String,
     /// ARN of the IAM OIDC provider for the issuer.
     pub provider_arn: String,
+    /// How long after a lease is made STS may refuse its role before that
+    /// is an error ([`PROPAGATION_WINDOW`] unless configured).
+    pub propagation_window: Duration,
 }
+
+/// Default of [`Cloud::propagation_window`]: IAM usually propagates a new
+/// role within seconds; a minute of refusals is a real problem.
+pub const PROPAGATION_WINDOW: Duration = Duration::from_mins(1);
 
 struct LeaseContext {
     base: Arc<Context>,
@@ -609,8 +616,11 @@ async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
             if let Some(uid) = lease.uid() {
                 ctx.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid);
             }
-            if let Some(created) = &lease.meta().creation_timestamp {
-                let took = now.duration_since(created.0).as_secs_f64().max(0.0);
+            // From the pod's creation, as the user sees it (the lease's, made in
+            // the same admission call, for a Job run), to the gate lifted.
+            let pod_created = holder.pod_of(lease).and_then(|p| p.meta().creation_timestamp.clone());
+            if let Some(created) = pod_created.or_else(|| lease.meta().creation_timestamp.clone()) {
+                let took = Timestamp::now().duration_since(created.0).as_secs_f64().max(0.0);
                 ctx.base.metrics.provision_latency.observe(took);
             }
             publish(
@@ -652,7 +662,14 @@ async fn prove_and_lift(
     ensure_rbac(lease, client, rules).await?;
     let token = token_for(client, &namespace, &lease.spec.service_account, &identity.spec.token.audience).await?;
     let session = naming::session_name(&namespace, &format!("ephemera-verify-{}", lease.name_any()));
-    if !ctx.cloud.provider.verify(role_arn, &session, &token).await? {
+    if let Verdict::Refused { code, message } = ctx.cloud.provider.verify(role_arn, &session, &token).await? {
+        if let Some(e) = refusal_error(lease, &ctx.cloud, identity, &code, &message) {
+            write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "role made; STS refuses it", None)
+                .await?;
+            publish(ctx, lease, EventType::Warning, e.reason(), e.to_string()).await;
+            return Err(e);
+        }
+        tracing::debug!(lease = %lease.name_any(), code, "STS does not accept the new role yet");
         let status = lease.status.clone().unwrap_or_default();
         if status.phase != Some(LeasePhase::Provisioning) || status.policy_digest.as_deref() != digest_of(identity) {
             let waiting = "role made; waiting for STS to accept it (IAM propagation)";
@@ -745,6 +762,46 @@ async fn follow_policy(
         publish(ctx, lease, EventType::Normal, "PolicyUpdated", note).await;
     }
     Ok(())
+}
+
+/// What STS refusing a lease's role means: `None` while IAM may still be
+/// propagating it (`AccessDenied` and the like, within the window), else the
+/// error a user can act on. A missing IAM OIDC provider (the commonest setup
+/// mistake on a new account) is named at once, with the ARN to create.
+fn refusal_error(
+    lease: &IdentityLease,
+    cloud: &Cloud,
+    identity: &WorkloadIdentity,
+    code: &str,
+    message: &str,
+) -> Option<Error> {
+    let age = lease_age(lease, Timestamp::now());
+    let subject =
+        format!("system:serviceaccount:{}:{}", lease.namespace().unwrap_or_default(), lease.spec.service_account);
+    match code {
+        "InvalidIdentityToken" => Some(Error::TokenRejected(format!(
+            "STS rejects the pod's token ({message}); the account needs the IAM OIDC provider {} for the issuer \
+             https://{} with client ID {}",
+            cloud.provider_arn, cloud.issuer_host, identity.spec.token.audience
+        ))),
+        code if crate::error::THROTTLING_CODES.contains(&code) => {
+            Some(Error::Cloud { operation: "AssumeRoleWithWebIdentity", message: format!("{code}: {message}") })
+        }
+        _ if age < cloud.propagation_window => None,
+        "AccessDenied" => Some(Error::TrustDenied(format!(
+            "STS still refuses the role {} after {}s ({message}); its trust policy admits only {} with sub {subject} \
+             and aud {}: check the token's issuer and audience, and any SCP or permissions boundary on \
+             sts:AssumeRoleWithWebIdentity",
+            lease.spec.role_arn.as_deref().unwrap_or_default(),
+            age.as_secs(),
+            cloud.provider_arn,
+            identity.spec.token.audience
+        ))),
+        _ => Some(Error::Cloud {
+            operation: "AssumeRoleWithWebIdentity",
+            message: format!("{code}: {message} (still, {}s after the lease was made)", age.as_secs()),
+        }),
+    }
 }
 
 /// Whether the lease still exists as this reconciliation knew it (same uid)
@@ -1196,7 +1253,7 @@ async fn write_status(
     let reason = match (phase, error) {
         (_, Some(Error::QuotaExceeded(_))) => "QuotaExceeded",
         (_, Some(Error::LeaseRefused(_))) => "Refused",
-        (_, Some(Error::RoleConflict(_))) => "RoleConflict",
+        (_, Some(e @ (Error::RoleConflict(_) | Error::TokenRejected(_) | Error::TrustDenied(_)))) => e.reason(),
         (LeasePhase::Pending, _) => "Pending",
         (LeasePhase::Provisioning, _) => "Provisioning",
         (LeasePhase::Ready, _) => "Verified",

@@ -49,6 +49,8 @@ pub struct Settings {
     /// No new role while the account holds this many; `None`: the account's
     /// IAM `RolesQuota`.
     pub aws_role_limit: Option<u64>,
+    /// How long STS may refuse a new role before that is an error.
+    pub propagation_window: std::time::Duration,
 }
 
 /// Where roles are made and who trusts them; shared by controller and webhook.
@@ -332,7 +334,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         None
     };
 
-    let cloud = lease_cloud(&client, &settings.cloud, ctx.metrics.clone(), settings.aws_role_limit).await?;
+    let mut cloud = lease_cloud(&client, &settings.cloud, ctx.metrics.clone(), settings.aws_role_limit).await?;
+    cloud.propagation_window = settings.propagation_window;
     let controllers = async {
         tokio::join!(
             workload_identity::run(ctx.clone(), identity_cache),
@@ -406,7 +409,14 @@ async fn lease_cloud(
     let issuer_host = issuer.trim_start_matches("https://").trim_end_matches('/').to_owned();
     let provider_arn = format!("arn:{}:iam::{account}:oidc-provider/{issuer_host}", settings.partition);
     tracing::info!(issuer = %issuer, account, "roles will trust this cluster's service-account issuer");
-    Ok(lease::Cloud { provider, cluster: settings.cluster.clone(), account, issuer_host, provider_arn })
+    Ok(lease::Cloud {
+        provider,
+        cluster: settings.cluster.clone(),
+        account,
+        issuer_host,
+        provider_arn,
+        propagation_window: lease::PROPAGATION_WINDOW,
+    })
 }
 
 /// The issuer from the apiserver's OpenID discovery document.

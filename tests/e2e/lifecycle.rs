@@ -625,3 +625,99 @@ async fn a_tightened_boundary_reaches_a_live_role_within_seconds() {
     gov.pods.delete("worker", &kube::api::DeleteParams::default()).await.unwrap();
     wait_until("the role to be reaped", WAIT, || async { (!role_exists(&bed, &role).await).then_some(()) }).await;
 }
+
+/// The commonest setup mistake on a new account, the IAM OIDC provider of
+/// the cluster's issuer missing, is named at once (not left as "waiting for
+/// IAM propagation" with pods gated forever): the lease's condition says
+/// `TokenRejected` with the provider ARN to create, an Event says it too, and
+/// once the provider exists the same pod goes on. The test bed's MiniStack
+/// answers as AWS does (`InvalidIdentityToken`, e2e/ministack/launch.py).
+/// Every test that assumes roles takes the controller turn, so removing the
+/// shared provider for a moment touches no other test.
+#[tokio::test]
+async fn a_missing_oidc_provider_is_named_and_the_pod_goes_on_once_it_exists() {
+    let _turn = controller_turn().await;
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let issuer = std::env::var("EPHEMERA_OIDC_ISSUER").expect("EPHEMERA_OIDC_ISSUER (source .ephemera/dev.env)");
+    let host = issuer.trim_start_matches("https://").trim_end_matches('/');
+    let account = bed.sts.get_caller_identity().send().await.unwrap().account.unwrap();
+    let provider_arn = format!("arn:aws:iam::{account}:oidc-provider/{host}");
+    let provider = bed.iam.get_open_id_connect_provider().open_id_connect_provider_arn(&provider_arn).send().await;
+    let provider = provider.expect("the test bed registers the issuer's OIDC provider");
+    let webhook = Webhook::start(&bed.client).await;
+    let mut controller = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
+    let reader = identity(
+        "reader",
+        json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-x/*"]}]}}),
+    );
+    let gov = governed(&bed, &webhook, "e2e-no-oidc", json!({}), &reader).await;
+    controller.wait_synced().await;
+
+    bed.iam.delete_open_id_connect_provider().open_id_connect_provider_arn(&provider_arn).send().await.unwrap();
+    let restore = RestoreProvider {
+        url: issuer.clone(),
+        client_ids: provider.client_id_list.clone().unwrap_or_default(),
+        thumbprints: provider.thumbprint_list.clone().unwrap_or_default(),
+    };
+    let p = admitted_with_identity(
+        &gov.pods,
+        &pod(json!({"name": "worker", "labels": {"ephemera.dev/identity": "reader"}})),
+    )
+    .await;
+    let lease_name = p.labels()["ephemera.dev/lease"].clone();
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &gov.ns.name);
+    let named = Instant::now();
+    let message = wait_until("the lease to name the missing OIDC provider", WAIT, || async {
+        let lease = leases.get(&lease_name).await.ok()?;
+        let ready = lease.status?.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (ready.reason == "TokenRejected").then_some(ready.message)
+    })
+    .await;
+    let took = named.elapsed();
+    drop(restore);
+    assert!(
+        message.contains(&provider_arn) && message.contains("No OpenIDConnect provider found"),
+        "the condition names the provider to create and STS's answer: {message}"
+    );
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(bed.client.clone(), &gov.ns.name);
+    let listed =
+        events.list(&ListParams::default().fields(&format!("involvedObject.name={lease_name}"))).await.unwrap();
+    assert!(listed.items.iter().any(|e| e.reason.as_deref() == Some("TokenRejected")), "an Event says it too");
+    // With the provider back, the pod goes on (the lease backs off, so allow a while).
+    wait_ungated_within(&gov.pods, "worker", Duration::from_mins(1)).await;
+    eprintln!(
+        "missing OIDC provider named in the lease's condition {took:?} after admission; pod ungated once it existed"
+    );
+}
+
+/// Registers the test bed's OIDC provider again when dropped (also when a
+/// test fails half-way: every later test needs it).
+struct RestoreProvider {
+    url: String,
+    client_ids: Vec<String>,
+    thumbprints: Vec<String>,
+}
+
+impl Drop for RestoreProvider {
+    fn drop(&mut self) {
+        let (url, ids, thumbs) = (self.url.clone(), self.client_ids.clone(), self.thumbprints.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            rt.block_on(async {
+                let iam = ephemera::cloud::aws::iam_client().await;
+                let made = iam
+                    .create_open_id_connect_provider()
+                    .url(url)
+                    .set_client_id_list(Some(ids))
+                    .set_thumbprint_list(Some(thumbs))
+                    .send()
+                    .await;
+                if let Err(e) = made {
+                    eprintln!("re-registering the OIDC provider: {e:?}");
+                }
+            });
+        })
+        .join();
+    }
+}

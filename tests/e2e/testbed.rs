@@ -86,6 +86,8 @@ async fn deployment_and_job_pods_run_on_a_kwok_node_and_the_job_completes() {
 
 #[tokio::test]
 async fn sts_admits_only_the_service_account_in_the_trust_policy_and_nothing_after_the_role_is_deleted() {
+    // (A test that removes the OIDC provider for a moment holds the turn.)
+    let _turn = crate::support::controller_turn().await;
     let bed = TestBed::connect().await;
     let ns = bed.namespace("e2e-sts").await;
     let alice = bed.service_account(&ns.name, "alice").await;

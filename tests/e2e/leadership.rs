@@ -100,13 +100,7 @@ async fn a_leader_frozen_past_its_lease_deletes_the_role_it_made_for_a_reaped_le
     .await;
     let deleted_after = resumed.elapsed();
     // It no longer leads: it finishes what it started and exits with an error.
-    let status = loop {
-        if let Some(status) = frozen.exit_status() {
-            break status;
-        }
-        assert!(resumed.elapsed() < Duration::from_secs(40), "it still runs; see {}", frozen.log.display());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = frozen.exited_by(resumed + Duration::from_secs(40), "the resumed replica").await;
     let log = std::fs::read_to_string(&frozen.log).unwrap_or_default();
     assert!(!status.success(), "a replica that lost its Lease exits with an error; see {}", frozen.log.display());
     assert!(log.contains("role deleted"), "it says what it cleaned up; see {}", frozen.log.display());

@@ -495,28 +495,9 @@ async fn the_first_reaping_step_denies_every_session_old_and_new() {
     let gov = governed(&bed, &webhook, "e2e-revoke", json!({}), &reader).await;
     let ns = gov.ns.name.clone();
     controller.wait_synced().await;
-    let p = admitted_with_identity(
-        &gov.pods,
-        &pod(json!({"name": "worker", "labels": {"ephemera.dev/identity": "reader"}})),
-    )
-    .await;
-    let p = wait_ungated(&gov.pods, &p.name_any()).await;
-    let role = env_of(&p, "AWS_ROLE_ARN").expect("an injected role");
-    let sa = p.spec.as_ref().unwrap().service_account_name.clone().unwrap();
-    let token = bed.token(&ns, &sa, "sts.amazonaws.com", 600).await;
-    let assume = |name: &'static str| {
-        let (sts, role, token) = (bed.sts.clone(), role.clone(), token.clone());
-        async move {
-            sts.assume_role_with_web_identity()
-                .role_arn(role)
-                .role_session_name(name)
-                .web_identity_token(token)
-                .send()
-                .await
-                .map(|out| out.credentials.expect("session credentials"))
-        }
-    };
-    let before = assume("before-the-end").await.expect("a session while the pod runs");
+    let worker = Worker::running(&bed, &gov).await;
+    let role = worker.role.clone();
+    let before = worker.assume(&bed, "before-the-end").await.expect("a session while the pod runs");
     let read =
         |creds: &aws_sdk_sts::types::Credentials| bed.workload_with_session(creds, &[&object]).s3[&object].clone();
     assert_eq!(read(&before), "ok", "the identity reads its object while the pod runs");
@@ -531,7 +512,7 @@ async fn the_first_reaping_step_denies_every_session_old_and_new() {
     assert_eq!(read(&before), "AccessDenied", "a session from before the end still reads");
     // The token is still valid and the role still trusts it: a new session
     // may be minted, but it can do nothing.
-    match assume("after-the-first-step").await {
+    match worker.assume(&bed, "after-the-first-step").await {
         Ok(after) => assert_eq!(read(&after), "AccessDenied", "a session minted after the first step reads"),
         Err(e) => eprintln!("a new session was refused outright: {e:?}"),
     }
@@ -567,27 +548,10 @@ async fn a_tightened_boundary_reaches_a_live_role_within_seconds() {
     let gov = governed(&bed, &webhook, "e2e-follow", json!({}), &reader).await;
     let ns = gov.ns.name.clone();
     controller.wait_synced().await;
-    let p = admitted_with_identity(
-        &gov.pods,
-        &pod(json!({"name": "worker", "labels": {"ephemera.dev/identity": "reader"}})),
-    )
-    .await;
-    let p = wait_ungated(&gov.pods, &p.name_any()).await;
-    let role = env_of(&p, "AWS_ROLE_ARN").expect("an injected role");
-    let lease_name = p.labels()["ephemera.dev/lease"].clone();
-    let sa = p.spec.as_ref().unwrap().service_account_name.clone().unwrap();
-    let token = bed.token(&ns, &sa, "sts.amazonaws.com", 600).await;
-    let session = bed
-        .sts
-        .assume_role_with_web_identity()
-        .role_arn(&role)
-        .role_session_name("running")
-        .web_identity_token(&token)
-        .send()
-        .await
-        .expect("the pod's session")
-        .credentials
-        .expect("session credentials");
+    let worker = Worker::running(&bed, &gov).await;
+    let role = worker.role.clone();
+    let lease_name = worker.pod.labels()["ephemera.dev/lease"].clone();
+    let session = worker.assume(&bed, "running").await.expect("the pod's session");
     let seen = bed.workload_with_session(&session, &[&kept, &dropped]);
     assert_eq!((seen.s3[&kept].as_str(), seen.s3[&dropped].as_str()), ("ok", "ok"), "{seen:?}");
     let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns);
@@ -660,12 +624,7 @@ async fn a_missing_oidc_provider_is_named_and_the_pod_goes_on_once_it_exists() {
         client_ids: provider.client_id_list.clone().unwrap_or_default(),
         thumbprints: provider.thumbprint_list.clone().unwrap_or_default(),
     };
-    let p = admitted_with_identity(
-        &gov.pods,
-        &pod(json!({"name": "worker", "labels": {"ephemera.dev/identity": "reader"}})),
-    )
-    .await;
-    let lease_name = p.labels()["ephemera.dev/lease"].clone();
+    let lease_name = Worker::admit(&gov).await.labels()["ephemera.dev/lease"].clone();
     let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &gov.ns.name);
     let named = Instant::now();
     let message = wait_until("the lease to name the missing OIDC provider", WAIT, || async {
@@ -690,6 +649,52 @@ async fn a_missing_oidc_provider_is_named_and_the_pod_goes_on_once_it_exists() {
         "missing OIDC provider named in the lease's condition {took:?} after admission; pod ungated once it existed"
     );
 }
+
+/// Pod `worker` of identity `reader`, as the last three tests run it.
+struct Worker {
+    pod: Pod,
+    /// Its injected `AWS_ROLE_ARN`.
+    role: String,
+    /// An STS-audience token of its ServiceAccount (as the kubelet projects).
+    token: String,
+}
+
+impl Worker {
+    /// Admits `worker` in `gov` (gated, with an identity of its own).
+    async fn admit(gov: &crate::webhook::Governed) -> Pod {
+        let worker = pod(json!({"name": "worker", "labels": {"ephemera.dev/identity": "reader"}}));
+        admitted_with_identity(&gov.pods, &worker).await
+    }
+
+    /// Admits `worker` and waits until its gate is lifted.
+    async fn running(bed: &TestBed, gov: &crate::webhook::Governed) -> Worker {
+        let admitted = Self::admit(gov).await;
+        let pod = wait_ungated(&gov.pods, &admitted.name_any()).await;
+        let role = env_of(&pod, "AWS_ROLE_ARN").expect("an injected role");
+        let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).expect("its own ServiceAccount");
+        let token = bed.token(&gov.ns.name, &sa, "sts.amazonaws.com", 600).await;
+        Worker { pod, role, token }
+    }
+
+    /// A session of its role with its token, as its SDK would assume one.
+    async fn assume(
+        &self,
+        bed: &TestBed,
+        session: &str,
+    ) -> Result<aws_sdk_sts::types::Credentials, aws_sdk_sts::error::SdkError<AssumeError>> {
+        let assumed = bed
+            .sts
+            .assume_role_with_web_identity()
+            .role_arn(&self.role)
+            .role_session_name(session)
+            .web_identity_token(&self.token)
+            .send()
+            .await?;
+        Ok(assumed.credentials.expect("session credentials"))
+    }
+}
+
+type AssumeError = aws_sdk_sts::operation::assume_role_with_web_identity::AssumeRoleWithWebIdentityError;
 
 /// Registers the test bed's OIDC provider again when dropped (also when a
 /// test fails half-way: every later test needs it).

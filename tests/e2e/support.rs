@@ -509,6 +509,17 @@ impl EphemeraProcess {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Waits until it has stopped, at the latest at `deadline`; its exit status.
+    pub async fn exited_by(&mut self, deadline: Instant, what: &str) -> std::process::ExitStatus {
+        loop {
+            if let Some(status) = self.exit_status() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{what} still runs; see {}", self.log.display());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Asks it to stop as Kubernetes would (SIGTERM) and waits for it.
     pub fn terminate(&mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();

@@ -509,11 +509,7 @@ async fn a_self_managed_certificate_is_kept_in_a_secret_and_published_as_ca_bund
 /// The webhook may not create Secrets: without the chart's empty one it
 /// stops at once and says how to make it.
 async fn stops_without_its_secret(mut process: crate::support::EphemeraProcess) {
-    let started = std::time::Instant::now();
-    while process.is_running() {
-        assert!(started.elapsed() < WAIT, "the webhook without its Secret still runs; see {}", process.log.display());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    process.exited_by(std::time::Instant::now() + WAIT, "the webhook without its Secret").await;
     let log = std::fs::read_to_string(&process.log).unwrap();
     assert!(
         log.contains("ephemera-webhook-certs does not exist") && log.contains("create secret generic"),

@@ -24,7 +24,7 @@ pub mod webhook;
 pub use error::{Error, Result};
 
 #[cfg(test)]
-mod api_server;
+mod test_support;
 
 /// Version of this build, as reported by `ephemera version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

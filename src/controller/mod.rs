@@ -551,7 +551,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::api_server;
+    use crate::test_support::fake_apiserver;
 
     const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/ephemera-system/leases/ephemera-controller";
 
@@ -569,7 +569,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_fence_passes_a_leader_and_asks_again_only_near_the_lease_expiry() {
-        let (client, mut apiserver) = api_server::client();
+        let (client, mut apiserver) = fake_apiserver::client();
         let fence = Fence::new(client, "ephemera-system", "replica-a", Stop::default());
         let checking = tokio::spawn(async move {
             fence.check().await.expect("the holder of a fresh Lease leads");
@@ -578,18 +578,18 @@ mod tests {
             fence.check().await.expect("still confirmed");
             fence
         });
-        api_server::expect(&mut apiserver, "GET", PATH, election("replica-a", Duration::from_secs(1))).await;
+        fake_apiserver::expect(&mut apiserver, "GET", PATH, election("replica-a", Duration::from_secs(1))).await;
         let fence = tokio::time::timeout(Duration::from_secs(5), checking).await.unwrap().unwrap();
         assert_eq!(fence.stop.reason(), None);
     }
 
     /// One check by a fresh fence of `replica-a`, the apiserver answering `lease`.
     async fn check_once(lease: serde_json::Value) -> (Result<()>, Stop) {
-        let (client, mut apiserver) = api_server::client();
+        let (client, mut apiserver) = fake_apiserver::client();
         let stop = Stop::default();
         let fence = Fence::new(client, "ephemera-system", "replica-a", stop.clone());
         let checking = tokio::spawn(async move { fence.check().await });
-        api_server::expect(&mut apiserver, "GET", PATH, lease).await;
+        fake_apiserver::expect(&mut apiserver, "GET", PATH, lease).await;
         (checking.await.unwrap(), stop)
     }
 

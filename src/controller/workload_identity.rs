@@ -422,7 +422,7 @@ mod tests {
         assert!(is_true(&status.conditions, cond::DEGRADED));
     }
 
-    use crate::api_server;
+    use crate::test_support::fake_apiserver;
 
     /// A filled lease cache with one lease per (namespace, identity).
     fn lease_cache(leases: &[(&str, &str)]) -> kube::runtime::reflector::Store<crate::api::IdentityLease> {
@@ -445,7 +445,7 @@ mod tests {
 
     #[tokio::test]
     async fn reconcile_publishes_the_violation_in_status_and_an_event() {
-        let (client, mut apiserver) = api_server::client();
+        let (client, mut apiserver) = fake_apiserver::client();
         let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };
         let ctx = Arc::new(Context {
             client: client.clone(),
@@ -471,21 +471,25 @@ mod tests {
         let b = boundary("team-a", "a", &["s3:Get*"], &["*"], "1h");
 
         let reconciler = tokio::spawn(reconcile(Arc::new(identity), ctx.clone()));
-        api_server::expect(
+        fake_apiserver::expect(
             &mut apiserver,
             "GET",
             "/api/v1/namespaces/team-a",
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a", "labels": {"team": "a"}}}),
         )
         .await;
-        api_server::expect(&mut apiserver, "GET", "/apis/ephemera.dev/v1alpha1/identityboundaries",
+        fake_apiserver::expect(&mut apiserver, "GET", "/apis/ephemera.dev/v1alpha1/identityboundaries",
             json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityBoundaryList", "metadata": {}, "items": [b]})).await;
-        let event =
-            api_server::expect(&mut apiserver, "POST", "/apis/events.k8s.io/v1/namespaces/team-a/events", json!({}))
-                .await;
+        let event = fake_apiserver::expect(
+            &mut apiserver,
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/team-a/events",
+            json!({}),
+        )
+        .await;
         assert_eq!(event["reason"], "BoundaryViolation");
         assert_eq!(event["type"], "Warning");
-        let patch = api_server::expect(&mut apiserver, "PATCH", "/apis/ephemera.dev/v1alpha1/namespaces/team-a/workloadidentities/reader/status",
+        let patch = fake_apiserver::expect(&mut apiserver, "PATCH", "/apis/ephemera.dev/v1alpha1/namespaces/team-a/workloadidentities/reader/status",
             json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity", "metadata": {"name": "reader"}, "spec": {}})).await;
         let conditions = patch["status"]["conditions"].as_array().unwrap();
         let violation = conditions.iter().find(|c| c["type"] == "BoundaryViolation").unwrap();

@@ -572,13 +572,13 @@ spec: {containers: [{name: main, image: busybox}]}
         let mut theirs = serde_json::to_value(&lease).unwrap();
         theirs["metadata"]["uid"] = serde_json::json!("u-theirs");
         theirs["spec"]["holder"]["name"] = serde_json::json!("another-pod");
-        let (client, mut apiserver) = crate::api_server::client();
+        let (client, mut apiserver) = crate::test_support::fake_apiserver::client();
         let provisioning = tokio::spawn(async move { provision(&client, &lease).await });
         let conflict = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists",
                               "code": 409, "message": "identityleases.ephemera.dev already exists"});
         let path = "/apis/ephemera.dev/v1alpha1/namespaces/team-a/identityleases";
-        crate::api_server::expect_status(&mut apiserver, "POST", path, 409, conflict).await;
-        crate::api_server::expect(&mut apiserver, "GET", path, theirs).await;
+        crate::test_support::fake_apiserver::expect_status(&mut apiserver, "POST", path, 409, conflict).await;
+        crate::test_support::fake_apiserver::expect(&mut apiserver, "GET", path, theirs).await;
         let err = provisioning.await.unwrap().expect_err("a collision must be refused");
         assert!(err.to_string().contains("exists for another workload"), "{err}");
     }

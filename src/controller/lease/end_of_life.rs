@@ -1,0 +1,324 @@
+//! When a lease ends: the workload's end as the apiserver shows it (a pod
+//! succeeded, failed or deleted, a Job complete, the lease expired, its
+//! identity deleted), and when a live lease is looked at again.
+
+use std::time::Duration;
+
+use k8s_openapi::{
+    api::{batch::v1::Job, core::v1::Pod},
+    jiff::Timestamp,
+};
+use kube::{Resource, ResourceExt};
+
+use super::{Holder, RESYNC};
+use crate::api::{IdentityLease, WorkloadIdentity, well_known::LABEL_LEASE};
+
+/// A lease whose pod (or Job) never showed up is reaped after this: the
+/// create was refused by a later admission step, after our webhook ran.
+pub const HOLDER_GRACE: Duration = Duration::from_mins(2);
+/// Why a lease ends now, if it does.
+/// `identity` is the lease's `WorkloadIdentity` if it still exists; `seen`
+/// whether this process's pod watch has seen the lease's pod.
+pub(super) fn end_reason(
+    lease: &IdentityLease,
+    identity: Option<&WorkloadIdentity>,
+    holder: &Holder,
+    now: Timestamp,
+    seen: bool,
+) -> Option<String> {
+    let spec = &lease.spec.holder;
+    if lease.spec.expires_at.0 <= now {
+        return Some(format!("expired at {} (the boundary's maxLifetime)", lease.spec.expires_at.0));
+    }
+    if identity.is_none_or(|wi| wi.meta().deletion_timestamp.is_some()) {
+        return Some(format!("WorkloadIdentity {} was deleted", lease.spec.workload_identity));
+    }
+    let missing = |what: &str| {
+        if spec.uid.is_some() || seen {
+            Some(format!("{what} {} was deleted", spec.name))
+        } else if lease_age(lease, now) > HOLDER_GRACE {
+            Some(format!("{what} {} never appeared (its creation was refused after admission)", spec.name))
+        } else {
+            None
+        }
+    };
+    let replaced = |what: &str, uid: Option<String>| {
+        (spec.uid.is_some() && uid != spec.uid)
+            .then(|| format!("{what} {} was replaced by another of the same name", spec.name))
+    };
+    match holder {
+        Holder::Pod(None) => missing("pod"),
+        Holder::Job(None) => missing("Job"),
+        Holder::Pod(Some(pod)) => replaced("pod", pod.uid())
+            .or_else(|| not_its_pod(lease, pod))
+            .or_else(|| pod_ended(pod).map(|how| format!("pod {} {how}", spec.name))),
+        Holder::Job(Some(job)) => {
+            replaced("Job", job.uid()).or_else(|| job_ended(job).map(|how| format!("Job {} {how}", spec.name)))
+        }
+    }
+}
+
+/// The pod of the holder's name was admitted for another lease (or none):
+/// this lease's own pod was refused by a later admission step and another
+/// of the same name (a `StatefulSet`'s, a bare pod made again) came after it.
+/// Every pod ephemera admits with an identity carries its lease's label, so
+/// a pod without this lease's label is never this lease's: the lease ends
+/// at once instead of provisioning a role for a pod that is not its own.
+pub(super) fn not_its_pod(lease: &IdentityLease, pod: &Pod) -> Option<String> {
+    let name = lease.name_any();
+    match pod.labels().get(LABEL_LEASE) {
+        Some(own) if *own == name => None,
+        Some(other) => Some(format!(
+            "pod {} belongs to IdentityLease {other}: this lease's pod was never created (refused after admission)",
+            lease.spec.holder.name
+        )),
+        None => Some(format!(
+            "pod {} has no ephemera identity: this lease's pod was never created (refused after admission)",
+            lease.spec.holder.name
+        )),
+    }
+}
+
+/// How a pod's workload ended, if it did: `is being deleted`, `succeeded`
+/// or `failed`. Shared with `ephemera inventory`.
+#[must_use]
+pub fn pod_ended(pod: &Pod) -> Option<&'static str> {
+    if pod.meta().deletion_timestamp.is_some() {
+        return Some("is being deleted");
+    }
+    match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        Some("Succeeded") => Some("succeeded"),
+        Some("Failed") => Some("failed"),
+        _ => None,
+    }
+}
+
+/// How a Job ended, if it did: `completed` or `failed`.
+#[must_use]
+pub fn job_ended(job: &Job) -> Option<&'static str> {
+    let conditions = job.status.as_ref().and_then(|s| s.conditions.as_ref())?;
+    let done = conditions.iter().find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")?;
+    Some(if done.type_ == "Complete" { "completed" } else { "failed" })
+}
+
+/// How long ago the lease was made (zero without a creation time).
+#[must_use]
+pub fn lease_age(lease: &IdentityLease, now: Timestamp) -> Duration {
+    lease.meta().creation_timestamp.as_ref().map_or(Duration::ZERO, |t| now.duration_since(t.0).unsigned_abs())
+}
+
+/// When a live lease is looked at again without any event: at its expiry,
+/// at the resync, or, while no pod was ever bound to it, when the holder's
+/// grace period ends (a pod deleted while no controller watched, before its
+/// uid was recorded, is then reaped at once instead of at the next resync).
+pub(super) fn next_look(lease: &IdentityLease, now: Timestamp) -> Duration {
+    let until_expiry = lease.spec.expires_at.0.duration_since(now).unsigned_abs();
+    let mut next = until_expiry.min(RESYNC);
+    if lease.spec.holder.uid.is_none() {
+        next = next.min(HOLDER_GRACE.saturating_sub(lease_age(lease, now)));
+    }
+    next + Duration::from_secs(1)
+}
+
+/// When the workload ended, as the apiserver shows it (whole seconds, so
+/// at most 1 s before the true end): the deletion request of a pod being
+/// deleted, the last container's end of a pod that succeeded or failed, the
+/// Complete/Failed condition of a Job, the expiry of an expired lease; `now`
+/// when the apiserver shows nothing earlier (a pod already gone).
+pub(super) fn workload_ended_at(lease: &IdentityLease, holder: &Holder, now: Timestamp) -> Timestamp {
+    let shown = if lease.spec.expires_at.0 <= now {
+        Some(lease.spec.expires_at.0)
+    } else {
+        match holder {
+            Holder::Pod(Some(pod)) => pod_ended_at(pod),
+            Holder::Job(Some(job)) => job_ended_at(job),
+            Holder::Pod(None) | Holder::Job(None) => None,
+        }
+    };
+    shown.map_or(now, |t| t.min(now))
+}
+
+/// When a pod's workload ended (see [`workload_ended_at`]).
+pub(super) fn pod_ended_at(pod: &Pod) -> Option<Timestamp> {
+    if let Some(deleting) = &pod.meta().deletion_timestamp {
+        let grace = pod.meta().deletion_grace_period_seconds.unwrap_or(0);
+        return deleting.0.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(grace)).ok();
+    }
+    pod_ended(pod)?;
+    let status = pod.status.as_ref()?;
+    status
+        .container_statuses
+        .iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref().map(|t| t.finished_at.as_ref().map(|f| f.0)))
+        .collect::<Option<Vec<_>>>()?
+        .into_iter()
+        .max()
+}
+
+/// When a Job ended: its Complete or Failed condition's transition.
+pub(super) fn job_ended_at(job: &Job) -> Option<Timestamp> {
+    job_ended(job)?;
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    conditions
+        .iter()
+        .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")?
+        .last_transition_time
+        .as_ref()
+        .map(|t| t.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_lease_without_a_bound_pod_is_looked_at_again_when_its_grace_ends() {
+        let lease = |uid: Option<&str>| -> IdentityLease {
+            serde_json::from_value(json!({
+                "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+                "metadata": {"name": "l", "namespace": "n", "creationTimestamp": "2026-11-23T10:00:00Z"},
+                "spec": {"holder": {"kind": "Pod", "name": "p", "uid": uid}, "workloadIdentity": "w",
+                         "serviceAccount": "l", "expiresAt": "2026-11-24T10:00:00Z"},
+            }))
+            .unwrap()
+        };
+        let now: Timestamp = "2026-11-23T10:00:30Z".parse().unwrap();
+        // Grace (2 min) minus 30 s of age, plus the 1 s margin.
+        assert_eq!(next_look(&lease(None), now), Duration::from_secs(91));
+        assert_eq!(next_look(&lease(Some("u")), now), RESYNC + Duration::from_secs(1));
+        let late: Timestamp = "2026-11-24T09:59:00Z".parse().unwrap();
+        assert_eq!(next_look(&lease(Some("u")), late), Duration::from_secs(61), "expiry comes first");
+    }
+
+    #[test]
+    fn a_lease_whose_pod_name_went_to_another_lease_ends_at_once() {
+        let lease: IdentityLease = serde_json::from_value(json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+            "metadata": {"name": "l", "namespace": "n", "creationTimestamp": "2026-11-23T10:00:00Z"},
+            "spec": {"holder": {"kind": "Pod", "name": "w"}, "workloadIdentity": "wi",
+                     "serviceAccount": "l", "expiresAt": "2026-11-24T10:00:00Z"},
+        }))
+        .unwrap();
+        let identity: WorkloadIdentity = serde_json::from_value(json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity",
+            "metadata": {"name": "wi", "namespace": "n"}, "spec": {},
+        }))
+        .unwrap();
+        let pod_of = |lease: Option<&str>| -> Holder {
+            let labels: BTreeMap<&str, &str> = lease.map(|l| ("ephemera.dev/lease", l)).into_iter().collect();
+            Holder::Pod(Some(Box::new(
+                serde_json::from_value(json!({"metadata": {"name": "w", "uid": "p2", "labels": labels}})).unwrap(),
+            )))
+        };
+        let young: Timestamp = "2026-11-23T10:01:00Z".parse().unwrap();
+        let end = |holder: &Holder| end_reason(&lease, Some(&identity), holder, young, false);
+        assert_eq!(end(&pod_of(Some("l"))), None, "its own pod");
+        assert_eq!(
+            end(&pod_of(Some("l2"))).as_deref(),
+            Some("pod w belongs to IdentityLease l2: this lease's pod was never created (refused after admission)")
+        );
+        assert!(end(&pod_of(None)).is_some_and(|r| r.contains("has no ephemera identity")));
+    }
+
+    #[test]
+    fn a_lease_ends_when_its_workload_does_and_not_before() {
+        let lease = |kind: &str, uid: Option<&str>| -> IdentityLease {
+            serde_json::from_value(json!({
+                "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+                "metadata": {"name": "l", "namespace": "n", "creationTimestamp": "2026-11-23T10:00:00Z"},
+                "spec": {"holder": {"kind": kind, "name": "w", "uid": uid}, "workloadIdentity": "wi",
+                         "serviceAccount": "l", "expiresAt": "2026-11-24T10:00:00Z"},
+            }))
+            .unwrap()
+        };
+        let identity: WorkloadIdentity = serde_json::from_value(json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity",
+            "metadata": {"name": "wi", "namespace": "n"}, "spec": {},
+        }))
+        .unwrap();
+        let pod = |uid: &str, phase: &str| -> Holder {
+            Holder::Pod(Some(Box::new(
+                serde_json::from_value(json!({"metadata": {"name": "w", "uid": uid,
+                    "labels": {"ephemera.dev/lease": "l"}}, "status": {"phase": phase}}))
+                .unwrap(),
+            )))
+        };
+        let job = |condition: Option<&str>| -> Holder {
+            let conditions: Vec<_> = condition.map(|c| json!({"type": c, "status": "True"})).into_iter().collect();
+            Holder::Job(Some(Box::new(
+                serde_json::from_value(
+                    json!({"metadata": {"name": "w", "uid": "j1"}, "status": {"conditions": conditions}}),
+                )
+                .unwrap(),
+            )))
+        };
+        let young: Timestamp = "2026-11-23T10:01:00Z".parse().unwrap();
+        let old: Timestamp = "2026-11-23T10:05:00Z".parse().unwrap();
+        let expired: Timestamp = "2026-11-24T10:00:00Z".parse().unwrap();
+        let wi = Some(&identity);
+        let cases: [(&str, Option<String>, Option<&str>); 12] = [
+            ("running pod", end_reason(&lease("Pod", Some("p1")), wi, &pod("p1", "Running"), young, true), None),
+            (
+                "gated pod, uid not bound yet",
+                end_reason(&lease("Pod", None), wi, &pod("p1", "Pending"), young, false),
+                None,
+            ),
+            (
+                "succeeded",
+                end_reason(&lease("Pod", Some("p1")), wi, &pod("p1", "Succeeded"), young, true),
+                Some("pod w succeeded"),
+            ),
+            (
+                "failed",
+                end_reason(&lease("Pod", Some("p1")), wi, &pod("p1", "Failed"), young, true),
+                Some("pod w failed"),
+            ),
+            (
+                "replaced",
+                end_reason(&lease("Pod", Some("p1")), wi, &pod("p2", "Running"), young, true),
+                Some("pod w was replaced by another of the same name"),
+            ),
+            (
+                "deleted after binding",
+                end_reason(&lease("Pod", Some("p1")), wi, &Holder::Pod(None), young, false),
+                Some("pod w was deleted"),
+            ),
+            (
+                "deleted, seen by the watch",
+                end_reason(&lease("Pod", None), wi, &Holder::Pod(None), young, true),
+                Some("pod w was deleted"),
+            ),
+            (
+                "not there yet, within grace",
+                end_reason(&lease("Pod", None), wi, &Holder::Pod(None), young, false),
+                None,
+            ),
+            (
+                "never appeared",
+                end_reason(&lease("Pod", None), wi, &Holder::Pod(None), old, false),
+                Some("pod w never appeared (its creation was refused after admission)"),
+            ),
+            (
+                "identity deleted",
+                end_reason(&lease("Pod", Some("p1")), None, &pod("p1", "Running"), young, true),
+                Some("WorkloadIdentity wi was deleted"),
+            ),
+            ("Job running", end_reason(&lease("Job", Some("j1")), wi, &job(None), young, true), None),
+            (
+                "Job complete",
+                end_reason(&lease("Job", Some("j1")), wi, &job(Some("Complete")), young, true),
+                Some("Job w completed"),
+            ),
+        ];
+        for (case, got, want) in cases {
+            assert_eq!(got.as_deref(), want, "{case}");
+        }
+        let past = end_reason(&lease("Pod", Some("p1")), wi, &pod("p1", "Running"), expired, true).unwrap();
+        assert!(past.starts_with("expired at"), "{past}");
+    }
+}

@@ -1,0 +1,531 @@
+//! The lease controller: provisions each `IdentityLease`'s IAM role and RBAC,
+//! proves the role usable, lifts the pod's scheduling gate, and reaps it all
+//! the moment the workload ends.
+//!
+//! Reaping is deletion: when the workload is over the controller deletes the
+//! lease, and the `ephemera.dev/reaper` finalizer revokes live sessions and
+//! deletes the role, the Role and RoleBinding and the ServiceAccount before
+//! the lease may go. A crash anywhere leaves the finalizer in place, so the
+//! next leader finishes the job; every step is idempotent.
+
+//!
+//! The story, in the order a lease lives it:
+//! - [`provision`]: role made, proven with STS, RBAC applied, gate lifted;
+//!   a live role follows its identity's policy;
+//! - [`end_of_life`]: when the workload is over (and when to look again);
+//! - [`reap`]: every session denied first, then the role, RBAC and
+//!   ServiceAccount deleted;
+//! - [`sweep`]: roles whose lease is gone.
+//!
+//! This file wires the watches and holds what every step shares: the
+//! reconcile, its backoff, the lease's own names and its status.
+
+mod end_of_life;
+mod provision;
+mod reap;
+mod sweep;
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{batch::v1::Job, core::v1::Pod},
+    apimachinery::pkg::apis::meta::v1::{OwnerReference, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{PartialObjectMeta, Patch, PatchParams},
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        events::{Event, EventType},
+        finalizer::{Event as Finalizer, finalizer},
+        reflector::{ObjectRef, Store, store::Writer},
+        watcher,
+    },
+};
+use serde_json::json;
+
+pub use end_of_life::{HOLDER_GRACE, job_ended, lease_age, pod_ended};
+
+use super::{Context, RESYNC, condition, drain};
+use crate::{
+    Error, Result,
+    api::{
+        HolderKind, IdentityLease, IdentityLeaseStatus, LeasePhase, WorkloadIdentity,
+        well_known::{FIELD_MANAGER, FINALIZER_REAPER, LABEL_LEASE, condition as cond},
+    },
+    cloud::{
+        aws::{AwsProvider, RoleOwner},
+        naming,
+    },
+};
+
+const CONTROLLER: &str = "lease";
+/// Where roles are made and who trusts them.
+#[derive(Clone, Debug)]
+pub struct Cloud {
+    /// IAM and STS.
+    pub provider: AwsProvider,
+    /// This cluster's name (role tags; the sweep only touches its own).
+    pub cluster: String,
+    /// The AWS account roles are made in.
+    pub account: String,
+    /// Host of the service-account issuer (`oidc.eks.eu-west-1.amazonaws.com/id/..`).
+    pub issuer_host: String,
+    /// ARN of the IAM OIDC provider for the issuer.
+    pub provider_arn: String,
+    /// How long after a lease is made STS may refuse its role before that
+    /// is an error ([`PROPAGATION_WINDOW`] unless configured).
+    pub propagation_window: Duration,
+}
+
+/// Default of [`Cloud::propagation_window`]: IAM usually propagates a new
+/// role within seconds; a minute of refusals is a real problem.
+pub const PROPAGATION_WINDOW: Duration = Duration::from_mins(1);
+
+struct LeaseContext {
+    base: Arc<Context>,
+    cloud: Cloud,
+    leases: Store<IdentityLease>,
+    /// Consecutive failures per lease, for exponential backoff.
+    failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<IdentityLease>, u32>>,
+    /// Leases (namespace, name) whose pod this process's watch has seen: a
+    /// pod that is gone was then deleted, even before the lease recorded its
+    /// uid, so the lease is reaped at once instead of after the grace period.
+    seen_pods: SeenPods,
+    /// Uids of leases this process has reaped. In a burst a lease is often
+    /// looked at again (a pod event queued meanwhile) before the cache has
+    /// seen it go: the finalizer is then still there in the cache, and
+    /// without this the whole reap would run again (a second `Reaped` Event,
+    /// a handful of IAM calls answered `NoSuchEntity`).
+    reaped: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Uids of leases this process made Ready. Ready lasts until the lease
+    /// is reaped, but in a burst a pod event often brings a lease back
+    /// before its Ready status write has reached the cache: without this it
+    /// was provisioned a second time (about 470 of 5,000 leases, each
+    /// repeating the role calls and the STS proof).
+    ready: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+type SeenPods = Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>;
+
+/// Leases reconciled at once. Unbounded, a burst of pods queues every call
+/// at the cloud endpoint and all of them finish late; bounded, they finish
+/// in arrival order at the same throughput (IAM answers calls one account at
+/// a time anyway).
+const LEASE_CONCURRENCY: u16 = 16;
+
+/// First retry delay after a failure; doubles per consecutive failure.
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Longest retry delay.
+const BACKOFF_MAX: Duration = Duration::from_mins(5);
+
+/// `BACKOFF_BASE * 2^failures`, capped, with "equal jitter" (half fixed,
+/// half random) so many leases failing together (IAM throttling) spread out.
+#[must_use]
+pub fn backoff(failures: u32, jitter_seed: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.min(20)).min(BACKOFF_MAX);
+    let half = exp / 2;
+    let jitter = half.mul_f64(f64::from(jitter_seed % 1000) / 1000.0);
+    half + jitter
+}
+
+fn error_policy(lease: Arc<IdentityLease>, error: &Error, ctx: Arc<LeaseContext>) -> Action {
+    ctx.base.metrics.reconcile_failed(CONTROLLER, error);
+    let key = ObjectRef::from_obj(&*lease);
+    let failures = {
+        let mut map = ctx.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let delay = backoff(failures - 1, seed);
+    tracing::warn!(lease = %lease.name_any(), failures, ?delay, error = %error, "lease reconcile failed; backing off");
+    if error.is_throttling() {
+        let note = format!("{error}; retrying in {delay:?}");
+        tokio::spawn(async move { publish(&ctx, &lease, EventType::Warning, "ThrottledRetry", note).await });
+    }
+    Action::requeue(delay)
+}
+
+/// Runs the lease controller and the orphan sweep until shutdown.
+///
+/// Memory is what limits how many leases one replica carries, so the
+/// watches keep only what the reconciler reads: the lease cache drops
+/// `managedFields` (about half of a lease's size, never read here), and pods
+/// and Jobs are watched as metadata only (the reconciler reads the one pod or
+/// Job it needs from the apiserver; the watches only say which lease to look
+/// at).
+pub async fn run(
+    ctx: Arc<Context>,
+    cloud: Cloud,
+    writer: Writer<IdentityLease>,
+    listed: tokio::sync::watch::Sender<bool>,
+) {
+    let client = ctx.client.clone();
+    let synced = Synced::new(3);
+    let leases = writer.as_reader();
+    let lease_events = watcher(Api::<IdentityLease>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|lease| lease.managed_fields_mut().clear())
+        .inspect(synced.on_init_done("leases"))
+        .reflect(writer)
+        // After the reflector applied it: the cache holds the whole list.
+        .inspect(move |event| {
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                listed.send_replace(true);
+            }
+        })
+        .applied_objects();
+    let by_job = leases.clone();
+    let seen_pods: SeenPods = Arc::default();
+    let seen = seen_pods.clone();
+    let lctx = Arc::new(LeaseContext {
+        base: ctx.clone(),
+        cloud,
+        leases: leases.clone(),
+        failures: std::sync::Mutex::default(),
+        seen_pods,
+        reaped: std::sync::Mutex::default(),
+        ready: std::sync::Mutex::default(),
+    });
+    let sweep = tokio::spawn(sweep::sweep_forever(lctx.clone()));
+    let pods =
+        watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default().labels(LABEL_LEASE))
+            .default_backoff()
+            .inspect(synced.on_init_done("pods"))
+            .touched_objects();
+    let jobs = watcher(Api::<PartialObjectMeta<Job>>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .inspect(synced.on_init_done("Jobs"))
+        .touched_objects();
+    // A WorkloadIdentity's effective permissions (its status.policyDigest,
+    // which follows its boundaries) reach the live roles made from it.
+    let by_identity = leases.clone();
+    let identities = watcher(Api::<WorkloadIdentity>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    let stream = Controller::for_stream(lease_events, leases)
+        .watches_stream(identities, move |identity| {
+            let (ns, name) = (identity.namespace(), identity.name_any());
+            let digest = identity.status.as_ref().and_then(|s| s.effective.as_ref()?.policy_digest.clone());
+            by_identity
+                .state()
+                .iter()
+                .filter(|l| l.namespace() == ns && l.spec.workload_identity == name)
+                .filter(|l| l.status.as_ref().and_then(|s| s.policy_digest.clone()) != digest)
+                .map(|l| ObjectRef::from_obj(&**l))
+                .collect::<Vec<_>>()
+        })
+        // A pod's phase and deletion decide when its lease ends.
+        .watches_stream(pods, move |pod| {
+            let ns = pod.namespace()?;
+            let lease = pod.labels().get(LABEL_LEASE)?;
+            seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert((ns.clone(), lease.clone()));
+            Some(ObjectRef::new(lease).within(&ns))
+        })
+        // A Job's completion ends the lease its pods share.
+        .watches_stream(jobs, move |job| {
+            let uid = job.uid();
+            by_job
+                .state()
+                .iter()
+                .filter(|l| l.spec.holder.kind == HolderKind::Job && l.spec.holder.uid == uid)
+                .map(|l| ObjectRef::from_obj(&**l))
+                .collect::<Vec<_>>()
+        })
+        .with_config(kube::runtime::controller::Config::default().concurrency(LEASE_CONCURRENCY))
+        .graceful_shutdown_on(ctx.stop.stopped())
+        .run(reconcile, error_policy, lctx);
+    drain(CONTROLLER, stream).await;
+    sweep.abort();
+}
+
+/// Logs once when every watch of the lease controller has listed what
+/// exists (operators and tests wait for that line: from then on a pod
+/// deleted is a pod this process saw).
+#[derive(Clone)]
+struct Synced {
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Synced {
+    fn new(watches: usize) -> Self {
+        Self { pending: Arc::new(std::sync::atomic::AtomicUsize::new(watches)) }
+    }
+
+    fn on_init_done<K>(&self, what: &'static str) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) + use<K> {
+        let pending = self.pending.clone();
+        let mut done = false;
+        move |event| {
+            if done || !matches!(event, Ok(watcher::Event::InitDone)) {
+                return;
+            }
+            done = true;
+            tracing::debug!(watch = what, "initial list done");
+            if pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                tracing::info!("lease controller watches synced");
+            }
+        }
+    }
+}
+
+async fn reconcile(lease: Arc<IdentityLease>, ctx: Arc<LeaseContext>) -> Result<Action> {
+    let _timer = ctx.base.metrics.reconcile_started(CONTROLLER);
+    let namespace = lease.namespace().unwrap_or_default();
+    let api = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &namespace);
+    let key = ObjectRef::from_obj(&*lease);
+    let result = finalizer(&api, FINALIZER_REAPER, lease, |event| async {
+        match event {
+            Finalizer::Apply(lease) => provision::apply(&lease, &ctx).await,
+            Finalizer::Cleanup(lease) => reap::reap(&lease, &ctx).await,
+        }
+    })
+    .await
+    .or_else(|e| match e {
+        // Reaped, and gone already (this was a stale second look).
+        kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404 => {
+            Ok(Action::await_change())
+        }
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => Err(e),
+        other => Err(Error::Config(format!("finalizer {FINALIZER_REAPER}: {other}"))),
+    });
+    if result.is_ok() {
+        ctx.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+    }
+    result
+}
+
+/// The lease's pod or Job as the apiserver has it now (`None`: not there).
+/// Read once per reconcile and passed on: deciding the end, binding the uid
+/// and lifting the gate all look at the same object.
+enum Holder {
+    Pod(Option<Box<Pod>>),
+    Job(Option<Box<Job>>),
+}
+
+impl Holder {
+    async fn read(lease: &IdentityLease, client: &Client) -> Result<Self> {
+        let namespace = lease.namespace().unwrap_or_default();
+        let name = &lease.spec.holder.name;
+        Ok(match lease.spec.holder.kind {
+            HolderKind::Pod => Self::Pod(
+                Api::<Pod>::namespaced(client.clone(), &namespace)
+                    .get_opt(name)
+                    .await
+                    .map_err(Error::kube(format!("reading pod {namespace}/{name}")))?
+                    .map(Box::new),
+            ),
+            HolderKind::Job => Self::Job(
+                Api::<Job>::namespaced(client.clone(), &namespace)
+                    .get_opt(name)
+                    .await
+                    .map_err(Error::kube(format!("reading Job {namespace}/{name}")))?
+                    .map(Box::new),
+            ),
+        })
+    }
+
+    /// The lease's own pod: there, and labelled with this lease.
+    fn pod_of(&self, lease: &IdentityLease) -> Option<&Pod> {
+        match self {
+            Self::Pod(Some(pod)) if pod.labels().get(LABEL_LEASE) == Some(&lease.name_any()) => Some(pod),
+            _ => None,
+        }
+    }
+}
+
+/// The IAM role name a lease may act on, derived from the lease's own
+/// identity and checked against what its spec says: the ServiceAccount must
+/// be the lease's own (named as the lease), and `spec.roleArn` must be in
+/// this account and carry the name this cluster, namespace and lease
+/// derive. The webhook writes exactly that; anything else was written by
+/// someone else and is refused (`Err` says which field disagrees).
+///
+/// # Errors
+/// The refusal, naming the field.
+pub fn trusted_role(lease: &IdentityLease, cluster: &str, account: &str) -> std::result::Result<String, String> {
+    let namespace = lease.namespace().unwrap_or_default();
+    let name = lease.name_any();
+    if lease.spec.service_account != name {
+        return Err(format!(
+            "spec.serviceAccount {:?} is not this lease's own ServiceAccount ({name:?})",
+            lease.spec.service_account
+        ));
+    }
+    let Some(arn) = lease.spec.role_arn.as_deref() else {
+        return Err("spec.roleArn is missing".into());
+    };
+    let (_, role) =
+        naming::split_role_arn(arn).ok_or_else(|| format!("spec.roleArn {arn:?} is not an IAM role ARN"))?;
+    if arn.split(':').nth(4) != Some(account) {
+        return Err(format!("spec.roleArn {arn:?} is not in this cluster's AWS account ({account})"));
+    }
+    if !naming::is_role_of(&role, cluster, &namespace, &name) {
+        return Err(format!(
+            "spec.roleArn {arn:?} does not name the role of IdentityLease {namespace}/{name} in cluster {cluster:?}"
+        ));
+    }
+    Ok(role)
+}
+
+/// The owner a lease's role must be tagged with.
+fn role_owner(lease: &IdentityLease, ctx: &LeaseContext) -> RoleOwner {
+    RoleOwner {
+        cluster: ctx.cloud.cluster.clone(),
+        issuer: Some(ctx.cloud.issuer_host.clone()),
+        namespace: lease.namespace().unwrap_or_default(),
+        lease: lease.name_any(),
+        lease_uid: lease.uid(),
+    }
+}
+
+/// Refuses a lease ephemera's webhook did not write: a condition and one
+/// Event (not one per look), and nothing else is touched.
+async fn refuse(lease: &IdentityLease, ctx: &LeaseContext, why: String) -> Result<Action> {
+    let already = lease
+        .status
+        .as_ref()
+        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == cond::READY && c.reason == "Refused"));
+    if !already {
+        let error = Error::LeaseRefused(why.clone());
+        write_status(lease, ctx, LeasePhase::Pending, None, Some(&error), "not provisioned", None).await?;
+        publish(ctx, lease, EventType::Warning, "LeaseRefused", format!("{why}; nothing is provisioned")).await;
+        tracing::warn!(namespace = lease.namespace(), lease = %lease.name_any(), why, "lease refused");
+    }
+    Ok(Action::await_change())
+}
+
+/// Whether `object` names `lease` (by uid) among its owners.
+fn owned_by<K: Resource>(object: &K, lease: &IdentityLease) -> bool {
+    let uid = lease.uid().unwrap_or_default();
+    !uid.is_empty() && object.owner_references().iter().any(|o| o.kind == "IdentityLease" && o.uid == uid)
+}
+
+fn owner_ref(lease: &IdentityLease) -> OwnerReference {
+    OwnerReference {
+        api_version: "ephemera.dev/v1alpha1".into(),
+        kind: "IdentityLease".into(),
+        name: lease.name_any(),
+        uid: lease.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }
+}
+
+async fn write_status(
+    lease: &IdentityLease,
+    ctx: &LeaseContext,
+    phase: LeasePhase,
+    role_arn: Option<String>,
+    error: Option<&Error>,
+    message: &str,
+    digest: Option<&str>,
+) -> Result<IdentityLease> {
+    let previous = lease.status.clone().unwrap_or_default();
+    let ready = phase == LeasePhase::Ready;
+    let reason = match (phase, error) {
+        (_, Some(Error::QuotaExceeded(_))) => "QuotaExceeded",
+        (_, Some(Error::LeaseRefused(_))) => "Refused",
+        (_, Some(e @ (Error::RoleConflict(_) | Error::TokenRejected(_) | Error::TrustDenied(_)))) => e.reason(),
+        (LeasePhase::Pending, _) => "Pending",
+        (LeasePhase::Provisioning, _) => "Provisioning",
+        (LeasePhase::Ready, _) => "Verified",
+        (LeasePhase::Reaping, _) => "Reaping",
+    };
+    let message = match error {
+        Some(e) => format!("{message}: {e}"),
+        None => message.to_owned(),
+    };
+    let status = IdentityLeaseStatus {
+        phase: Some(phase),
+        role_arn: role_arn.or(previous.role_arn.clone()),
+        issued_at: if ready && previous.phase != Some(LeasePhase::Ready) {
+            Some(Time(Timestamp::now()))
+        } else {
+            previous.issued_at.clone()
+        },
+        revoked_at: if phase == LeasePhase::Reaping { Some(Time(Timestamp::now())) } else { None },
+        last_error: error.map(ToString::to_string),
+        policy_digest: digest.map(str::to_owned).or(previous.policy_digest.clone()),
+        observed_generation: lease.meta().generation,
+        conditions: vec![condition(&previous.conditions, cond::READY, ready, reason, message, lease.meta().generation)],
+    };
+    Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &lease.namespace().unwrap_or_default())
+        .patch_status(
+            &lease.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease", "status": status})),
+        )
+        .await
+        .map_err(Error::kube(format!("writing the status of IdentityLease {}", lease.name_any())))
+}
+
+async fn publish(ctx: &LeaseContext, lease: &IdentityLease, type_: EventType, reason: &str, note: String) {
+    let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Lifecycle".into(), secondary: None };
+    ctx.base.events.publish(&ev, &lease.object_ref(&())).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_a_lease_derives_from_its_own_identity_is_trusted() {
+        let role = naming::role_name("ephemera", "c", "team-a", "report-x7k2p");
+        let lease = |sa: &str, arn: &str| -> IdentityLease {
+            serde_json::from_value(json!({
+                "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+                "metadata": {"name": "report-x7k2p", "namespace": "team-a"},
+                "spec": {"holder": {"kind": "Pod", "name": "p"}, "workloadIdentity": "report",
+                         "serviceAccount": sa, "roleArn": arn, "expiresAt": "2026-11-24T10:00:00Z"},
+            }))
+            .unwrap()
+        };
+        let own = format!("arn:aws:iam::111:role/ephemera/{role}");
+        assert_eq!(trusted_role(&lease("report-x7k2p", &own), "c", "111"), Ok(role.clone()));
+        // Any prefix and path a boundary chose; 0.1's names too.
+        let other_prefix = naming::role_name("team-roles", "c", "team-a", "report-x7k2p");
+        assert!(
+            trusted_role(&lease("report-x7k2p", &format!("arn:aws:iam::111:role/x/{other_prefix}")), "c", "111")
+                .is_ok()
+        );
+        assert!(
+            trusted_role(
+                &lease("report-x7k2p", "arn:aws:iam::111:role/ephemera/ephemera-team-a-report-x7k2p"),
+                "c",
+                "111"
+            )
+            .is_ok()
+        );
+
+        let refused = |sa: &str, arn: &str| trusted_role(&lease(sa, arn), "c", "111").unwrap_err();
+        assert!(refused("default", &own).contains("spec.serviceAccount"), "another ServiceAccount");
+        let victim = naming::role_name("ephemera", "c", "team-b", "report-x7k2p");
+        assert!(refused("report-x7k2p", &format!("arn:aws:iam::111:role/ephemera/{victim}")).contains("spec.roleArn"));
+        let other_cluster = naming::role_name("ephemera", "c2", "team-a", "report-x7k2p");
+        assert!(
+            refused("report-x7k2p", &format!("arn:aws:iam::111:role/ephemera/{other_cluster}"))
+                .contains("spec.roleArn")
+        );
+        assert!(refused("report-x7k2p", &format!("arn:aws:iam::222:role/ephemera/{role}")).contains("account"));
+        assert!(refused("report-x7k2p", "arn:aws:iam::111:role/ephemera/admin").contains("spec.roleArn"));
+        assert!(refused("report-x7k2p", "not an arn").contains("spec.roleArn"));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        for (failures, low, high) in [(0, 250, 500), (1, 500, 1000), (3, 2000, 4000)] {
+            for seed in [0, 499, 999] {
+                let d = backoff(failures, seed).as_millis();
+                assert!((low..=high).contains(&d), "failures {failures} seed {seed}: {d} ms");
+            }
+        }
+        assert!(backoff(40, 999) <= BACKOFF_MAX);
+        assert!(backoff(40, 0) >= BACKOFF_MAX / 2);
+        assert_ne!(backoff(2, 100), backoff(2, 900), "jitter spreads retries");
+    }
+}

@@ -1,0 +1,611 @@
+//! Provisioning: the lease's role made (or brought to its identity's
+//! current policy), proven with STS through a token of the pod's own
+//! ServiceAccount, its RBAC applied, and the pod's scheduling gate lifted.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::{
+    api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        core::v1::{Pod, ServiceAccount},
+        rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{ListParams, Patch, PatchParams, PostParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType},
+        reflector::ObjectRef,
+    },
+};
+use serde_json::json;
+
+use super::{
+    Cloud, Holder, LeaseContext,
+    end_of_life::{end_reason, lease_age, next_look, workload_ended_at},
+    owned_by, owner_ref, publish,
+    reap::start_reaping,
+    refuse, role_owner, trusted_role, write_status,
+};
+use crate::{
+    Error, Result,
+    api::{
+        HolderKind, IdentityBoundary, IdentityLease, LeasePhase, WorkloadIdentity,
+        well_known::{FIELD_MANAGER, LABEL_LEASE, LABEL_MANAGED_BY, MANAGED_BY, SCHEDULING_GATE},
+    },
+    cloud::{
+        aws::{self, RoleSpec, Verdict},
+        naming,
+    },
+    controller::workload_identity::{evaluate, namespace_and_boundaries},
+};
+
+/// How often a role that is not assumable yet (IAM propagation) is retried.
+pub(super) const VERIFY_RETRY: Duration = Duration::from_millis(500);
+/// The lease's ServiceAccount must be the one the webhook made for it
+/// (owned by the lease's uid): someone else's of that name is never bound
+/// to or deleted. `Some`: what to do instead of provisioning.
+pub(super) async fn check_service_account(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Option<Action>> {
+    let namespace = lease.namespace().unwrap_or_default();
+    let found = Api::<ServiceAccount>::namespaced(ctx.base.client.clone(), &namespace)
+        .get_opt(&lease.spec.service_account)
+        .await
+        .map_err(Error::kube(format!("reading ServiceAccount {namespace}/{}", lease.spec.service_account)))?;
+    match found {
+        Some(sa) if owned_by(&sa, lease) => Ok(None),
+        Some(_) => {
+            let why = format!(
+                "ServiceAccount {namespace}/{} is not owned by this lease: it was not made for it",
+                lease.spec.service_account
+            );
+            refuse(lease, ctx, why).await.map(Some)
+        }
+        // The webhook makes it right after the lease: look again shortly.
+        None => Ok(Some(Action::requeue(VERIFY_RETRY))),
+    }
+}
+
+pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
+    let client = &ctx.base.client;
+    let namespace = lease.namespace().unwrap_or_default();
+    let name = lease.name_any();
+    let now = Timestamp::now();
+
+    let seen = ctx
+        .seen_pods
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .contains(&(namespace.clone(), name.clone()));
+    let cached = ctx.base.identities.get(&ObjectRef::new(&lease.spec.workload_identity).within(&namespace));
+    let identity = match cached {
+        Some(identity) => Some(WorkloadIdentity::clone(&identity)),
+        // Not cached (yet): the apiserver decides whether it exists.
+        None => Api::<WorkloadIdentity>::namespaced(client.clone(), &namespace)
+            .get_opt(&lease.spec.workload_identity)
+            .await
+            .map_err(Error::kube(format!("reading WorkloadIdentity {namespace}/{}", lease.spec.workload_identity)))?,
+    };
+    let holder = Holder::read(lease, client).await?;
+    if let Some(reason) = end_reason(lease, identity.as_ref(), &holder, now, seen) {
+        // (A refused lease goes too, and its reap touches nothing it names.)
+        return start_reaping(lease, ctx, &reason, workload_ended_at(lease, &holder, now)).await;
+    }
+    let role_name = match trusted_role(lease, &ctx.cloud.cluster, &ctx.cloud.account) {
+        Ok(role) => role,
+        Err(why) => return refuse(lease, ctx, why).await,
+    };
+    let Some(identity) = identity else { return Ok(Action::await_change()) };
+    let uid_bound = bind_holder_uid(lease, client, &holder).await?;
+
+    let status = lease.status.clone().unwrap_or_default();
+    let made_ready = || {
+        lease
+            .uid()
+            .is_some_and(|uid| ctx.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&uid))
+    };
+    if status.phase == Some(LeasePhase::Ready) || made_ready() {
+        // Pods of a Job may arrive after the first one: lift their gates too.
+        lift_gates(lease, ctx, uid_bound, &holder).await?;
+        if status.phase == Some(LeasePhase::Ready) && status.policy_digest.as_deref() != digest_of(&identity) {
+            follow_policy(lease, ctx, &identity, &role_name).await?;
+        }
+        return Ok(Action::requeue(next_look(lease, now)));
+    }
+
+    // No "Provisioning" write on the way: a lease whose role is made and
+    // proven in one pass goes from Pending to Ready (one status write, one
+    // reconcile fewer per pod); Provisioning shows while something waits.
+    let role_arn = lease.spec.role_arn.clone().unwrap_or_default(); // checked by `trusted_role`
+    if let Some(wait) = check_service_account(lease, ctx).await? {
+        return Ok(wait);
+    }
+    let (spec, rules) = match role_spec(lease, &identity, &role_arn, &role_name, ctx).await {
+        Ok(found) => found,
+        Err(e) => {
+            write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision", None).await?;
+            return Err(e);
+        }
+    };
+    // A replica that no longer leads makes nothing (see `Fence`).
+    if let Some(fence) = &ctx.base.fence {
+        fence.check().await?;
+    }
+    make_role(lease, ctx, &spec, &identity).await?;
+    // The role exists now. Every way out of here either confirms the lease
+    // was still live after the role was made (the Ready status write answers
+    // with the lease) or asks the apiserver; a lease gone or being deleted
+    // by then was reaped while the role was being made (by another replica,
+    // while this one was frozen past its leadership), and its role would
+    // otherwise wait for the sweep.
+    let outcome = prove_and_lift(lease, ctx, &identity, &role_arn, &rules, uid_bound, &holder).await;
+    let live = match &outcome {
+        Ok(Proven::Ready { deleting }) => !deleting,
+        // Cannot tell (apiserver unreachable): keep the role, report the
+        // original outcome; the lease is looked at again (or swept).
+        Ok(Proven::Waiting) | Err(_) => still_live(lease, ctx).await.unwrap_or(true),
+    };
+    if !live {
+        ctx.cloud.provider.revoke_and_delete(&spec.name, &spec.owner).await?;
+        tracing::warn!(
+            namespace,
+            lease = name,
+            role = spec.name,
+            "the lease was reaped while its role was being made; role deleted"
+        );
+        return Ok(Action::await_change());
+    }
+    match outcome? {
+        Proven::Waiting => Ok(Action::requeue(VERIFY_RETRY)),
+        Proven::Ready { .. } => {
+            if let Some(uid) = lease.uid() {
+                ctx.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid);
+            }
+            // From the pod's creation, as the user sees it (the lease's, made in
+            // the same admission call, for a Job run), to the gate lifted.
+            let pod_created = holder.pod_of(lease).and_then(|p| p.meta().creation_timestamp.clone());
+            if let Some(created) = pod_created.or_else(|| lease.meta().creation_timestamp.clone()) {
+                let took = Timestamp::now().duration_since(created.0).as_secs_f64().max(0.0);
+                ctx.base.metrics.provision_latency.observe(took);
+            }
+            publish(
+                ctx,
+                lease,
+                EventType::Normal,
+                "Ready",
+                format!("role {role_arn} verified; scheduling gate lifted"),
+            )
+            .await;
+            tracing::info!(namespace, lease = name, role = role_arn, "lease ready");
+            Ok(Action::requeue(next_look(lease, now)))
+        }
+    }
+}
+
+/// How far [`prove_and_lift`] got.
+pub(super) enum Proven {
+    /// STS accepts the pod's token: gates lifted, Ready written; whether the
+    /// lease, as that write returned it, is being deleted.
+    Ready { deleting: bool },
+    /// STS does not accept the role yet (IAM propagation): look again soon.
+    Waiting,
+}
+
+/// With the role made: RBAC, then Ready only once STS really accepts a
+/// token of the pod's account; then the gates go.
+pub(super) async fn prove_and_lift(
+    lease: &IdentityLease,
+    ctx: &LeaseContext,
+    identity: &WorkloadIdentity,
+    role_arn: &str,
+    rules: &[crate::api::KubernetesRule],
+    uid_bound: bool,
+    holder: &Holder,
+) -> Result<Proven> {
+    let client = &ctx.base.client;
+    let namespace = lease.namespace().unwrap_or_default();
+    ensure_rbac(lease, client, rules).await?;
+    let token = token_for(client, &namespace, &lease.spec.service_account, &identity.spec.token.audience).await?;
+    let session = naming::session_name(&namespace, &format!("ephemera-verify-{}", lease.name_any()));
+    if let Verdict::Refused { code, message } = ctx.cloud.provider.verify(role_arn, &session, &token).await? {
+        if let Some(e) = refusal_error(lease, &ctx.cloud, identity, &code, &message) {
+            write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "role made; STS refuses it", None)
+                .await?;
+            publish(ctx, lease, EventType::Warning, e.reason(), e.to_string()).await;
+            return Err(e);
+        }
+        tracing::debug!(lease = %lease.name_any(), code, "STS does not accept the new role yet");
+        let status = lease.status.clone().unwrap_or_default();
+        if status.phase != Some(LeasePhase::Provisioning) || status.policy_digest.as_deref() != digest_of(identity) {
+            let waiting = "role made; waiting for STS to accept it (IAM propagation)";
+            write_status(lease, ctx, LeasePhase::Provisioning, None, None, waiting, digest_of(identity)).await?;
+        }
+        return Ok(Proven::Waiting);
+    }
+    lift_gates(lease, ctx, uid_bound, holder).await?;
+    let written = write_status(
+        lease,
+        ctx,
+        LeasePhase::Ready,
+        Some(role_arn.to_owned()),
+        None,
+        "role verified usable",
+        digest_of(identity),
+    )
+    .await?;
+    Ok(Proven::Ready { deleting: written.meta().deletion_timestamp.is_some() })
+}
+
+/// Makes the role, or brings it to `spec`. A role made and brought to this
+/// policy on an earlier pass (waiting for STS to accept it) is not rewritten
+/// on every retry (rewriting its trust policy would only restart IAM's
+/// propagation): one read tells that it is still there and ours.
+pub(super) async fn make_role(
+    lease: &IdentityLease,
+    ctx: &LeaseContext,
+    spec: &RoleSpec,
+    identity: &WorkloadIdentity,
+) -> Result<()> {
+    let status = lease.status.clone().unwrap_or_default();
+    let made_before = status.phase == Some(LeasePhase::Provisioning)
+        && status.policy_digest.is_some()
+        && status.policy_digest.as_deref() == digest_of(identity)
+        && ctx.cloud.provider.role_is(&spec.name, &spec.owner).await?;
+    if made_before {
+        tracing::debug!(lease = %lease.name_any(), "role made on an earlier pass; proving it again");
+        return Ok(());
+    }
+    if let Err(e) = ctx.cloud.provider.provision(spec).await {
+        write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision", None).await?;
+        let reason = match e {
+            Error::QuotaExceeded(_) => "QuotaExceeded",
+            Error::RoleConflict(_) => "RoleConflict",
+            _ => "ProvisionFailed",
+        };
+        publish(ctx, lease, EventType::Warning, reason, e.to_string()).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The identity's effective permissions, as its controller digested them
+/// (`status.effective.policyDigest`); `None` until it has.
+pub(super) fn digest_of(identity: &WorkloadIdentity) -> Option<&str> {
+    identity.status.as_ref()?.effective.as_ref()?.policy_digest.as_deref()
+}
+
+/// Brings a live role's policies and the lease's RBAC to what the identity
+/// and its boundaries allow now (a boundary or identity changed), records
+/// the digest and says so in an Event.
+pub(super) async fn follow_policy(
+    lease: &IdentityLease,
+    ctx: &LeaseContext,
+    identity: &WorkloadIdentity,
+    role_name: &str,
+) -> Result<()> {
+    let role_arn = lease.spec.role_arn.clone().unwrap_or_default(); // checked by `trusted_role`
+    let (spec, rules) = role_spec(lease, identity, &role_arn, role_name, ctx).await?;
+    if let Some(fence) = &ctx.base.fence {
+        fence.check().await?;
+    }
+    let first = lease.status.as_ref().and_then(|s| s.policy_digest.as_ref()).is_none();
+    if !first {
+        // (A lease made before digests were recorded adopts the current one:
+        // its role was made from it.)
+        ctx.cloud.provider.update_permissions(&spec).await?;
+        ensure_rbac(lease, &ctx.base.client, &rules).await?;
+    }
+    let digest = digest_of(identity);
+    let note = format!(
+        "the role's permissions follow WorkloadIdentity {} as its boundaries allow now (policy digest {})",
+        identity.name_any(),
+        digest.unwrap_or_default().chars().take(12).collect::<String>()
+    );
+    write_status(lease, ctx, LeasePhase::Ready, None, None, &note, digest).await?;
+    if !first {
+        tracing::info!(lease = %lease.name_any(), role = role_name, "re-applied the role's permissions");
+        publish(ctx, lease, EventType::Normal, "PolicyUpdated", note).await;
+    }
+    Ok(())
+}
+
+/// What STS refusing a lease's role means: `None` while IAM may still be
+/// propagating it (`AccessDenied` and the like, within the window), else the
+/// error a user can act on. A missing IAM OIDC provider (the commonest setup
+/// mistake on a new account) is named at once, with the ARN to create.
+pub(super) fn refusal_error(
+    lease: &IdentityLease,
+    cloud: &Cloud,
+    identity: &WorkloadIdentity,
+    code: &str,
+    message: &str,
+) -> Option<Error> {
+    let age = lease_age(lease, Timestamp::now());
+    let subject =
+        format!("system:serviceaccount:{}:{}", lease.namespace().unwrap_or_default(), lease.spec.service_account);
+    match code {
+        "InvalidIdentityToken" => Some(Error::TokenRejected(format!(
+            "STS rejects the pod's token ({message}); the account needs the IAM OIDC provider {} for the issuer \
+             https://{} with client ID {}",
+            cloud.provider_arn, cloud.issuer_host, identity.spec.token.audience
+        ))),
+        code if crate::error::THROTTLING_CODES.contains(&code) => {
+            Some(Error::Cloud { operation: "AssumeRoleWithWebIdentity", message: format!("{code}: {message}") })
+        }
+        _ if age < cloud.propagation_window => None,
+        "AccessDenied" => Some(Error::TrustDenied(format!(
+            "STS still refuses the role {} after {}s ({message}); its trust policy admits only {} with sub {subject} \
+             and aud {}: check the token's issuer and audience, and any SCP or permissions boundary on \
+             sts:AssumeRoleWithWebIdentity",
+            lease.spec.role_arn.as_deref().unwrap_or_default(),
+            age.as_secs(),
+            cloud.provider_arn,
+            identity.spec.token.audience
+        ))),
+        _ => Some(Error::Cloud {
+            operation: "AssumeRoleWithWebIdentity",
+            message: format!("{code}: {message} (still, {}s after the lease was made)", age.as_secs()),
+        }),
+    }
+}
+
+/// Whether the lease still exists as this reconciliation knew it (same uid)
+/// and is not being deleted. (Its Role and RoleBinding need no such care:
+/// they are owned by the lease, and the garbage collector removes them.)
+pub(super) async fn still_live(lease: &IdentityLease, ctx: &LeaseContext) -> Result<bool> {
+    let now = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &lease.namespace().unwrap_or_default())
+        .get_opt(&lease.name_any())
+        .await
+        .map_err(Error::kube(format!("checking that IdentityLease {} is still live", lease.name_any())))?;
+    Ok(now.is_some_and(|now| now.uid() == lease.uid() && now.meta().deletion_timestamp.is_none()))
+}
+
+/// What the role is made of: the identity clamped to today's boundaries.
+pub(super) async fn role_spec(
+    lease: &IdentityLease,
+    identity: &WorkloadIdentity,
+    role_arn: &str,
+    role_name: &str,
+    ctx: &LeaseContext,
+) -> Result<(RoleSpec, Vec<crate::api::KubernetesRule>)> {
+    let client = &ctx.base.client;
+    let namespace = lease.namespace().unwrap_or_default();
+    let (labels, boundaries) = namespace_and_boundaries(client, &namespace).await?;
+    let eval = evaluate(&identity.spec, &labels, &boundaries);
+    if eval.governing.is_empty() {
+        return Err(Error::Config(format!("namespace {namespace} is governed by no IdentityBoundary")));
+    }
+    let governing: Vec<&IdentityBoundary> =
+        boundaries.iter().filter(|b| eval.governing.contains(&b.name_any())).collect();
+    let max_session = governing
+        .iter()
+        .filter_map(|b| b.spec.aws.as_ref().map(|a| Duration::from_secs(a.max_session_duration.as_secs())))
+        .min()
+        .unwrap_or(Duration::from_hours(1));
+    // The path is the boundary's at admission (recorded in the ARN); the
+    // name is the one `trusted_role` derived.
+    let (path, _) = naming::split_role_arn(role_arn)
+        .ok_or_else(|| Error::LeaseRefused(format!("spec.roleArn {role_arn:?} is not a role ARN")))?;
+    let allowed: Vec<_> = eval.statements.iter().filter(|s| !s.actions.is_empty()).cloned().collect();
+    let mut tags = vec![
+        ("ephemera.dev/workload-identity".to_owned(), lease.spec.workload_identity.clone()),
+        ("ephemera.dev/expires-at".to_owned(), lease.spec.expires_at.0.to_string()),
+    ];
+    if let Some(owner) = &lease.spec.owner {
+        tags.push(("ephemera.dev/owner".to_owned(), owner.chars().take(256).collect()));
+    }
+    let spec = RoleSpec {
+        name: role_name.to_owned(),
+        path,
+        owner: role_owner(lease, ctx),
+        trust_policy: aws::trust_policy(
+            &ctx.cloud.provider_arn,
+            &ctx.cloud.issuer_host,
+            &namespace,
+            &lease.spec.service_account,
+            &identity.spec.token.audience,
+        ),
+        policy: (!allowed.is_empty()).then(|| aws::permissions_policy(&allowed)),
+        managed_policy_arns: eval.managed_policy_arns.clone(),
+        permissions_boundary: eval.permissions_boundary_arns.first().cloned(),
+        max_session,
+        tags,
+    };
+    let rules = identity.spec.kubernetes.as_ref().map(|k| k.rules.clone()).unwrap_or_default();
+    // Kubernetes rules outside a boundary are dropped, as AWS statements are.
+    let rules = rules
+        .into_iter()
+        .filter(|r| {
+            governing.iter().all(|b| {
+                crate::policy::rule_admitted(
+                    r,
+                    b.spec.kubernetes.as_ref().map(|k| k.allowed_rules.as_slice()).unwrap_or_default(),
+                )
+            })
+        })
+        .collect();
+    Ok((spec, rules))
+}
+
+/// Role + RoleBinding for the identity's Kubernetes rules, owned by the lease.
+pub(super) async fn ensure_rbac(
+    lease: &IdentityLease,
+    client: &Client,
+    rules: &[crate::api::KubernetesRule],
+) -> Result<()> {
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let namespace = lease.namespace().unwrap_or_default();
+    let name = lease.name_any();
+    let meta = ObjectMeta {
+        name: Some(name.clone()),
+        namespace: Some(namespace.clone()),
+        labels: Some(BTreeMap::from([
+            (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+            (LABEL_LEASE.to_owned(), name.clone()),
+        ])),
+        owner_references: Some(vec![owner_ref(lease)]),
+        ..ObjectMeta::default()
+    };
+    let role = Role {
+        metadata: meta.clone(),
+        rules: Some(
+            rules
+                .iter()
+                .map(|r| PolicyRule {
+                    api_groups: Some(r.api_groups.clone()),
+                    resources: Some(r.resources.clone()),
+                    resource_names: (!r.resource_names.is_empty()).then(|| r.resource_names.clone()),
+                    verbs: r.verbs.clone(),
+                    non_resource_urls: None,
+                })
+                .collect(),
+        ),
+    };
+    let binding = RoleBinding {
+        metadata: meta,
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: name.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: lease.spec.service_account.clone(),
+            namespace: Some(namespace.clone()),
+            api_group: None,
+        }]),
+    };
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    Api::<Role>::namespaced(client.clone(), &namespace)
+        .patch(&name, &params, &Patch::Apply(&role))
+        .await
+        .map_err(Error::kube(format!("applying Role {namespace}/{name}")))?;
+    Api::<RoleBinding>::namespaced(client.clone(), &namespace)
+        .patch(&name, &params, &Patch::Apply(&binding))
+        .await
+        .map_err(Error::kube(format!("applying RoleBinding {namespace}/{name}")))?;
+    Ok(())
+}
+
+/// A short-lived token of the pod's ServiceAccount, as the kubelet projects it.
+pub(super) async fn token_for(
+    client: &Client,
+    namespace: &str,
+    service_account: &str,
+    audience: &str,
+) -> Result<String> {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.to_owned()]),
+            expiration_seconds: Some(600),
+            ..TokenRequestSpec::default()
+        }),
+        ..TokenRequest::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(service_account, &PostParams::default(), &request)
+        .await
+        .map_err(Error::kube(format!("requesting a token for ServiceAccount {namespace}/{service_account}")))?
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| Error::Config("TokenRequest returned no token".into()))
+}
+
+/// Records the pod's uid on the lease the first time the pod is seen, so a
+/// later pod of the same name is not mistaken for it.
+/// Returns whether the lease's pod uid is known (bound before or now).
+pub(super) async fn bind_holder_uid(lease: &IdentityLease, client: &Client, holder: &Holder) -> Result<bool> {
+    if lease.spec.holder.uid.is_some() || lease.spec.holder.kind != HolderKind::Pod {
+        return Ok(true);
+    }
+    let Some(pod) = holder.pod_of(lease) else { return Ok(false) };
+    bind_uid(lease, client, pod).await?;
+    Ok(true)
+}
+
+/// Writes `pod`'s uid into the lease's holder (set once: CEL refuses a change).
+pub(super) async fn bind_uid(lease: &IdentityLease, client: &Client, pod: &Pod) -> Result<()> {
+    Api::<IdentityLease>::namespaced(client.clone(), &lease.namespace().unwrap_or_default())
+        .patch(
+            &lease.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"holder": {"uid": pod.uid()}}})),
+        )
+        .await
+        .map_err(Error::kube("binding the lease to its pod's uid"))?;
+    Ok(())
+}
+
+/// Removes ephemera's scheduling gate from every pod of the lease, with an
+/// Event on each pod (where users look first).
+/// `uid_bound`: whether the holder's uid is already recorded (else it is,
+/// from the pod found here, before the gate goes).
+pub(super) async fn lift_gates(
+    lease: &IdentityLease,
+    ctx: &LeaseContext,
+    uid_bound: bool,
+    holder: &Holder,
+) -> Result<()> {
+    let client = &ctx.base.client;
+    let namespace = lease.namespace().unwrap_or_default();
+    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+    let selector = format!("{LABEL_LEASE}={}", lease.name_any());
+    // A pod lease has one pod, read at the start of the reconcile (the
+    // patch below tests its uid, so a pod replaced since is left alone).
+    let listed;
+    let candidates: Vec<&Pod> = match holder {
+        Holder::Pod(_) => holder.pod_of(lease).into_iter().collect(),
+        Holder::Job(_) => {
+            listed = pods
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(Error::kube("listing the lease's pods"))?
+                .items;
+            listed.iter().collect()
+        }
+    };
+    for pod in candidates {
+        let gates = pod.spec.as_ref().and_then(|s| s.scheduling_gates.as_deref()).unwrap_or_default();
+        let Some(index) = gates.iter().position(|g| g.name == SCHEDULING_GATE) else { continue };
+        // Record the pod's uid before it can run: if it is deleted while no
+        // controller watches, the uid is what says it is gone for good.
+        if !uid_bound && lease.spec.holder.kind == HolderKind::Pod {
+            bind_uid(lease, client, pod).await?;
+        }
+        // `test` first: if the pod was replaced or its gates changed
+        // meanwhile, the patch fails and the lease is looked at again.
+        let patch: json_patch::Patch = serde_json::from_value(json!([
+            {"op": "test", "path": "/metadata/uid", "value": pod.uid()},
+            {"op": "test", "path": format!("/spec/schedulingGates/{index}/name"), "value": SCHEDULING_GATE},
+            {"op": "remove", "path": format!("/spec/schedulingGates/{index}")},
+        ]))
+        .map_err(|e| Error::Serialization { what: "gate patch", message: e.to_string() })?;
+        match pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::Json::<()>(patch)).await {
+            Ok(_) => {
+                let ev = Event {
+                    type_: EventType::Normal,
+                    reason: "IdentityReady".into(),
+                    note: Some(format!(
+                        "IdentityLease {} verified with STS; scheduling gate {SCHEDULING_GATE} lifted",
+                        lease.name_any()
+                    )),
+                    action: "LiftGate".into(),
+                    secondary: Some(lease.object_ref(&())),
+                };
+                ctx.base.events.publish(&ev, &pod.object_ref(&())).await;
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                return Err(Error::kube(format!("lifting the scheduling gate of pod {namespace}/{}", pod.name_any()))(
+                    e,
+                ));
+            }
+        }
+    }
+    Ok(())
+}

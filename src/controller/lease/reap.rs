@@ -1,0 +1,151 @@
+//! Reaping: the lease is deleted when its workload ends, and its finalizer
+//! first denies every session of the role, then deletes the role, the
+//! lease's Role and RoleBinding and its ServiceAccount.
+
+use k8s_openapi::{
+    api::{
+        core::v1::ServiceAccount,
+        rbac::v1::{Role, RoleBinding},
+    },
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams},
+    runtime::{controller::Action, events::EventType},
+};
+use serde_json::json;
+
+use super::{LeaseContext, owned_by, publish, role_owner, trusted_role, write_status};
+use crate::{
+    Error, Result,
+    api::{IdentityLease, LeasePhase},
+    cloud::aws::Reaped,
+};
+
+/// Annotation recording why and when the controller decided to reap.
+pub(super) const ANNOTATION_REAP: &str = "ephemera.dev/reap";
+
+/// Records why and when the workload ended, then deletes the lease: the
+/// finalizer does the reaping.
+pub(super) async fn start_reaping(
+    lease: &IdentityLease,
+    ctx: &LeaseContext,
+    reason: &str,
+    ended: Timestamp,
+) -> Result<Action> {
+    let namespace = lease.namespace().unwrap_or_default();
+    let api = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &namespace);
+    let note = json!({"reason": reason, "ended": ended.to_string()}).to_string();
+    api.patch(
+        &lease.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {ANNOTATION_REAP: note}}})),
+    )
+    .await
+    .map_err(Error::kube("recording why the lease is reaped"))?;
+    api.delete(&lease.name_any(), &DeleteParams::background()).await.map_err(Error::kube("deleting the lease"))?;
+    tracing::info!(namespace, lease = %lease.name_any(), reason, "reaping");
+    Ok(Action::await_change())
+}
+
+/// The finalizer: revoke, delete the role, RBAC and ServiceAccount.
+pub(super) async fn reap(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Action> {
+    let client = &ctx.base.client;
+    let namespace = lease.namespace().unwrap_or_default();
+    let name = lease.name_any();
+    let note: Option<serde_json::Value> =
+        lease.annotations().get(ANNOTATION_REAP).and_then(|n| serde_json::from_str(n).ok());
+    let reason = note.as_ref().and_then(|n| n["reason"].as_str()).unwrap_or("the lease was deleted").to_owned();
+    let uid = lease.uid().unwrap_or_default();
+    if ctx.reaped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&uid) {
+        // Done before; only the finalizer's removal is left (or was stale).
+        return Ok(Action::await_change());
+    }
+    // A lease the webhook did not write names nothing of ours: it goes,
+    // and nothing it names is touched.
+    let role = match trusted_role(lease, &ctx.cloud.cluster, &ctx.cloud.account) {
+        Ok(role) => role,
+        Err(why) => {
+            publish(ctx, lease, EventType::Warning, "LeaseRefused", format!("{why}; nothing it names was touched"))
+                .await;
+            ctx.reaped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid);
+            return Ok(Action::await_change());
+        }
+    };
+    // The lease is normally gone within milliseconds: status says Reaping
+    // only when something holds it (kubectl shows the deletion meanwhile).
+    // (`at`, the reap decision, is what 0.2 recorded.)
+    let ended = note
+        .as_ref()
+        .and_then(|n| n["ended"].as_str().or_else(|| n["at"].as_str()))
+        .and_then(|t| t.parse::<Timestamp>().ok());
+    let since_end = |at: std::time::SystemTime| {
+        ended.and_then(|e| Timestamp::try_from(at).ok().map(|at| at.duration_since(e).as_secs_f64().max(0.0)))
+    };
+    match ctx.cloud.provider.revoke_and_delete(&role, &role_owner(lease, ctx)).await {
+        Ok(Reaped::Deleted { revoked }) => {
+            if let Some(window) = since_end(revoked) {
+                ctx.base.metrics.credential_window.observe(window);
+            }
+        }
+        Ok(Reaped::Gone) => {}
+        // Not ours: left alone, said once; the lease's own objects still go.
+        Err(e @ Error::RoleConflict(_)) => {
+            publish(ctx, lease, EventType::Warning, "RoleConflict", e.to_string()).await;
+        }
+        Err(e) => {
+            // Best effort: the namespace may be going away.
+            let _ = write_status(lease, ctx, LeasePhase::Reaping, None, Some(&e), &reason, None).await;
+            publish(ctx, lease, EventType::Warning, "ReapFailed", e.to_string()).await;
+            return Err(e);
+        }
+    }
+    delete_if_owned::<RoleBinding>(client, lease, &name).await?;
+    delete_if_owned::<Role>(client, lease, &name).await?;
+    delete_if_owned::<ServiceAccount>(client, lease, &lease.spec.service_account).await?;
+    if let Some(window) = since_end(std::time::SystemTime::now()) {
+        ctx.base.metrics.ghost_window.observe(window);
+    }
+    publish(
+        ctx,
+        lease,
+        EventType::Normal,
+        "Reaped",
+        format!("{reason}: sessions revoked, role and ServiceAccount deleted"),
+    )
+    .await;
+    ctx.reaped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid);
+    tracing::info!(namespace, lease = name, reason, "reaped");
+    Ok(Action::await_change())
+}
+
+/// Deletes `name` if it is there and owned by `lease` (by uid; the delete
+/// is conditional on the uid read, so a replacement is never hit).
+pub(super) async fn delete_if_owned<K>(client: &Client, lease: &IdentityLease, name: &str) -> Result<()>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let namespace = lease.namespace().unwrap_or_default();
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let api = Api::<K>::namespaced(client.clone(), &namespace);
+    let Some(found) = api.get_opt(name).await.map_err(Error::kube(format!("reading {kind} {namespace}/{name}")))?
+    else {
+        return Ok(());
+    };
+    if !owned_by(&found, lease) {
+        tracing::warn!(namespace, name, kind, "not deleted: it is not owned by the lease being reaped");
+        return Ok(());
+    }
+    let dp = DeleteParams {
+        preconditions: Some(kube::api::Preconditions { uid: found.uid(), resource_version: None }),
+        ..DeleteParams::background()
+    };
+    match api.delete(name, &dp).await {
+        Ok(_) => Ok(()),
+        // Gone, or replaced since the read (409: the uid precondition).
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(e) => Err(Error::kube(format!("deleting {kind} {namespace}/{name}"))(e)),
+    }
+}

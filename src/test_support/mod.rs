@@ -1,0 +1,3 @@
+//! Test doubles, compiled only for unit tests.
+
+pub mod fake_apiserver;

@@ -28,6 +28,42 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
+    /// The webhook's serving certificate, key or TLS Secret cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
+
+    /// A server, watch or task this process needs has stopped.
+    #[error("stopped: {0}")]
+    Stopped(String),
+
+    /// What this process needs is not there yet (its caches not filled).
+    #[error("not ready: {0}")]
+    NotReady(String),
+
+    /// Someone else holds what was asked for (a lease name another workload
+    /// has, a Secret changing under us): retried, never shared.
+    #[error("conflict: {0}")]
+    Conflict(String),
+
+    /// The namespace is governed by no `IdentityBoundary` (any more).
+    #[error("not governed: {0}")]
+    NotGoverned(String),
+
+    /// Several boundaries governing a namespace attach different IAM
+    /// permissions boundaries; a role has room for only one, and ephemera
+    /// never picks one silently.
+    #[error("permissions boundaries conflict: {0}")]
+    PermissionsBoundaryConflict(String),
+
+    /// Leader election could not run.
+    #[error("leader election: {0}")]
+    LeaderElection(String),
+
+    /// An API answered without what it must return (no token in a
+    /// TokenRequest, no account from STS).
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+
     /// Serialising or parsing YAML/JSON failed.
     #[error("cannot serialise {what}: {message}")]
     Serialization { what: &'static str, message: String },
@@ -93,6 +129,14 @@ impl Error {
             Error::KubeConfig(_) => "kube_config",
             Error::Cloud { .. } => "cloud",
             Error::Config(_) => "config",
+            Error::Tls(_) => "tls",
+            Error::Stopped(_) => "stopped",
+            Error::NotReady(_) => "not_ready",
+            Error::Conflict(_) => "conflict",
+            Error::NotGoverned(_) => "not_governed",
+            Error::PermissionsBoundaryConflict(_) => "permissions_boundary_conflict",
+            Error::LeaderElection(_) => "leader_election",
+            Error::Unexpected(_) => "unexpected",
             Error::Serialization { .. } => "serialization",
             Error::Io { .. } => "io",
             Error::QuotaExceeded(_) => "quota",
@@ -116,6 +160,8 @@ impl Error {
             Error::LeaseRefused(_) => "Refused",
             Error::TokenRejected(_) => "TokenRejected",
             Error::TrustDenied(_) => "TrustDenied",
+            Error::NotGoverned(_) => "NotGoverned",
+            Error::PermissionsBoundaryConflict(_) => "PermissionsBoundaryConflict",
             _ => "Error",
         }
     }

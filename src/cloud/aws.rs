@@ -423,7 +423,7 @@ impl AwsProvider {
             .call("GetCallerIdentity", self.sts.get_caller_identity().send())
             .await
             .map_err(|e| cloud_error("GetCallerIdentity", &e))?;
-        out.account.ok_or_else(|| Error::Config("STS GetCallerIdentity returned no account".into()))
+        out.account.ok_or_else(|| Error::Unexpected("STS GetCallerIdentity returned no account".into()))
     }
 
     /// Makes the role, or brings an existing one (a retry after a crash) to

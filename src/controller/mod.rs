@@ -374,13 +374,13 @@ pub async fn run(settings: Settings) -> Result<()> {
         },
         res = admin => match res {
             Ok(res) => res,
-            Err(join) => Err(Error::Config(format!("admin server stopped: {join}"))),
+            Err(join) => Err(Error::Stopped(format!("admin server stopped: {join}"))),
         },
     };
     stopper.abort();
     let result = match stop.reason() {
         Some(StopReason::LostLeadership) => {
-            result.and(Err(Error::Config("lost the leader-election lease; exiting so a new leader takes over".into())))
+            result.and(Err(Error::NotLeader("lost the leader-election lease; exiting so a new leader takes over".into())))
         }
         _ => result,
     };
@@ -423,14 +423,14 @@ async fn lease_cloud(
 async fn discover_issuer(client: &Client) -> Result<String> {
     let request = http::Request::get("/.well-known/openid-configuration")
         .body(Vec::new())
-        .map_err(|e| Error::Config(format!("building the discovery request: {e}")))?;
+        .map_err(|e| Error::Unexpected(format!("building the discovery request: {e}")))?;
     let text = client.request_text(request).await.map_err(Error::kube("reading the OpenID discovery document"))?;
     let doc: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::Serialization { what: "OpenID discovery document", message: e.to_string() })?;
     doc["issuer"]
         .as_str()
         .map(str::to_owned)
-        .ok_or_else(|| Error::Config("the OpenID discovery document has no issuer; set --oidc-issuer".into()))
+        .ok_or_else(|| Error::Unexpected("the OpenID discovery document has no issuer; set --oidc-issuer".into()))
 }
 
 type Leadership = (
@@ -464,12 +464,12 @@ async fn acquire_leadership(client: &Client, settings: &Settings) -> Result<Opti
         .with_grace(5)
         .build()
         .await
-        .map_err(|e| Error::Config(format!("leader election: {e}")))?;
+        .map_err(|e| Error::LeaderElection(e.to_string()))?;
     let (mut rx, task) = manager.watch().await;
     tracing::info!(lease = LEASE_NAME, namespace = %settings.namespace, "waiting for leadership");
     let won = async {
         while !*rx.borrow_and_update() {
-            rx.changed().await.map_err(|_| Error::Config("leader election stopped".into()))?;
+            rx.changed().await.map_err(|_| Error::LeaderElection("the election task stopped".into()))?;
         }
         Ok::<_, Error>(())
     };

@@ -75,7 +75,7 @@ async fn reconcile(identity: Arc<WorkloadIdentity>, ctx: Arc<Context>) -> Result
     let (labels, boundaries) = namespace_and_boundaries(client, &namespace).await?;
     // Counted from the lease controller's cache once it is filled.
     if !ctx.leases_ready.wait().await {
-        return Err(Error::Config("the lease cache stopped before it was filled".into()));
+        return Err(Error::Stopped("the lease cache stopped before it was filled".into()));
     }
     let active_leases = ctx
         .leases

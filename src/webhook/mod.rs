@@ -128,10 +128,10 @@ pub async fn run(settings: Settings) -> Result<()> {
 
     tokio::select! {
         res = server => res
-            .map_err(|e| Error::Config(format!("webhook server stopped: {e}")))?
+            .map_err(|e| Error::Stopped(format!("webhook server stopped: {e}")))?
             .map_err(Error::io(format!("serving the webhook on {}", settings.listen_addr))),
-        res = admin => res.map_err(|e| Error::Config(format!("admin server stopped: {e}")))?,
-        _ = watchers => Err(Error::Config("the webhook's watches ended".into())),
+        res = admin => res.map_err(|e| Error::Stopped(format!("admin server stopped: {e}")))?,
+        _ = watchers => Err(Error::Stopped("the webhook's watches ended".into())),
     }
 }
 
@@ -277,8 +277,8 @@ async fn wait_for_stores(stores: &Stores) -> Result<()> {
     };
     match tokio::time::timeout(Duration::from_mins(1), waited).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Error::Config(format!("webhook caches: {e}"))),
-        Err(_) => Err(Error::Config(
+        Ok(Err(e)) => Err(Error::NotReady(format!("webhook caches: {e}"))),
+        Err(_) => Err(Error::NotReady(
             "webhook caches not filled after 60 s: can the operator list namespaces and ephemera.dev resources?".into(),
         )),
     }

@@ -274,7 +274,7 @@ pub async fn provision(client: &Client, lease: &IdentityLease) -> Result<()> {
                 || !same_holder
                 || existing.meta().deletion_timestamp.is_some()
             {
-                return Err(Error::Config(format!(
+                return Err(Error::Conflict(format!(
                     "IdentityLease {namespace}/{name} exists for another workload or is being reaped; retry"
                 )));
             }
@@ -580,6 +580,9 @@ spec: {containers: [{name: main, image: busybox}]}
         crate::test_support::fake_apiserver::expect_status(&mut apiserver, "POST", path, 409, conflict).await;
         crate::test_support::fake_apiserver::expect(&mut apiserver, "GET", path, theirs).await;
         let err = provisioning.await.unwrap().expect_err("a collision must be refused");
+        assert!(matches!(err, Error::Conflict(_)), "{err}");
+        // What the pod's creator reads: what happened, not "invalid configuration".
+        assert!(err.to_string().starts_with("conflict: IdentityLease team-a/"), "{err}");
         assert!(err.to_string().contains("exists for another workload"), "{err}");
     }
 

@@ -59,7 +59,7 @@ impl std::fmt::Debug for CertBundle {
 }
 
 fn tls_error(what: &str) -> impl FnOnce(rcgen::Error) -> Error + '_ {
-    move |e| Error::Config(format!("{what}: {e}"))
+    move |e| Error::Tls(format!("{what}: {e}"))
 }
 
 fn ca_params() -> Result<CertificateParams> {
@@ -140,17 +140,17 @@ pub fn needs_renewal(bundle: &CertBundle, now: SystemTime) -> bool {
 pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::Config(format!("serving certificate PEM: {e}")))?;
+        .map_err(|e| Error::Tls(format!("serving certificate PEM: {e}")))?;
     if certs.is_empty() {
-        return Err(Error::Config("serving certificate PEM holds no certificate".into()));
+        return Err(Error::Tls("serving certificate PEM holds no certificate".into()));
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| Error::Config(format!("serving key PEM: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| Error::Tls(format!("serving key PEM: {e}")))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Config(format!("TLS versions: {e}")))?
+        .map_err(|e| Error::Tls(format!("TLS versions: {e}")))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| Error::Config(format!("serving certificate and key do not match: {e}")))?;
+        .map_err(|e| Error::Tls(format!("serving certificate and key do not match: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -224,7 +224,7 @@ pub async fn ensure_secret(
     let context = || format!("reading Secret {namespace}/{name}");
     for _ in 0..3 {
         let Some(secret) = api.get_opt(name).await.map_err(Error::kube(context()))? else {
-            return Err(Error::Config(format!(
+            return Err(Error::Tls(format!(
                 "Secret {namespace}/{name} does not exist: the Helm chart makes it empty and the webhook fills it; \
                  without the chart, make it with `kubectl -n {namespace} create secret generic {name}`"
             )));
@@ -253,7 +253,7 @@ pub async fn ensure_secret(
                 }
             }
             None => {
-                return Err(Error::Config(format!(
+                return Err(Error::Tls(format!(
                     "Secret {namespace}/{name} holds data but not all of ca.crt, ca.key, tls.crt, tls.key and the \
                      {NOT_AFTER_ANNOTATION} annotation; empty it (or delete it and run helm upgrade) to have ephemera \
                      make a new CA"
@@ -274,7 +274,7 @@ pub async fn ensure_secret(
             Err(e) => return Err(Error::kube(format!("writing Secret {namespace}/{name}"))(e)),
         }
     }
-    Err(Error::Config(format!("Secret {namespace}/{name} keeps changing under us; giving up for now")))
+    Err(Error::Conflict(format!("Secret {namespace}/{name} keeps changing under us; giving up for now")))
 }
 
 /// An empty Secret: the chart's placeholder, not yet filled.

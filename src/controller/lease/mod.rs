@@ -291,7 +291,7 @@ async fn reconcile(lease: Arc<IdentityLease>, ctx: Arc<LeaseContext>) -> Result<
             Ok(Action::await_change())
         }
         kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => Err(e),
-        other => Err(Error::Config(format!("finalizer {FINALIZER_REAPER}: {other}"))),
+        other => Err(Error::Unexpected(format!("finalizer {FINALIZER_REAPER}: {other}"))),
     });
     if result.is_ok() {
         ctx.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
@@ -428,9 +428,8 @@ async fn write_status(
     let previous = lease.status.clone().unwrap_or_default();
     let ready = phase == LeasePhase::Ready;
     let reason = match (phase, error) {
-        (_, Some(Error::QuotaExceeded(_))) => "QuotaExceeded",
-        (_, Some(Error::LeaseRefused(_))) => "Refused",
-        (_, Some(e @ (Error::RoleConflict(_) | Error::TokenRejected(_) | Error::TrustDenied(_)))) => e.reason(),
+        // The errors a user acts on name themselves; the rest say the phase.
+        (_, Some(e)) if e.reason() != "Error" => e.reason(),
         (LeasePhase::Pending, _) => "Pending",
         (LeasePhase::Provisioning, _) => "Provisioning",
         (LeasePhase::Ready, _) => "Verified",

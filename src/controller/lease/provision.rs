@@ -260,10 +260,9 @@ pub(super) async fn make_role(
     }
     if let Err(e) = ctx.cloud.provider.provision(spec).await {
         write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision", None).await?;
-        let reason = match e {
-            Error::QuotaExceeded(_) => "QuotaExceeded",
-            Error::RoleConflict(_) => "RoleConflict",
-            _ => "ProvisionFailed",
+        let reason = match e.reason() {
+            "Error" => "ProvisionFailed",
+            named => named,
         };
         publish(ctx, lease, EventType::Warning, reason, e.to_string()).await;
         return Err(e);
@@ -376,7 +375,7 @@ pub(super) async fn role_spec(
     let (labels, boundaries) = namespace_and_boundaries(client, &namespace).await?;
     let eval = evaluate(&identity.spec, &labels, &boundaries);
     if eval.governing.is_empty() {
-        return Err(Error::Config(format!("namespace {namespace} is governed by no IdentityBoundary")));
+        return Err(Error::NotGoverned(format!("namespace {namespace} is governed by no IdentityBoundary")));
     }
     let governing: Vec<&IdentityBoundary> =
         boundaries.iter().filter(|b| eval.governing.contains(&b.name_any())).collect();
@@ -513,7 +512,7 @@ pub(super) async fn token_for(
         .map_err(Error::kube(format!("requesting a token for ServiceAccount {namespace}/{service_account}")))?
         .status
         .and_then(|s| s.token)
-        .ok_or_else(|| Error::Config("TokenRequest returned no token".into()))
+        .ok_or_else(|| Error::Unexpected("TokenRequest returned no token".into()))
 }
 
 /// Records the pod's uid on the lease the first time the pod is seen, so a

@@ -72,4 +72,7 @@ pub mod reason {
     pub const INVALID_SELECTOR: &str = "InvalidSelector";
     /// Reconciled.
     pub const RECONCILED: &str = "Reconciled";
+    /// The governing boundaries name different IAM permissions boundaries;
+    /// a role takes one, so the identity gets no role until they agree.
+    pub const PERMISSIONS_BOUNDARY_CONFLICT: &str = "PermissionsBoundaryConflict";
 }

@@ -254,7 +254,7 @@ pub struct RoleSpec {
     pub policy: Option<Value>,
     /// Managed policies to attach.
     pub managed_policy_arns: Vec<String>,
-    /// Permissions boundary (the first of the governing boundaries').
+    /// Permissions boundary (the one the governing boundaries agree on).
     pub permissions_boundary: Option<String>,
     /// `MaxSessionDuration`.
     pub max_session: Duration,

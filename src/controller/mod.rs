@@ -379,9 +379,8 @@ pub async fn run(settings: Settings) -> Result<()> {
     };
     stopper.abort();
     let result = match stop.reason() {
-        Some(StopReason::LostLeadership) => {
-            result.and(Err(Error::NotLeader("lost the leader-election lease; exiting so a new leader takes over".into())))
-        }
+        Some(StopReason::LostLeadership) => result
+            .and(Err(Error::NotLeader("lost the leader-election lease; exiting so a new leader takes over".into()))),
         _ => result,
     };
     if let Some(leadership) = leadership {

@@ -144,6 +144,12 @@ async fn publish_transitions(
         Some((EventType::Warning, reason::BOUNDARY_VIOLATION, violation_message(&evaluation.violations)))
     } else if was_violating && !is_violating {
         Some((EventType::Normal, reason::WITHIN_BOUNDARY, "everything requested is within the boundaries".to_owned()))
+    } else if let Some(conflict) = evaluation
+        .permissions_boundary_conflict
+        .as_ref()
+        .filter(|_| !previous.conditions.iter().any(|c| c.reason == reason::PERMISSIONS_BOUNDARY_CONFLICT))
+    {
+        Some((EventType::Warning, reason::PERMISSIONS_BOUNDARY_CONFLICT, conflict.clone()))
     } else if !is_ready && (was_ready || previous.conditions.is_empty()) {
         Some((EventType::Warning, reason::NOT_GOVERNED, not_governed_message()))
     } else if is_ready && !was_ready {
@@ -170,8 +176,15 @@ pub struct Evaluation {
     pub managed_policy_arns: Vec<String>,
     /// Token lifetime after every boundary's cap.
     pub token_ttl: Duration,
-    /// Permissions boundaries to attach (one per governing boundary that sets one).
+    /// Permissions boundaries the governing boundaries name (distinct). A
+    /// role takes one: with more than one the identity is refused
+    /// ([`Evaluation::permissions_boundary_conflict`]).
     pub permissions_boundary_arns: Vec<String>,
+    /// Why the identity gets no role at all: its boundaries name different
+    /// permissions boundaries. IAM attaches one per role and the intersection
+    /// of two managed policies cannot be written as a third, so ephemera
+    /// refuses rather than silently keep one of them.
+    pub permissions_boundary_conflict: Option<String>,
     /// Everything asked for that some boundary refused.
     pub violations: Vec<Violation>,
 }
@@ -192,6 +205,7 @@ pub fn evaluate(
 
     let (governing, invalid) = governing_boundaries(labels, boundaries);
     eval.invalid_selectors = invalid;
+    let mut boundary_arns: Vec<(String, String)> = Vec::new();
 
     for boundary in &governing {
         let name = boundary.name_any();
@@ -234,12 +248,23 @@ pub fn evaluate(
         }
 
         eval.token_ttl = eval.token_ttl.min(boundary.spec.max_token_ttl);
-        if let Some(arn) = boundary.spec.aws.as_ref().and_then(|a| a.permissions_boundary_arn.clone())
-            && !eval.permissions_boundary_arns.contains(&arn)
-        {
-            eval.permissions_boundary_arns.push(arn);
+        if let Some(arn) = boundary.spec.aws.as_ref().and_then(|a| a.permissions_boundary_arn.clone()) {
+            if !eval.permissions_boundary_arns.contains(&arn) {
+                eval.permissions_boundary_arns.push(arn.clone());
+            }
+            boundary_arns.push((name.clone(), arn));
         }
         eval.governing.push(name);
+    }
+    if eval.permissions_boundary_arns.len() > 1 {
+        let named: Vec<String> =
+            boundary_arns.iter().map(|(b, arn)| format!("IdentityBoundary {b} sets {arn}")).collect();
+        eval.permissions_boundary_conflict = Some(format!(
+            "spec.aws.permissionsBoundaryArn differs between the boundaries governing this namespace ({}): an IAM \
+             role takes one permissions boundary and ephemera will not drop the others, so no role is made until \
+             the boundaries name the same one (or only one names any)",
+            named.join(", ")
+        ));
     }
     eval
 }
@@ -273,7 +298,16 @@ fn status_for(
     active_leases: usize,
 ) -> WorkloadIdentityStatus {
     let governed = !eval.governing.is_empty();
-    let ready = if governed {
+    let ready = if let Some(conflict) = &eval.permissions_boundary_conflict {
+        condition(
+            &previous.conditions,
+            cond::READY,
+            false,
+            reason::PERMISSIONS_BOUNDARY_CONFLICT,
+            conflict.clone(),
+            generation,
+        )
+    } else if governed {
         condition(
             &previous.conditions,
             cond::READY,
@@ -407,6 +441,53 @@ mod tests {
         assert!(!is_true(&status.conditions, cond::READY));
         assert_eq!(status.conditions[0].reason, reason::NOT_GOVERNED);
         assert!(status.effective.is_none());
+    }
+
+    #[test]
+    fn boundaries_naming_different_permissions_boundaries_refuse_the_identity() {
+        let with_pb = |name: &str, arn: Option<&str>| {
+            let mut b = boundary(name, "a", &["s3:*"], &["*"], "1h");
+            b.spec.aws.as_mut().unwrap().permissions_boundary_arn = arn.map(str::to_owned);
+            b
+        };
+        let spec = identity(&["s3:GetObject"], &["*"], "15m");
+        let (pb1, pb2) = ("arn:aws:iam::111122223333:policy/pb-1", "arn:aws:iam::111122223333:policy/pb-2");
+
+        // One names one, the other none: the role gets that one.
+        let eval = evaluate(&spec, &labels("a"), &[with_pb("x", Some(pb1)), with_pb("y", None)]);
+        assert_eq!(
+            (eval.permissions_boundary_arns.as_slice(), &eval.permissions_boundary_conflict),
+            (&[pb1.to_owned()][..], &None)
+        );
+        // Both name the same one: that one.
+        let eval = evaluate(&spec, &labels("a"), &[with_pb("x", Some(pb1)), with_pb("y", Some(pb1))]);
+        assert!(eval.permissions_boundary_conflict.is_none());
+
+        // Different ones: refused, naming both boundaries and both ARNs.
+        let eval = evaluate(&spec, &labels("a"), &[with_pb("x", Some(pb1)), with_pb("y", Some(pb2))]);
+        let conflict = eval.permissions_boundary_conflict.clone().expect("a conflict");
+        for part in [
+            "IdentityBoundary x sets arn:aws:iam::111122223333:policy/pb-1",
+            "IdentityBoundary y sets arn:aws:iam::111122223333:policy/pb-2",
+            "spec.aws.permissionsBoundaryArn",
+        ] {
+            assert!(conflict.contains(part), "{conflict}");
+        }
+        let status = status_for(&eval, &WorkloadIdentityStatus::default(), Some(1), 0);
+        let ready = &status.conditions[0];
+        assert_eq!(
+            (ready.type_.as_str(), ready.status.as_str(), ready.reason.as_str()),
+            ("Ready", "False", "PermissionsBoundaryConflict")
+        );
+        assert_eq!(ready.message, conflict);
+        // The validating webhook refuses it with the same reason.
+        let refused = crate::webhook::identities::check_boundaries(
+            &spec,
+            "team-a",
+            &labels("a"),
+            &[with_pb("x", Some(pb1)), with_pb("y", Some(pb2))],
+        );
+        assert_eq!(refused, Err(conflict));
     }
 
     #[test]

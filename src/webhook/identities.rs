@@ -44,6 +44,9 @@ pub fn check_boundaries(
             "no IdentityBoundary governs namespace {namespace}: pods will not get this identity until one does"
         )]);
     }
+    if let Some(conflict) = eval.permissions_boundary_conflict {
+        return Err(conflict);
+    }
     if !eval.violations.is_empty() {
         let lines: Vec<String> = eval.violations.iter().map(ToString::to_string).collect();
         return Err(lines.join("; "));

@@ -131,6 +131,9 @@ pub fn decide(pod: &Pod, env: &Environment<'_>) -> Decision {
     };
 
     let eval = evaluate(&identity.spec, env.namespace_labels, env.boundaries);
+    if let Some(conflict) = eval.permissions_boundary_conflict {
+        return Decision::Deny(format!("WorkloadIdentity {} can get no role: {conflict}", identity.name_any()));
+    }
     if !eval.violations.is_empty() {
         warnings.push(format!(
             "WorkloadIdentity {} is narrowed by its boundaries ({} violation(s)); see its status",
@@ -529,6 +532,24 @@ spec: {containers: [{name: main, image: busybox}]}
             Decision::Admit { admission, lease, warnings } => (admission, lease, warnings),
             other => panic!("expected Admit, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_pod_whose_boundaries_disagree_on_the_permissions_boundary_is_refused() {
+        let mut f = Fixture::new();
+        let mut second = team_a_boundary();
+        second.metadata.name = Some("team-a-audit".into());
+        for (b, policy) in f.boundaries.iter_mut().chain(std::iter::once(&mut second)).zip(["pb-1", "pb-2"]) {
+            b.spec.aws.as_mut().unwrap().permissions_boundary_arn =
+                Some(format!("arn:aws:iam::000000000000:policy/{policy}"));
+        }
+        f.boundaries.push(second);
+        let Decision::Deny(reason) = f.decide(&pod(PLAIN)) else { panic!("admitted despite the conflict") };
+        assert!(
+            reason.starts_with("WorkloadIdentity report can get no role: spec.aws.permissionsBoundaryArn"),
+            "{reason}"
+        );
+        assert!(reason.contains("team-a-audit sets arn:aws:iam::000000000000:policy/pb-2"), "{reason}");
     }
 
     #[test]

@@ -286,7 +286,16 @@ pub(super) async fn follow_policy(
     role_name: &str,
 ) -> Result<()> {
     let role_arn = lease.spec.role_arn.clone().unwrap_or_default(); // checked by `trusted_role`
-    let (spec, rules) = role_spec(lease, identity, &role_arn, role_name, ctx).await?;
+    let (spec, rules) = match role_spec(lease, identity, &role_arn, role_name, ctx).await {
+        Ok(found) => found,
+        Err(e) => {
+            // The live role keeps the permissions it has; the user is told why
+            // they do not follow (the reconcile backs off and tries again).
+            let note = format!("the role keeps its permissions as they were: {e}");
+            publish(ctx, lease, EventType::Warning, e.reason(), note).await;
+            return Err(e);
+        }
+    };
     if let Some(fence) = &ctx.base.fence {
         fence.check().await?;
     }
@@ -377,6 +386,9 @@ pub(super) async fn role_spec(
     if eval.governing.is_empty() {
         return Err(Error::NotGoverned(format!("namespace {namespace} is governed by no IdentityBoundary")));
     }
+    if let Some(conflict) = eval.permissions_boundary_conflict {
+        return Err(Error::PermissionsBoundaryConflict(conflict));
+    }
     let governing: Vec<&IdentityBoundary> =
         boundaries.iter().filter(|b| eval.governing.contains(&b.name_any())).collect();
     let max_session = governing
@@ -409,6 +421,7 @@ pub(super) async fn role_spec(
         ),
         policy: (!allowed.is_empty()).then(|| aws::permissions_policy(&allowed)),
         managed_policy_arns: eval.managed_policy_arns.clone(),
+        // At most one: several are refused above.
         permissions_boundary: eval.permissions_boundary_arns.first().cloned(),
         max_session,
         tags,

@@ -80,7 +80,7 @@ pub enum Workload {
 
 /// The state of each lease's holder, from the pods and Jobs listed.
 #[must_use]
-pub fn workload_of(lease: &IdentityLease, pods: &[Pod], jobs: &[Job]) -> Workload {
+pub fn workload_of(lease: &IdentityLease, pods: &[Pod], jobs: &[Job], now: Timestamp) -> Workload {
     let namespace = lease.namespace();
     let holder = &lease.spec.holder;
     let same = |ns: Option<String>, name: String, uid: Option<String>| {
@@ -91,7 +91,7 @@ pub fn workload_of(lease: &IdentityLease, pods: &[Pod], jobs: &[Job]) -> Workloa
             let Some(pod) = pods.iter().find(|p| same(p.namespace(), p.name_any(), p.uid())) else {
                 return Workload::Missing;
             };
-            pod_ended(pod).map_or(Workload::Live, |how| Workload::Over(format!("pod {how}")))
+            pod_ended(pod, now).map_or(Workload::Live, |how| Workload::Over(format!("pod {how}")))
         }
         HolderKind::Job => {
             let Some(job) = jobs.iter().find(|j| same(j.namespace(), j.name_any(), j.uid())) else {
@@ -176,7 +176,7 @@ pub fn rows(
         .iter()
         .map(|lease| {
             let identity = by_name.get(&(lease.namespace(), lease.spec.workload_identity.clone())).copied();
-            let workload = workload_of(lease, pods, jobs);
+            let workload = workload_of(lease, pods, jobs, now);
             let created = lease.metadata.creation_timestamp.as_ref().map(|t| t.0);
             let status = lease.status.as_ref();
             let phase = if lease.metadata.deletion_timestamp.is_some() {

@@ -30,6 +30,10 @@
 //	--fresh-session   load the configuration again every round, so every round
 //	                  assumes the role with the token file as it is now (the SDK
 //	                  otherwise keeps a session until it nears expiry)
+//	--shutdown-delay D  on SIGTERM in a loop, wait D before the last round (a
+//	                  shutdown hook that flushes after a moment: the pod must
+//	                  keep its credentials while it terminates, not only at
+//	                  the first instant)
 //	--serve ADDR      answer every HTTP request with 200 "ok" until SIGTERM (a
 //	                  peer for network tests); nothing else runs
 //
@@ -192,8 +196,9 @@ func main() {
 	fresh := flag.Bool("fresh-session", false, "load the configuration (and assume the role) again every round")
 	settle := flag.Duration("settle", 0, "wait up to this long for the --unreachable URLs to be blocked")
 	serveAddr := flag.String("serve", "", "serve HTTP 200 \"ok\" on this address until SIGTERM")
+	shutdownDelay := flag.Duration("shutdown-delay", 0, "on SIGTERM in a loop, wait this long before the last round")
 	flag.Parse()
-	if flag.NArg() > 0 || *loop < 0 || *every <= 0 || *settle < 0 {
+	if flag.NArg() > 0 || *loop < 0 || *every <= 0 || *settle < 0 || *shutdownDelay < 0 {
 		flag.Usage()
 		os.Exit(2)
 	}
@@ -238,7 +243,8 @@ func main() {
 		allOK = p.round(ctx, n, "loop") && allOK
 		select {
 		case sig := <-stop:
-			fmt.Fprintf(os.Stderr, "sdk-probe: %v: one last round\n", sig)
+			fmt.Fprintf(os.Stderr, "sdk-probe: %v: one last round in %v\n", sig, *shutdownDelay)
+			time.Sleep(*shutdownDelay)
 			allOK = p.round(ctx, n+1, "shutdown") && allOK
 			exit(allOK)
 		case <-deadline:

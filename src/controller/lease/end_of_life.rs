@@ -51,7 +51,7 @@ pub(super) fn end_reason(
         Holder::Job(None) => missing("Job"),
         Holder::Pod(Some(pod)) => replaced("pod", pod.uid())
             .or_else(|| not_its_pod(lease, pod))
-            .or_else(|| pod_ended(pod).map(|how| format!("pod {} {how}", spec.name))),
+            .or_else(|| pod_ended(pod, now).map(|how| format!("pod {} {how}", spec.name))),
         Holder::Job(Some(job)) => {
             replaced("Job", job.uid()).or_else(|| job_ended(job).map(|how| format!("Job {} {how}", spec.name)))
         }
@@ -79,18 +79,37 @@ pub(super) fn not_its_pod(lease: &IdentityLease, pod: &Pod) -> Option<String> {
     }
 }
 
-/// How a pod's workload ended, if it did: `is being deleted`, `succeeded`
-/// or `failed`. Shared with `ephemera inventory`.
+/// How a pod's workload ended, if it did: `succeeded`, `failed`, or, for a
+/// pod being deleted, once none of its containers runs (its SIGTERM handlers
+/// and preStop hooks, which may still flush to S3, are done) or once its
+/// grace period is over (`deletionTimestamp`: a node that stopped reporting
+/// must not keep a role alive). Shared with `ephemera inventory`.
 #[must_use]
-pub fn pod_ended(pod: &Pod) -> Option<&'static str> {
-    if pod.meta().deletion_timestamp.is_some() {
-        return Some("is being deleted");
-    }
+pub fn pod_ended(pod: &Pod, now: Timestamp) -> Option<&'static str> {
     match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
-        Some("Succeeded") => Some("succeeded"),
-        Some("Failed") => Some("failed"),
-        _ => None,
+        Some("Succeeded") => return Some("succeeded"),
+        Some("Failed") => return Some("failed"),
+        _ => {}
     }
+    let deadline = pod.meta().deletion_timestamp.as_ref()?;
+    if !containers_run(pod) {
+        Some("was deleted and its containers have stopped")
+    } else if deadline.0 <= now {
+        Some("was deleted and its grace period is over")
+    } else {
+        None
+    }
+}
+
+/// Whether any container of the pod (init and sidecar containers included)
+/// runs, as the kubelet last reported.
+fn containers_run(pod: &Pod) -> bool {
+    let Some(status) = pod.status.as_ref() else { return false };
+    [&status.container_statuses, &status.init_container_statuses, &status.ephemeral_container_statuses]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
 }
 
 /// How a Job ended, if it did: `completed` or `failed`.
@@ -108,21 +127,28 @@ pub fn lease_age(lease: &IdentityLease, now: Timestamp) -> Duration {
 }
 
 /// When a live lease is looked at again without any event: at its expiry,
-/// at the resync, or, while no pod was ever bound to it, when the holder's
-/// grace period ends (a pod deleted while no controller watched, before its
-/// uid was recorded, is then reaped at once instead of at the next resync).
-pub(super) fn next_look(lease: &IdentityLease, now: Timestamp) -> Duration {
-    let until_expiry = lease.spec.expires_at.0.duration_since(now).unsigned_abs();
-    let mut next = until_expiry.min(RESYNC);
+/// at the resync, while no pod was ever bound to it when the holder's grace
+/// period ends (a pod deleted while no controller watched, before its uid
+/// was recorded, is then reaped at once instead of at the next resync), and,
+/// for a pod being deleted, when its grace period ends (a node that stops
+/// reporting sends no event).
+pub(super) fn next_look(lease: &IdentityLease, holder: &Holder, now: Timestamp) -> Duration {
+    let until = |t: Timestamp| t.duration_since(now).unsigned_abs();
+    let mut next = until(lease.spec.expires_at.0).min(RESYNC);
     if lease.spec.holder.uid.is_none() {
         next = next.min(HOLDER_GRACE.saturating_sub(lease_age(lease, now)));
+    }
+    if let Some(deadline) = holder.pod_of(lease).and_then(|p| p.meta().deletion_timestamp.as_ref()) {
+        next = next.min(until(deadline.0));
     }
     next + Duration::from_secs(1)
 }
 
 /// When the workload ended, as the apiserver shows it (whole seconds, so
-/// at most 1 s before the true end): the deletion request of a pod being
-/// deleted, the last container's end of a pod that succeeded or failed, the
+/// at most 1 s before the true end): for a pod being deleted, its last
+/// container's end (or the deletion request, if none had run; the end of
+/// the grace period, if they were still reported running), the last
+/// container's end of a pod that succeeded or failed, the
 /// Complete/Failed condition of a Job, the expiry of an expired lease; `now`
 /// when the apiserver shows nothing earlier (a pod already gone).
 pub(super) fn workload_ended_at(lease: &IdentityLease, holder: &Holder, now: Timestamp) -> Timestamp {
@@ -130,7 +156,7 @@ pub(super) fn workload_ended_at(lease: &IdentityLease, holder: &Holder, now: Tim
         Some(lease.spec.expires_at.0)
     } else {
         match holder {
-            Holder::Pod(Some(pod)) => pod_ended_at(pod),
+            Holder::Pod(Some(pod)) => pod_ended_at(pod, now),
             Holder::Job(Some(job)) => job_ended_at(job),
             Holder::Pod(None) | Holder::Job(None) => None,
         }
@@ -139,21 +165,26 @@ pub(super) fn workload_ended_at(lease: &IdentityLease, holder: &Holder, now: Tim
 }
 
 /// When a pod's workload ended (see [`workload_ended_at`]).
-pub(super) fn pod_ended_at(pod: &Pod) -> Option<Timestamp> {
-    if let Some(deleting) = &pod.meta().deletion_timestamp {
-        let grace = pod.meta().deletion_grace_period_seconds.unwrap_or(0);
-        return deleting.0.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(grace)).ok();
+pub(super) fn pod_ended_at(pod: &Pod, now: Timestamp) -> Option<Timestamp> {
+    pod_ended(pod, now)?;
+    let last_container_end = || {
+        let status = pod.status.as_ref()?;
+        status
+            .container_statuses
+            .iter()
+            .flatten()
+            .filter_map(|c| c.state.as_ref()?.terminated.as_ref().map(|t| t.finished_at.as_ref().map(|f| f.0)))
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .max()
+    };
+    let Some(deadline) = &pod.meta().deletion_timestamp else { return last_container_end() };
+    if containers_run(pod) {
+        return Some(deadline.0);
     }
-    pod_ended(pod)?;
-    let status = pod.status.as_ref()?;
-    status
-        .container_statuses
-        .iter()
-        .flatten()
-        .filter_map(|c| c.state.as_ref()?.terminated.as_ref().map(|t| t.finished_at.as_ref().map(|f| f.0)))
-        .collect::<Option<Vec<_>>>()?
-        .into_iter()
-        .max()
+    let grace = pod.meta().deletion_grace_period_seconds.unwrap_or(0);
+    let requested = deadline.0.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(grace)).ok();
+    last_container_end().or(requested)
 }
 
 /// When a Job ended: its Complete or Failed condition's transition.
@@ -189,10 +220,14 @@ mod tests {
         };
         let now: Timestamp = "2026-11-23T10:00:30Z".parse().unwrap();
         // Grace (2 min) minus 30 s of age, plus the 1 s margin.
-        assert_eq!(next_look(&lease(None), now), Duration::from_secs(91));
-        assert_eq!(next_look(&lease(Some("u")), now), RESYNC + Duration::from_secs(1));
+        assert_eq!(next_look(&lease(None), &Holder::Pod(None), now), Duration::from_secs(91));
+        assert_eq!(next_look(&lease(Some("u")), &Holder::Pod(None), now), RESYNC + Duration::from_secs(1));
         let late: Timestamp = "2026-11-24T09:59:00Z".parse().unwrap();
-        assert_eq!(next_look(&lease(Some("u")), late), Duration::from_secs(61), "expiry comes first");
+        assert_eq!(
+            next_look(&lease(Some("u")), &Holder::Pod(None), late),
+            Duration::from_secs(61),
+            "expiry comes first"
+        );
     }
 
     #[test]
@@ -320,5 +355,59 @@ mod tests {
         }
         let past = end_reason(&lease("Pod", Some("p1")), wi, &pod("p1", "Running"), expired, true).unwrap();
         assert!(past.starts_with("expired at"), "{past}");
+    }
+
+    #[test]
+    fn a_pod_being_deleted_keeps_its_identity_until_its_containers_stop() {
+        let lease: IdentityLease = serde_json::from_value(json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+            "metadata": {"name": "l", "namespace": "n", "creationTimestamp": "2026-11-23T10:00:00Z"},
+            "spec": {"holder": {"kind": "Pod", "name": "w", "uid": "p1"}, "workloadIdentity": "wi",
+                     "serviceAccount": "l", "expiresAt": "2026-11-24T10:00:00Z"},
+        }))
+        .unwrap();
+        let identity: WorkloadIdentity = serde_json::from_value(json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity",
+            "metadata": {"name": "wi", "namespace": "n"}, "spec": {},
+        }))
+        .unwrap();
+        // Deleted at 10:01:00 with the default 30 s of grace.
+        let deleting = |state: serde_json::Value| -> Holder {
+            let statuses: Vec<_> =
+                [state].into_iter().filter(|s| !s.is_null()).map(|s| json!({"name": "main", "state": s})).collect();
+            Holder::Pod(Some(Box::new(
+                serde_json::from_value(json!({
+                    "metadata": {"name": "w", "uid": "p1", "labels": {"ephemera.dev/lease": "l"},
+                                 "deletionTimestamp": "2026-11-23T10:01:30Z", "deletionGracePeriodSeconds": 30},
+                    "status": {"phase": "Running", "containerStatuses": statuses},
+                }))
+                .unwrap(),
+            )))
+        };
+        let running = deleting(json!({"running": {"startedAt": "2026-11-23T10:00:05Z"}}));
+        let stopped = deleting(json!({"terminated": {"exitCode": 0, "finishedAt": "2026-11-23T10:01:04Z"}}));
+        let never_ran = deleting(serde_json::Value::Null);
+        let at = |t: &str| -> Timestamp { t.parse().unwrap() };
+        let end = |holder: &Holder, now: &str| end_reason(&lease, Some(&identity), holder, at(now), true);
+
+        // SIGTERM sent, the shutdown hook still flushing: the role stays, and
+        // the lease is looked at again when the grace period ends.
+        assert_eq!(end(&running, "2026-11-23T10:01:10Z"), None);
+        assert_eq!(next_look(&lease, &running, at("2026-11-23T10:01:10Z")), Duration::from_secs(21));
+        // Its containers stopped: reaped at once, the workload over when the last one ended.
+        assert_eq!(
+            end(&stopped, "2026-11-23T10:01:05Z").as_deref(),
+            Some("pod w was deleted and its containers have stopped")
+        );
+        assert_eq!(workload_ended_at(&lease, &stopped, at("2026-11-23T10:01:05Z")), at("2026-11-23T10:01:04Z"));
+        // Still reported running past the grace period (a node gone quiet): reaped, over at the deadline.
+        assert_eq!(
+            end(&running, "2026-11-23T10:01:31Z").as_deref(),
+            Some("pod w was deleted and its grace period is over")
+        );
+        assert_eq!(workload_ended_at(&lease, &running, at("2026-11-23T10:01:31Z")), at("2026-11-23T10:01:30Z"));
+        // Deleted before any container ran (still gated): over at the deletion request.
+        assert!(end(&never_ran, "2026-11-23T10:01:01Z").is_some());
+        assert_eq!(workload_ended_at(&lease, &never_ran, at("2026-11-23T10:01:01Z")), at("2026-11-23T10:01:00Z"));
     }
 }

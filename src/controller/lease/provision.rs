@@ -113,7 +113,7 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
         if status.phase == Some(LeasePhase::Ready) && status.policy_digest.as_deref() != digest_of(&identity) {
             follow_policy(lease, ctx, &identity, &role_name).await?;
         }
-        return Ok(Action::requeue(next_look(lease, now)));
+        return Ok(Action::requeue(next_look(lease, &holder, now)));
     }
 
     // No "Provisioning" write on the way: a lease whose role is made and
@@ -180,7 +180,7 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
             )
             .await;
             tracing::info!(namespace, lease = name, role = role_arn, "lease ready");
-            Ok(Action::requeue(next_look(lease, now)))
+            Ok(Action::requeue(next_look(lease, &holder, now)))
         }
     }
 }

@@ -120,18 +120,38 @@ async fn the_chart_runs_on_a_real_node_and_a_real_sdk_gets_exactly_its_access() 
     let ttl = |t: &Value| t["exp"].as_i64().unwrap_or(0) - t["iat"].as_i64().unwrap_or(0);
     assert_eq!(ttl(&report["kube_token"]), ttl(&report["token"]), "the API token is as short-lived: {report}");
 
-    // --- 5. a Deployment: deleting its pod (graceful termination) reaps it ----------
+    // --- 5. a Deployment: deleting its pod (graceful termination) keeps its
+    // identity through its shutdown hook, then reaps it ---------------------------
+    // The probe's SIGTERM handler waits 3 s, then reads its object once more
+    // (a shutdown hook that flushes to S3): that read must still work.
     let deployment = gov.deployment_with_probe("server").await;
     let first = gov.running_pod_of(&deployment, None).await;
     let first_role = env_var_of(&first, "AWS_ROLE_ARN");
+    let follow = LogParams { follow: true, ..LogParams::default() };
+    let log = gov.pods.log_stream(&first.name_any(), &follow).await.expect("following the probe's log");
     let deleted = Timestamp::now();
     gov.pods.delete(&first.name_any(), &DeleteParams::default()).await.expect("deleting the Deployment's pod");
+    let read_all = async {
+        use futures::{AsyncBufReadExt, StreamExt};
+        log.lines().filter_map(|l| async { l.ok() }).collect::<Vec<String>>().await
+    };
+    let lines = tokio::time::timeout(WAIT, read_all).await.expect("the probe's log ends when its container stops");
+    let shutdown = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["phase"] == "shutdown")
+        .unwrap_or_else(|| panic!("no shutdown round in the probe's log:\n{}", lines.join("\n")));
+    assert_eq!(
+        shutdown["gets"][0]["ok"], true,
+        "the shutdown hook, 3 s after SIGTERM, could not read its object: the identity went before the containers stopped: {shutdown}"
+    );
     let gone = gov.wait_reaped(&first_role).await;
     let second = gov.running_pod_of(&deployment, Some(&first.name_any())).await;
     let second_role = env_var_of(&second, "AWS_ROLE_ARN");
     assert_ne!(first_role, second_role, "the replacement pod must get a role of its own");
     eprintln!(
-        "[real node] Deployment: deleted pod reaped, role gone {:.2}s after the delete call; its replacement has its own role",
+        "[real node] Deployment: deleted pod's shutdown hook read S3 {}s after SIGTERM; role gone {:.2}s after the delete call (after the hook); its replacement has its own role",
+        ts_of(&shutdown) - deleted.as_second(),
         gone.duration_since(deleted).as_secs_f64()
     );
 
@@ -638,7 +658,8 @@ impl Governed {
     }
 
     async fn deployment_with_probe(&self, name: &str) -> Deployment {
-        self.deployment_with_probe_args(name, &["--loop", "30m", "--every", "2s"]).await
+        // A shutdown hook that flushes 3 s after SIGTERM (the default grace is 30 s).
+        self.deployment_with_probe_args(name, &["--loop", "30m", "--every", "2s", "--shutdown-delay", "3s"]).await
     }
 
     async fn deployment_with_probe_args(&self, name: &str, args: &[&str]) -> Deployment {

@@ -27,7 +27,7 @@ CONTAINERD_SOCK=$NODE_RUN/containerd.sock
 NODE_SYSCTLS=(vm.overcommit_memory kernel.panic kernel.panic_on_oops net.ipv4.ip_forward
   net.ipv6.conf.all.forwarding net.ipv4.conf.all.route_localnet)
 # Directories outside the test bed's own that the kubelet and libcni create.
-NODE_HOST_DIRS=(/var/log/containers /var/lib/cni/results /var/lib/cni)
+NODE_HOST_DIRS=(/var/log/containers /var/lib/cni/results /var/lib/cni /run/containerd/s /run/containerd)
 # Debian packages the node runs on; installed when missing, never assumed.
 NODE_PACKAGES=(containerd runc containernetworking-plugins iptables nftables conntrack ipset)
 
@@ -96,6 +96,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
+        # runc's default root is /run/containerd/runc, outside the node's dirs.
+        Root = "$NODE_RUN/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$NODE_DIR/cni/net.d"
@@ -439,8 +441,18 @@ remove_host_files() {
   rm -f /var/lib/cni/results/ephemera-* 2>/dev/null || true
   # containerd's own loopback attachments: ours when the cache is ours.
   grep -qx /var/lib/cni/results "$NODE_STATE/host-dirs" 2>/dev/null || rm -f /var/lib/cni/results/cni-loopback-*
+  # containerd 1.6's shims put their sockets in /run/containerd/s whatever
+  # its state dir is (a constant in its shim package); ours are gone once
+  # the shims are, but a shim killed by down leaves its socket. When the
+  # directory was not there before up, everything in it is ours.
+  if ! grep -qx /run/containerd/s "$NODE_STATE/host-dirs" 2>/dev/null && [[ -d /run/containerd/s ]]; then
+    find /run/containerd/s -maxdepth 1 -type s -delete 2>/dev/null || true
+  fi
+  # An earlier test bed's runc root (before it moved under the node's run dir).
+  grep -qx /run/containerd "$NODE_STATE/host-dirs" 2>/dev/null ||
+    find /run/containerd/runc -depth -type d -empty -delete 2>/dev/null || true
   local path
-  for path in /var/log/containers /var/lib/cni/results /var/lib/cni; do
+  for path in /var/log/containers /var/lib/cni/results /var/lib/cni /run/containerd/s /run/containerd; do
     grep -qx "$path" "$NODE_STATE/host-dirs" 2>/dev/null || rmdir "$path" 2>/dev/null || true
   done
 }

@@ -27,7 +27,8 @@ CONTAINERD_SOCK=$NODE_RUN/containerd.sock
 NODE_SYSCTLS=(vm.overcommit_memory kernel.panic kernel.panic_on_oops net.ipv4.ip_forward
   net.ipv6.conf.all.forwarding net.ipv4.conf.all.route_localnet)
 # Directories outside the test bed's own that the kubelet and libcni create.
-NODE_HOST_DIRS=(/var/log/containers /var/lib/cni/results /var/lib/cni /run/containerd/s /run/containerd)
+NODE_HOST_DIRS=(/var/log/containers /var/lib/cni/results /var/lib/cni /run/containerd/s /run/containerd
+  /etc/cni/net.d /etc/cni /var/lib/kubelet/device-plugins /var/lib/kubelet)
 # Debian packages the node runs on; installed when missing, never assumed.
 NODE_PACKAGES=(containerd runc containernetworking-plugins iptables nftables conntrack ipset)
 
@@ -451,8 +452,15 @@ remove_host_files() {
   # An earlier test bed's runc root (before it moved under the node's run dir).
   grep -qx /run/containerd "$NODE_STATE/host-dirs" 2>/dev/null ||
     find /run/containerd/runc -depth -type d -empty -delete 2>/dev/null || true
+  # Fixed paths whatever the flags say: the kubelet's device-plugin socket
+  # (--root-dir does not move it) and the cni.lock that appears in the
+  # default CNI config dir with the first pod's network setup.
+  grep -qx /var/lib/kubelet/device-plugins "$NODE_STATE/host-dirs" 2>/dev/null ||
+    rm -f /var/lib/kubelet/device-plugins/kubelet.sock
+  grep -qx /etc/cni/net.d "$NODE_STATE/host-dirs" 2>/dev/null || rm -f /etc/cni/net.d/cni.lock
   local path
-  for path in /var/log/containers /var/lib/cni/results /var/lib/cni /run/containerd/s /run/containerd; do
+  for path in /var/log/containers /var/lib/cni/results /var/lib/cni /run/containerd/s /run/containerd \
+    /etc/cni/net.d /etc/cni /var/lib/kubelet/device-plugins /var/lib/kubelet; do
     grep -qx "$path" "$NODE_STATE/host-dirs" 2>/dev/null || rmdir "$path" 2>/dev/null || true
   done
 }

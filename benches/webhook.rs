@@ -167,7 +167,12 @@ fn main() {
         let state = Arc::new(AppState {
             client,
             stores: stores(),
-            aws: AwsTarget { partition: "aws".into(), account: "123456789012".into(), cluster: "bench".into() },
+            aws: AwsTarget {
+                partition: "aws".into(),
+                account: "123456789012".into(),
+                cluster: "bench".into(),
+                role_path_root: "/ephemera/".into(),
+            },
             settings: mutate::Settings { aws_region: "eu-west-1".into() },
             metrics: Arc::new(Metrics::default()),
         });

@@ -3,7 +3,10 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ephemera::telemetry::{self, LogFormat};
+use ephemera::{
+    controller::lease::MAX_LEAD_FRACTION,
+    telemetry::{self, LogFormat},
+};
 
 /// Ephemera gives every Kubernetes workload its own short-lived, narrowly
 /// scoped identity (a ServiceAccount, a projected token, an IAM role) and
@@ -130,6 +133,15 @@ struct ControllerArgs {
     /// propagating (`90s`, `2m`).
     #[arg(long, env = "EPHEMERA_PROPAGATION_WINDOW", default_value = "60s", value_parser = parse_duration)]
     propagation_window: std::time::Duration,
+    /// Rotate a long-lived pod's identity this share of its lease's lifetime
+    /// before expiry: the pod is evicted (`PodDisruptionBudget`s hold) and its
+    /// controller replaces it with a pod that gets a fresh identity. Bare pods
+    /// and Job runs are not evicted; their lease says `Expiring` instead.
+    #[arg(long, env = "EPHEMERA_ROTATION_LEAD_FRACTION", default_value_t = 0.1, value_parser = parse_fraction)]
+    rotation_lead_fraction: f64,
+    /// The shortest rotation lead (never more than half the lifetime).
+    #[arg(long, env = "EPHEMERA_ROTATION_LEAD_MIN", default_value = "5m", value_parser = parse_duration)]
+    rotation_lead_min: std::time::Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -194,6 +206,12 @@ struct CloudArgs {
     /// from the apiserver's OpenID discovery document when unset.
     #[arg(long, env = "EPHEMERA_OIDC_ISSUER")]
     oidc_issuer: Option<String>,
+    /// The IAM path every role ephemera makes lives under: an
+    /// `IdentityBoundary`'s `spec.aws.rolePath` must lie under it (pods it
+    /// governs are refused otherwise), and the orphan sweep lists it. The
+    /// operator's IAM policy is restricted to it.
+    #[arg(long, env = "EPHEMERA_ROLE_PATH_ROOT", default_value = ephemera::cloud::naming::ROLE_PATH_ROOT, value_parser = parse_role_path)]
+    role_path_root: String,
 }
 
 impl From<CloudArgs> for ephemera::controller::CloudSettings {
@@ -203,6 +221,7 @@ impl From<CloudArgs> for ephemera::controller::CloudSettings {
             partition: args.aws_partition,
             account: args.aws_account_id,
             oidc_issuer: args.oidc_issuer,
+            role_path_root: args.role_path_root,
         }
     }
 }
@@ -235,6 +254,7 @@ impl WebhookArgs {
             aws_account: cloud.account,
             aws_partition: cloud.partition,
             cluster_name: cloud.cluster,
+            role_path_root: cloud.role_path_root,
         }
     }
 }
@@ -249,7 +269,26 @@ impl ControllerArgs {
             cloud,
             aws_role_limit: self.aws_role_limit,
             propagation_window: self.propagation_window,
+            rotation: ephemera::controller::lease::Rotation {
+                fraction: self.rotation_lead_fraction,
+                min_lead: self.rotation_lead_min,
+            },
         }
+    }
+}
+
+fn parse_role_path(s: &str) -> Result<String, String> {
+    if ephemera::cloud::naming::is_role_path(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not an IAM path: it starts and ends with '/' (`/`, `/ephemera/`, `/org/team/`)"))
+    }
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=MAX_LEAD_FRACTION).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction between 0 and {MAX_LEAD_FRACTION}")),
     }
 }
 

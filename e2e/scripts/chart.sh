@@ -297,6 +297,7 @@ cmd_check() {
   can "$c" patch workloadidentities.ephemera.dev --subresource status -n team-a
   can "$c" watch pods -A
   can "$c" patch pods -n team-a
+  can "$c" create pods --subresource eviction -n team-a
   can "$c" list jobs.batch -A
   can "$c" create serviceaccounts --subresource token -n team-a
   can "$c" delete serviceaccounts -n team-a
@@ -318,6 +319,7 @@ cmd_check() {
   cannot "$c" escalate clusterroles.rbac.authorization.k8s.io
   cannot "$c" bind clusterroles.rbac.authorization.k8s.io
   cannot "$c" create pods -n team-a
+  cannot "$c" delete pods -n team-a
   cannot "$c" create serviceaccounts -n team-a
   cannot "$c" patch networkpolicies.networking.k8s.io/other -n team-a
   cannot "$c" patch leases.coordination.k8s.io/other -n "$CHECK_NS"

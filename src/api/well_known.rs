@@ -48,6 +48,11 @@ pub mod condition {
     pub const BOUNDARY_VIOLATION: &str = "BoundaryViolation";
     /// Reconciliation is failing or partial.
     pub const DEGRADED: &str = "Degraded";
+    /// A lease nears its expiry: its pod is being rotated (reason
+    /// `Rotating`, or `EvictionBlocked` while a `PodDisruptionBudget` holds
+    /// it), or nothing would replace it and it loses access at expiry
+    /// (`NotRotated`).
+    pub const EXPIRING: &str = "Expiring";
 }
 
 /// Finalizer ephemera 0.1 put on every `IdentityBoundary`. No longer added:
@@ -75,4 +80,7 @@ pub mod reason {
     /// The governing boundaries name different IAM permissions boundaries;
     /// a role takes one, so the identity gets no role until they agree.
     pub const PERMISSIONS_BOUNDARY_CONFLICT: &str = "PermissionsBoundaryConflict";
+    /// A boundary's `spec.aws.rolePath` is outside the operator's role path
+    /// root: pods it governs are refused.
+    pub const ROLE_PATH_OUTSIDE_ROOT: &str = "RolePathOutsideRoot";
 }

@@ -91,6 +91,29 @@ pub fn is_role_of(name: &str, cluster: &str, namespace: &str, lease: &str) -> bo
         || (name.len() == MAX_ROLE_NAME && name.ends_with(&format!("-{legacy_digest}")))
 }
 
+/// Default root of every role's IAM path (`--role-path-root`).
+pub const ROLE_PATH_ROOT: &str = "/ephemera/";
+
+/// Whether an IAM path is a valid role path (`/`, `/a/`, `/a/b/`): what IAM
+/// accepts and the CRD's `rolePath` pattern says.
+#[must_use]
+pub fn is_role_path(path: &str) -> bool {
+    path.len() <= 512
+        && path.starts_with('/')
+        && path.ends_with('/')
+        && path.split('/').skip(1).collect::<Vec<_>>().split_last().is_some_and(|(last, segments)| {
+            last.is_empty()
+                && segments.iter().all(|s| !s.is_empty() && s.bytes().all(|b| (b'!'..=b'~').contains(&b) && b != b'/'))
+        })
+}
+
+/// Whether role path `path` lies under `root` (every role ephemera makes
+/// does, so one `ListRoles` under the root finds them all).
+#[must_use]
+pub fn is_under_root(path: &str, root: &str) -> bool {
+    path.starts_with(root)
+}
+
 /// ARN of a role.
 #[must_use]
 pub fn role_arn(partition: &str, account: &str, path: &str, name: &str) -> String {
@@ -216,6 +239,21 @@ mod tests {
             let (ns_b, lease_b) = (words[..other].join("-"), words[other..].join("-"));
             proptest::prop_assert_ne!(role_name("ephemera", "c", &ns_a, &lease_a), role_name("ephemera", "c", &ns_b, &lease_b));
         }
+    }
+
+    #[test]
+    fn role_paths_are_iam_paths_and_lie_under_a_root_by_segments() {
+        for ok in ["/", "/ephemera/", "/org/team-a/", "/a+b=c,d.e@f_g-h/"] {
+            assert!(is_role_path(ok), "{ok}");
+        }
+        for bad in ["", "ephemera/", "/ephemera", "//", "/a//b/", "/a b/"] {
+            assert!(!is_role_path(bad), "{bad:?}");
+        }
+        assert!(is_under_root("/ephemera/", "/ephemera/"));
+        assert!(is_under_root("/ephemera/batch/", "/ephemera/"));
+        assert!(is_under_root("/anything/", "/"));
+        assert!(!is_under_root("/ephemera-batch/", "/ephemera/"));
+        assert!(!is_under_root("/", "/ephemera/"));
     }
 
     #[test]

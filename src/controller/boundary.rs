@@ -97,20 +97,31 @@ async fn apply(boundary: &IdentityBoundary, ctx: &Context) -> Result<Action> {
     let namespaces = list_namespaces(ctx).await?;
     let previous = boundary.status.clone().unwrap_or_default();
     let generation = boundary.metadata.generation;
+    let root = &ctx.role_path_root;
+    let outside_root = boundary
+        .spec
+        .aws
+        .as_ref()
+        .map(|a| a.role_path.as_str())
+        .filter(|path| !crate::cloud::naming::is_under_root(path, root));
     let status = match Selector::try_from(boundary.spec.namespace_selector.clone()) {
         Ok(selector) => {
             let governed = namespaces.iter().filter(|ns| selector.matches(ns.labels())).count();
+            let (ready, why, message) = match outside_root {
+                Some(path) => (
+                    false,
+                    reason::ROLE_PATH_OUTSIDE_ROOT,
+                    format!(
+                        "spec.aws.rolePath {path:?} is outside the operator's role path root {root:?}: pods this \
+                         boundary governs are refused (set a rolePath under it, or install with another root)"
+                    ),
+                ),
+                None => (true, reason::RECONCILED, format!("governs {governed} namespace(s)")),
+            };
             IdentityBoundaryStatus {
                 observed_generation: generation,
                 governed_namespaces: Some(i32::try_from(governed).unwrap_or(i32::MAX)),
-                conditions: vec![condition(
-                    &previous.conditions,
-                    cond::READY,
-                    true,
-                    reason::RECONCILED,
-                    format!("governs {governed} namespace(s)"),
-                    generation,
-                )],
+                conditions: vec![condition(&previous.conditions, cond::READY, ready, why, message, generation)],
             }
         }
         Err(e) => IdentityBoundaryStatus {

@@ -51,6 +51,8 @@ pub struct Settings {
     pub aws_role_limit: Option<u64>,
     /// How long STS may refuse a new role before that is an error.
     pub propagation_window: std::time::Duration,
+    /// When long-lived pods are evicted to get a fresh identity.
+    pub rotation: lease::Rotation,
 }
 
 /// Where roles are made and who trusts them; shared by controller and webhook.
@@ -65,6 +67,9 @@ pub struct CloudSettings {
     /// The service-account issuer URL; `None`: read from the apiserver's
     /// OpenID discovery document.
     pub oidc_issuer: Option<String>,
+    /// The IAM path every role lives under (`/ephemera/`): a boundary's
+    /// `rolePath` must lie under it, and the orphan sweep lists it.
+    pub role_path_root: String,
 }
 
 /// Shared by every reconciliation.
@@ -90,6 +95,11 @@ pub struct Context {
     /// Confirms this replica still leads before it makes a role; `None`
     /// without leader election.
     pub fence: Option<Fence>,
+    /// The IAM path every role lives under ([`CloudSettings::role_path_root`]).
+    pub role_path_root: String,
+    /// Kubernetes client for evictions, which does not retry a 429 (a
+    /// `PodDisruptionBudget` refusing the eviction).
+    pub evictions: Client,
 }
 
 /// Stops every controller gracefully: reconciliations in flight finish,
@@ -298,7 +308,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Fails when the Kubernetes client cannot be built, the admin port cannot be
 /// bound, or leader election fails.
 pub async fn run(settings: Settings) -> Result<()> {
-    let client = Client::try_default().await.map_err(Error::KubeConfig)?;
+    let config = kube::Config::infer().await.map_err(|e| Error::KubeConfig(kube::Error::InferConfig(e)))?;
+    let client = Client::try_from(config.clone()).map_err(Error::KubeConfig)?;
+    // An eviction's 429 is a PodDisruptionBudget saying "not now", not
+    // apiserver overload: the default client would retry it for minutes
+    // inside the reconcile.
+    let mut no_retry = config;
+    no_retry.default_retry = false;
+    let evictions = Client::try_from(no_retry).map_err(Error::KubeConfig)?;
     let metrics = Arc::new(Metrics::default());
     let admin = tokio::spawn(crate::telemetry::serve_admin(
         settings.admin_addr,
@@ -322,6 +339,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         identities: identity_cache.as_reader(),
         stop: stop.clone(),
         fence,
+        role_path_root: settings.cloud.role_path_root.clone(),
+        evictions,
     });
 
     let leadership = if settings.leader_election {
@@ -336,6 +355,7 @@ pub async fn run(settings: Settings) -> Result<()> {
 
     let mut cloud = lease_cloud(&client, &settings.cloud, ctx.metrics.clone(), settings.aws_role_limit).await?;
     cloud.propagation_window = settings.propagation_window;
+    cloud.rotation = settings.rotation;
     let controllers = async {
         tokio::join!(
             workload_identity::run(ctx.clone(), identity_cache),
@@ -415,6 +435,7 @@ async fn lease_cloud(
         issuer_host,
         provider_arn,
         propagation_window: lease::PROPAGATION_WINDOW,
+        rotation: lease::Rotation::default(),
     })
 }
 

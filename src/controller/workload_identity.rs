@@ -530,7 +530,7 @@ mod tests {
         let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };
         let ctx = Arc::new(Context {
             client: client.clone(),
-            events: crate::controller::Events::new(client, reporter),
+            events: crate::controller::Events::new(client.clone(), reporter),
             leases: lease_cache(&[
                 ("team-a", "reader"),
                 ("team-a", "reader"),
@@ -542,6 +542,8 @@ mod tests {
             metrics: Arc::default(),
             stop: crate::controller::Stop::default(),
             fence: None,
+            role_path_root: crate::cloud::naming::ROLE_PATH_ROOT.into(),
+            evictions: client,
         });
         let identity: WorkloadIdentity = serde_json::from_value(json!({
             "apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity",

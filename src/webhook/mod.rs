@@ -61,6 +61,8 @@ pub struct Settings {
     pub aws_partition: String,
     /// This cluster's name (role names and tags).
     pub cluster_name: String,
+    /// The IAM path every role lives under.
+    pub role_path_root: String,
 }
 
 /// Where the serving certificate comes from.
@@ -91,7 +93,12 @@ pub async fn run(settings: Settings) -> Result<()> {
         Some(account) => account.clone(),
         None => crate::cloud::aws::AwsProvider::from_env(None, None).await.account().await?,
     };
-    let aws = AwsTarget { partition: settings.aws_partition.clone(), account, cluster: settings.cluster_name.clone() };
+    let aws = AwsTarget {
+        partition: settings.aws_partition.clone(),
+        account,
+        cluster: settings.cluster_name.clone(),
+        role_path_root: settings.role_path_root.clone(),
+    };
     let (stores, watchers) = start_stores(&client);
     let watchers = tokio::spawn(watchers);
     let (tls, ca_bundle) = serving_config(&client, &settings, &metrics).await?;

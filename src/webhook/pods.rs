@@ -73,6 +73,8 @@ pub struct AwsTarget {
     pub account: String,
     /// This cluster's name (tags and name digests of roles).
     pub cluster: String,
+    /// The IAM path every role lives under.
+    pub role_path_root: String,
 }
 
 /// What admission decided.
@@ -156,19 +158,16 @@ pub fn decide(pod: &Pod, env: &Environment<'_>) -> Decision {
         return Decision::Deny(reason);
     }
 
-    // The first governing boundary with AWS settings names the role (the
-    // controller makes it under the same name).
-    let aws = governing.iter().find_map(|b| b.spec.aws.as_ref());
-    let (prefix, path) =
-        aws.map_or(("ephemera", "/ephemera/"), |a| (a.role_name_prefix.as_str(), a.role_path.as_str()));
-    let role = naming::role_name(prefix, &env.aws.cluster, env.namespace, &lease_name);
+    let role_arn = match role_arn(&governing, env, &lease_name) {
+        Ok(arn) => arn,
+        Err(reason) => return Decision::Deny(reason),
+    };
     let lifetime = governing.iter().map(|b| b.spec.max_lifetime).min().unwrap_or_default();
     let expires_at = env
         .now
         .checked_add(SignedDuration::from_secs(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX)))
         .unwrap_or(Timestamp::MAX);
 
-    let role_arn = naming::role_arn(&env.aws.partition, &env.aws.account, path, &role);
     admission.identity = Some(ResolvedIdentity {
         lease: lease_name.clone(),
         service_account: lease_name.clone(),
@@ -404,6 +403,24 @@ fn foreign_service_account(pod: &Pod, env: &Environment<'_>, own: Option<&str>) 
     })
 }
 
+/// The ARN of the lease's role: the first governing boundary with AWS
+/// settings names it (the controller makes it under the same name), under
+/// a path that must lie beneath the role path root. `Err`: the denial.
+fn role_arn(governing: &[&IdentityBoundary], env: &Environment<'_>, lease_name: &str) -> Result<String, String> {
+    let root = env.aws.role_path_root.as_str();
+    let aws = governing.iter().find_map(|b| b.spec.aws.as_ref().map(|a| (b, a)));
+    let (prefix, path) = aws.map_or(("ephemera", root), |(_, a)| (a.role_name_prefix.as_str(), a.role_path.as_str()));
+    if let Some((boundary, _)) = aws.filter(|_| !naming::is_under_root(path, root)) {
+        return Err(format!(
+            "IdentityBoundary {}'s spec.aws.rolePath {path:?} is outside ephemera's role path root {root:?} \
+             (--role-path-root): roles are made only under it, where the orphan sweep finds them",
+            boundary.name_any()
+        ));
+    }
+    let role = naming::role_name(prefix, &env.aws.cluster, env.namespace, lease_name);
+    Ok(naming::role_arn(&env.aws.partition, &env.aws.account, path, &role))
+}
+
 /// The namespace holds as many leases as a boundary's `maxLeases` allows.
 fn over_lease_quota(governing: &[&IdentityBoundary], env: &Environment<'_>) -> Option<String> {
     let held = env.leases.len();
@@ -499,7 +516,12 @@ spec:
                 boundaries: vec![team_a_boundary()],
                 identities: vec![report()],
                 leases: vec![],
-                aws: AwsTarget { partition: "aws".into(), account: "000000000000".into(), cluster: "test".into() },
+                aws: AwsTarget {
+                    partition: "aws".into(),
+                    account: "000000000000".into(),
+                    cluster: "test".into(),
+                    role_path_root: "/ephemera/".into(),
+                },
                 requester: JOB_CONTROLLER_USERS[0],
             }
         }
@@ -550,6 +572,26 @@ spec: {containers: [{name: main, image: busybox}]}
             "{reason}"
         );
         assert!(reason.contains("team-a-audit sets arn:aws:iam::000000000000:policy/pb-2"), "{reason}");
+    }
+
+    #[test]
+    fn roles_are_made_only_under_the_role_path_root() {
+        let mut f = Fixture::new();
+        f.boundaries[0].spec.aws.as_mut().unwrap().role_path = "/ephemera/batch/".into();
+        let (admission, _, _) = admitted(f.decide(&pod(PLAIN)));
+        assert!(admission.identity.unwrap().role_arn.starts_with("arn:aws:iam::000000000000:role/ephemera/batch/eph-"));
+        // `/ephemera-batch/` shares the root's first characters, not its path.
+        for outside in ["/ephemera-batch/", "/", "/other/ephemera/"] {
+            f.boundaries[0].spec.aws.as_mut().unwrap().role_path = outside.into();
+            let Decision::Deny(reason) = f.decide(&pod(PLAIN)) else { panic!("admitted under {outside}") };
+            assert!(
+                reason.contains(&format!("IdentityBoundary team-a's spec.aws.rolePath {outside:?} is outside")),
+                "{reason}"
+            );
+        }
+        // A root of `/` admits every path.
+        f.aws.role_path_root = "/".into();
+        assert!(matches!(f.decide(&pod(PLAIN)), Decision::Admit { .. }));
     }
 
     #[test]

@@ -342,13 +342,13 @@ async fn orphaned_roles_are_swept_and_expired_leases_reaped() {
     // between making the role and the lease being recorded, or a lease
     // force-deleted without its finalizer).
     let orphan = unique_name("ephemera-orphan");
-    let sweepable = |name: String, extra: &[(&str, &str)], cluster: String| {
+    let sweepable = |name: String, path: &'static str, extra: &[(&str, &str)], cluster: String| {
         let tag = |k: &str, v: &str| aws_sdk_iam::types::Tag::builder().key(k).value(v).build().unwrap();
         let mut create = bed
             .iam
             .create_role()
             .role_name(name)
-            .path("/ephemera/")
+            .path(path)
             .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
             .tags(tag("ephemera.dev/cluster", &cluster));
         for (k, v) in extra {
@@ -356,15 +356,24 @@ async fn orphaned_roles_are_swept_and_expired_leases_reaped() {
         }
         create.tags(tag("ephemera.dev/namespace", &ns.name)).tags(tag("ephemera.dev/lease", "gone")).send()
     };
-    sweepable(orphan.clone(), &[], cluster.clone()).await.expect("create the orphan role");
+    sweepable(orphan.clone(), "/ephemera/", &[], cluster.clone()).await.expect("create the orphan role");
+    // One under a path no boundary uses (any more): the sweep lists the
+    // whole root, not today's boundaries' paths.
+    let retired = unique_name("ephemera-retired");
+    sweepable(retired.clone(), "/ephemera/retired-team/", &[], cluster.clone()).await.expect("create the retired role");
+    // Outside the root: not ephemera's to list, whatever its tags say.
+    let outside = unique_name("ephemera-outside");
+    sweepable(outside.clone(), "/elsewhere/", &[], cluster.clone()).await.expect("create the outside role");
     // Another cluster's role with the same lease tags must survive.
     let foreign = unique_name("ephemera-foreign");
-    sweepable(foreign.clone(), &[], "another-cluster".into()).await.expect("create the foreign role");
+    sweepable(foreign.clone(), "/ephemera/", &[], "another-cluster".into()).await.expect("create the foreign role");
     // A cluster given the same name, sharing the account: its role carries
     // its own issuer and must survive too.
     let twin = unique_name("ephemera-twin");
     let other_issuer = [("ephemera.dev/issuer", "oidc.eks.eu-west-1.amazonaws.com/id/ANOTHERCLUSTER")];
-    sweepable(twin.clone(), &other_issuer, cluster.clone()).await.expect("create the twin cluster's role");
+    sweepable(twin.clone(), "/ephemera/", &other_issuer, cluster.clone())
+        .await
+        .expect("create the twin cluster's role");
 
     // A lease past its expiry (its workload would still be running).
     let expired: IdentityLease = serde_json::from_value(json!({
@@ -379,8 +388,9 @@ async fn orphaned_roles_are_swept_and_expired_leases_reaped() {
 
     let _controller = ControllerProcess::start_with(&["--cluster-name", &cluster]);
     let orphan_arn = format!("arn:aws:iam::000000000000:role/ephemera/{orphan}");
-    wait_until("the orphaned role to be swept", WAIT, || async {
-        (!role_exists(&bed, &orphan_arn).await).then_some(())
+    let retired_arn = format!("arn:aws:iam::000000000000:role/ephemera/retired-team/{retired}");
+    wait_until("the orphaned roles to be swept", WAIT, || async {
+        (!role_exists(&bed, &orphan_arn).await && !role_exists(&bed, &retired_arn).await).then_some(())
     })
     .await;
     wait_until("the expired lease to be reaped", WAIT, || async {
@@ -395,8 +405,13 @@ async fn orphaned_roles_are_swept_and_expired_leases_reaped() {
         role_exists(&bed, &format!("arn:aws:iam::000000000000:role/ephemera/{twin}")).await,
         "the role of a cluster with the same name and another issuer was swept"
     );
-    let _ = bed.iam.delete_role().role_name(&foreign).send().await;
-    let _ = bed.iam.delete_role().role_name(&twin).send().await;
+    assert!(
+        role_exists(&bed, &format!("arn:aws:iam::000000000000:role/elsewhere/{outside}")).await,
+        "a role outside the role path root was swept"
+    );
+    for role in [&foreign, &twin, &outside] {
+        let _ = bed.iam.delete_role().role_name(role).send().await;
+    }
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ mod leadership;
 mod lifecycle;
 mod real_node;
 mod reaping;
+mod rotation;
 mod soak;
 mod support;
 mod tenant;

@@ -131,6 +131,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "ephemera.cloudArgs" -}}
 - --cluster-name={{ .Values.clusterName }}
 - --aws-partition={{ .Values.aws.partition }}
+- --role-path-root={{ .Values.aws.rolePathRoot }}
 {{- with .Values.aws.accountId }}
 - --aws-account-id={{ . }}
 {{- end }}
@@ -248,10 +249,7 @@ podAntiAffinity:
 {{- define "ephemera.iamPolicy" -}}
 {{- $p := .Values.aws.iamPolicy }}
 {{- $account := default "*" .Values.aws.accountId }}
-{{- $roles := list }}
-{{- range $p.rolePaths }}
-{{- $roles = append $roles (printf "arn:%s:iam::%s:role%s*" $.Values.aws.partition $account .) }}
-{{- end }}
+{{- $roles := list (printf "arn:%s:iam::%s:role%s*" .Values.aws.partition $account .Values.aws.rolePathRoot) }}
 {{- $create := dict "Sid" "CreateRolesUnderOwnPath" "Effect" "Allow" "Action" (list "iam:CreateRole") "Resource" $roles }}
 {{- with $p.permissionsBoundaryArns }}
 {{- $_ := set $create "Condition" (dict "StringEquals" (dict "iam:PermissionsBoundary" .)) }}

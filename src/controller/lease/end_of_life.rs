@@ -131,10 +131,13 @@ pub fn lease_age(lease: &IdentityLease, now: Timestamp) -> Duration {
 /// period ends (a pod deleted while no controller watched, before its uid
 /// was recorded, is then reaped at once instead of at the next resync), and,
 /// for a pod being deleted, when its grace period ends (a node that stops
-/// reporting sends no event).
-pub(super) fn next_look(lease: &IdentityLease, holder: &Holder, now: Timestamp) -> Duration {
+/// reporting sends no event), and when its identity is due for rotation.
+pub(super) fn next_look(lease: &IdentityLease, holder: &Holder, rotation: &Rotation, now: Timestamp) -> Duration {
     let until = |t: Timestamp| t.duration_since(now).unsigned_abs();
     let mut next = until(lease.spec.expires_at.0).min(RESYNC);
+    if let Some(due) = rotation.due_at(lease).filter(|due| *due > now) {
+        next = next.min(until(due));
+    }
     if lease.spec.holder.uid.is_none() {
         next = next.min(HOLDER_GRACE.saturating_sub(lease_age(lease, now)));
     }
@@ -142,6 +145,86 @@ pub(super) fn next_look(lease: &IdentityLease, holder: &Holder, now: Timestamp) 
         next = next.min(until(deadline.0));
     }
     next + Duration::from_secs(1)
+}
+
+/// When a long-lived workload's identity is rotated: `lead` before the
+/// lease expires, the pod is evicted (through the Eviction API, so
+/// `PodDisruptionBudget`s hold) and its controller replaces it with a pod that
+/// gets a fresh identity, instead of the pod losing its role while it runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rotation {
+    /// Share of the lease's lifetime before its expiry (`0.1`: the last 10 %).
+    pub fraction: f64,
+    /// Shortest lead, for short lifetimes (time for a replacement to start).
+    pub min_lead: Duration,
+}
+
+/// The largest [`Rotation::fraction`]: a pod rotated at 5 % of its lease's
+/// life (its replacement again, and so on) is as eager as it may get.
+pub const MAX_LEAD_FRACTION: f64 = 0.95;
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self { fraction: 0.1, min_lead: Duration::from_mins(5) }
+    }
+}
+
+impl Rotation {
+    /// When the lease's pod is rotated: `max(fraction x lifetime, min_lead)`
+    /// before `expiresAt`, where `min_lead` counts for at most half the
+    /// lifetime (a short `maxLifetime` must not evict pods as soon as they
+    /// start; only a fraction set that high does). `None` without a
+    /// creation time.
+    #[must_use]
+    pub fn due_at(&self, lease: &IdentityLease) -> Option<Timestamp> {
+        let created = lease.meta().creation_timestamp.as_ref()?.0;
+        let expires = lease.spec.expires_at.0;
+        let lifetime = expires.duration_since(created).unsigned_abs();
+        let lead = lifetime.mul_f64(self.fraction.clamp(0.0, MAX_LEAD_FRACTION)).max(self.min_lead.min(lifetime / 2));
+        expires.checked_sub(k8s_openapi::jiff::SignedDuration::try_from(lead).ok()?).ok()
+    }
+}
+
+/// What rotating a lease's identity means for its holder.
+#[derive(Debug, PartialEq)]
+pub(super) enum Rotate<'a> {
+    /// Evict this pod: its controller (named) makes a replacement.
+    Evict { pod: &'a Pod, controller: String },
+    /// Nothing would replace it: it is told, and loses access at expiry.
+    Warn(String),
+}
+
+/// How the lease's holder is rotated; `None` when there is nothing to do
+/// (the pod is already going, or gone).
+pub(super) fn rotation_plan<'a>(lease: &IdentityLease, holder: &'a Holder) -> Option<Rotate<'a>> {
+    match holder {
+        Holder::Pod(Some(_)) => {
+            let pod = holder.pod_of(lease)?;
+            if pod.meta().deletion_timestamp.is_some() {
+                return None;
+            }
+            let owner = pod.owner_references().iter().find(|o| o.controller == Some(true));
+            Some(match owner {
+                // A Job counts an evicted pod against its backoffLimit and
+                // starts its work again: a run is meant to finish, not rotate.
+                Some(job) if job.kind == "Job" => Rotate::Warn(format!(
+                    "pod {} belongs to Job {}, which would count an evicted pod as failed; it is not evicted",
+                    pod.name_any(),
+                    job.name
+                )),
+                Some(owner) => Rotate::Evict { pod, controller: format!("{} {}", owner.kind, owner.name) },
+                None => Rotate::Warn(format!(
+                    "pod {} has no controller that would replace it, so it is not evicted",
+                    pod.name_any()
+                )),
+            })
+        }
+        Holder::Job(Some(job)) => Some(Rotate::Warn(format!(
+            "the identity of Job {}'s run is shared by its pods; rotating it would restart the run",
+            job.name_any()
+        ))),
+        Holder::Pod(None) | Holder::Job(None) => None,
+    }
 }
 
 /// When the workload ended, as the apiserver shows it (whole seconds, so
@@ -220,14 +303,90 @@ mod tests {
         };
         let now: Timestamp = "2026-11-23T10:00:30Z".parse().unwrap();
         // Grace (2 min) minus 30 s of age, plus the 1 s margin.
-        assert_eq!(next_look(&lease(None), &Holder::Pod(None), now), Duration::from_secs(91));
-        assert_eq!(next_look(&lease(Some("u")), &Holder::Pod(None), now), RESYNC + Duration::from_secs(1));
+        assert_eq!(next_look(&lease(None), &Holder::Pod(None), &Rotation::default(), now), Duration::from_secs(91));
+        assert_eq!(
+            next_look(&lease(Some("u")), &Holder::Pod(None), &Rotation::default(), now),
+            RESYNC + Duration::from_secs(1)
+        );
         let late: Timestamp = "2026-11-24T09:59:00Z".parse().unwrap();
         assert_eq!(
-            next_look(&lease(Some("u")), &Holder::Pod(None), late),
+            next_look(&lease(Some("u")), &Holder::Pod(None), &Rotation::default(), late),
             Duration::from_secs(61),
             "expiry comes first"
         );
+    }
+
+    #[test]
+    fn rotation_leads_the_expiry_by_a_share_of_the_lifetime_and_never_evicts_a_young_pod() {
+        let lease = |lifetime: &str| -> IdentityLease {
+            let created: Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+            let lifetime: crate::api::Duration = lifetime.parse().unwrap();
+            let expires = created.checked_add(Duration::from(lifetime)).unwrap();
+            serde_json::from_value(json!({
+                "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+                "metadata": {"name": "l", "namespace": "n", "creationTimestamp": "2026-11-23T10:00:00Z"},
+                "spec": {"holder": {"kind": "Pod", "name": "p"}, "workloadIdentity": "w",
+                         "serviceAccount": "l", "expiresAt": expires.to_string()},
+            }))
+            .unwrap()
+        };
+        let at = |s: &str| s.parse::<Timestamp>().unwrap();
+        let default = Rotation::default();
+        // 24 h: 10 % (2 h 24 min) before expiry.
+        assert_eq!(default.due_at(&lease("24h")), Some(at("2026-11-24T07:36:00Z")));
+        // 1 h: 10 % is 6 min, more than the 5-minute minimum.
+        assert_eq!(default.due_at(&lease("1h")), Some(at("2026-11-23T10:54:00Z")));
+        // 30 min: 10 % is 3 min, so the 5-minute minimum.
+        assert_eq!(default.due_at(&lease("30m")), Some(at("2026-11-23T10:25:00Z")));
+        // 10 min: the minimum counts for at most half the lifetime.
+        assert_eq!(default.due_at(&lease("10m")), Some(at("2026-11-23T10:05:00Z")));
+        // An eager fraction is taken as given, up to its cap.
+        let eager = Rotation { fraction: 0.95, min_lead: Duration::ZERO };
+        assert_eq!(eager.due_at(&lease("10m")), Some(at("2026-11-23T10:00:30Z")));
+        let beyond = Rotation { fraction: 5.0, min_lead: Duration::ZERO };
+        assert_eq!(beyond.due_at(&lease("10m")), eager.due_at(&lease("10m")));
+
+        // The next look comes at the rotation, before the resync would.
+        let l = lease("10m");
+        assert_eq!(next_look(&l, &Holder::Pod(None), &eager, at("2026-11-23T10:00:10Z")), Duration::from_secs(21));
+    }
+
+    #[test]
+    fn only_a_pod_some_controller_replaces_is_evicted_for_rotation() {
+        let lease: IdentityLease = serde_json::from_value(json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+            "metadata": {"name": "l", "namespace": "n"},
+            "spec": {"holder": {"kind": "Pod", "name": "p"}, "workloadIdentity": "w",
+                     "serviceAccount": "l", "expiresAt": "2026-11-24T10:00:00Z"},
+        }))
+        .unwrap();
+        let pod = |owner: Option<&str>, deleting: bool, label: &str| -> Holder {
+            let mut meta = json!({"name": "p", "namespace": "n", "labels": {LABEL_LEASE: label}});
+            if let Some(kind) = owner {
+                meta["ownerReferences"] =
+                    json!([{"apiVersion": "v1", "kind": kind, "name": "o", "uid": "u", "controller": true}]);
+            }
+            if deleting {
+                meta["deletionTimestamp"] = json!("2026-11-24T09:00:00Z");
+            }
+            Holder::Pod(Some(Box::new(serde_json::from_value(json!({"metadata": meta})).unwrap())))
+        };
+        let replicas = pod(Some("ReplicaSet"), false, "l");
+        assert!(
+            matches!(rotation_plan(&lease, &replicas), Some(Rotate::Evict { controller, .. }) if controller == "ReplicaSet o")
+        );
+        assert!(matches!(rotation_plan(&lease, &pod(Some("StatefulSet"), false, "l")), Some(Rotate::Evict { .. })));
+        // A Job would count the eviction as a failure; a bare pod would not come back.
+        assert!(
+            matches!(rotation_plan(&lease, &pod(Some("Job"), false, "l")), Some(Rotate::Warn(why)) if why.contains("Job o"))
+        );
+        assert!(
+            matches!(rotation_plan(&lease, &pod(None, false, "l")), Some(Rotate::Warn(why)) if why.contains("no controller"))
+        );
+        // Already going, gone, or not this lease's pod: nothing to do.
+        assert_eq!(rotation_plan(&lease, &pod(Some("ReplicaSet"), true, "l")), None);
+        assert_eq!(rotation_plan(&lease, &Holder::Pod(None)), None);
+        assert_eq!(rotation_plan(&lease, &pod(Some("ReplicaSet"), false, "other")), None);
     }
 
     #[test]
@@ -393,7 +552,10 @@ mod tests {
         // SIGTERM sent, the shutdown hook still flushing: the role stays, and
         // the lease is looked at again when the grace period ends.
         assert_eq!(end(&running, "2026-11-23T10:01:10Z"), None);
-        assert_eq!(next_look(&lease, &running, at("2026-11-23T10:01:10Z")), Duration::from_secs(21));
+        assert_eq!(
+            next_look(&lease, &running, &Rotation::default(), at("2026-11-23T10:01:10Z")),
+            Duration::from_secs(21)
+        );
         // Its containers stopped: reaped at once, the workload over when the last one ended.
         assert_eq!(
             end(&stopped, "2026-11-23T10:01:05Z").as_deref(),

@@ -23,6 +23,7 @@
 mod end_of_life;
 mod provision;
 mod reap;
+mod rotate;
 mod sweep;
 
 use std::{sync::Arc, time::Duration};
@@ -30,7 +31,7 @@ use std::{sync::Arc, time::Duration};
 use futures::StreamExt;
 use k8s_openapi::{
     api::{batch::v1::Job, core::v1::Pod},
-    apimachinery::pkg::apis::meta::v1::{OwnerReference, Time},
+    apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time},
     jiff::Timestamp,
 };
 use kube::{
@@ -47,7 +48,7 @@ use kube::{
 };
 use serde_json::json;
 
-pub use end_of_life::{HOLDER_GRACE, job_ended, lease_age, pod_ended};
+pub use end_of_life::{HOLDER_GRACE, MAX_LEAD_FRACTION, Rotation, job_ended, lease_age, pod_ended};
 
 use super::{Context, RESYNC, condition, drain};
 use crate::{
@@ -79,6 +80,8 @@ pub struct Cloud {
     /// How long after a lease is made STS may refuse its role before that
     /// is an error ([`PROPAGATION_WINDOW`] unless configured).
     pub propagation_window: Duration,
+    /// When a long-lived pod is evicted to get a fresh identity.
+    pub rotation: Rotation,
 }
 
 /// Default of [`Cloud::propagation_window`]: IAM usually propagates a new
@@ -451,8 +454,34 @@ async fn write_status(
         last_error: error.map(ToString::to_string),
         policy_digest: digest.map(str::to_owned).or(previous.policy_digest.clone()),
         observed_generation: lease.meta().generation,
-        conditions: vec![condition(&previous.conditions, cond::READY, ready, reason, message, lease.meta().generation)],
+        conditions: with_condition(
+            &previous.conditions,
+            condition(&previous.conditions, cond::READY, ready, reason, message, lease.meta().generation),
+        ),
     };
+    apply_status(lease, ctx, &status).await
+}
+
+/// `conditions` with `new` in place of the one of its type (the others kept).
+fn with_condition(conditions: &[Condition], new: Condition) -> Vec<Condition> {
+    let mut all: Vec<Condition> = conditions.iter().filter(|c| c.type_ != new.type_).cloned().collect();
+    all.push(new);
+    all.sort_by(|a, b| (a.type_ != cond::READY, &a.type_).cmp(&(b.type_ != cond::READY, &b.type_)));
+    all
+}
+
+/// Sets one condition of the lease's status, the rest as it was.
+async fn set_condition(lease: &IdentityLease, ctx: &LeaseContext, new: Condition) -> Result<IdentityLease> {
+    let mut status = lease.status.clone().unwrap_or_default();
+    status.conditions = with_condition(&status.conditions, new);
+    apply_status(lease, ctx, &status).await
+}
+
+async fn apply_status(
+    lease: &IdentityLease,
+    ctx: &LeaseContext,
+    status: &IdentityLeaseStatus,
+) -> Result<IdentityLease> {
     Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &lease.namespace().unwrap_or_default())
         .patch_status(
             &lease.name_any(),

@@ -29,7 +29,9 @@ use super::{
     end_of_life::{end_reason, lease_age, next_look, workload_ended_at},
     owned_by, owner_ref, publish,
     reap::start_reaping,
-    refuse, role_owner, trusted_role, write_status,
+    refuse, role_owner,
+    rotate::rotate_if_due,
+    trusted_role, write_status,
 };
 use crate::{
     Error, Result,
@@ -113,7 +115,11 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
         if status.phase == Some(LeasePhase::Ready) && status.policy_digest.as_deref() != digest_of(&identity) {
             follow_policy(lease, ctx, &identity, &role_name).await?;
         }
-        return Ok(Action::requeue(next_look(lease, &holder, now)));
+        let next = next_look(lease, &holder, &ctx.cloud.rotation, now);
+        return Ok(match rotate_if_due(lease, ctx, &holder, now).await? {
+            Some(retry) => Action::requeue(retry.min(next)),
+            None => Action::requeue(next),
+        });
     }
 
     // No "Provisioning" write on the way: a lease whose role is made and
@@ -180,7 +186,7 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
             )
             .await;
             tracing::info!(namespace, lease = name, role = role_arn, "lease ready");
-            Ok(Action::requeue(next_look(lease, &holder, now)))
+            Ok(Action::requeue(next_look(lease, &holder, &ctx.cloud.rotation, now)))
         }
     }
 }

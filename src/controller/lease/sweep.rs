@@ -4,12 +4,12 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use kube::{Api, ResourceExt, api::ListParams};
+use kube::{Api, ResourceExt};
 
 use super::{LeaseContext, trusted_role};
 use crate::{
     Error, Result,
-    api::{IdentityBoundary, IdentityLease, LeasePhase},
+    api::{IdentityLease, LeasePhase},
 };
 
 /// How often the sweep looks for roles without a lease.
@@ -53,17 +53,9 @@ impl Drop for AbortOnDrop {
 
 /// Deletes roles tagged as this cluster's whose lease no longer exists (a
 /// crash between making a role and recording it, or a lease force-removed).
+/// Every role lives under the role path root, so one listing of it finds
+/// them all, whatever path a boundary used then or uses now.
 pub(super) async fn sweep(ctx: &LeaseContext) -> Result<usize> {
-    let boundaries = Api::<IdentityBoundary>::all(ctx.base.client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::kube("listing IdentityBoundaries"))?
-        .items;
-    let mut paths: Vec<String> =
-        boundaries.iter().filter_map(|b| b.spec.aws.as_ref().map(|a| a.role_path.clone())).collect();
-    paths.push("/ephemera/".into());
-    paths.sort();
-    paths.dedup();
     // Roles of leases in the cache are live; only the others are looked at
     // (and the apiserver decides for those).
     // (Only leases the webhook wrote: a forged spec.roleArn must not hide
@@ -76,30 +68,23 @@ pub(super) async fn sweep(ctx: &LeaseContext) -> Result<usize> {
         .filter_map(|l| l.spec.role_arn.clone())
         .collect();
     let mut deleted = 0;
-    for path in paths {
-        let roles = ctx
-            .cloud
-            .provider
-            .list_owned(&path, &ctx.cloud.cluster, &ctx.cloud.issuer_host, |arn| live.contains(arn))
-            .await?;
-        for role in roles {
-            let api = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &role.namespace);
-            // The apiserver, not the cache, decides: a stale cache must never
-            // delete a live role. A lease of that name with another uid (made
-            // again since) does not own the role.
-            let lease = api.get_opt(&role.lease).await.map_err(Error::kube("checking a role's lease"))?;
-            if lease.is_some_and(|l| role.lease_uid.is_none() || l.uid() == role.lease_uid) {
-                continue;
-            }
-            ctx.cloud.provider.revoke_and_delete(&role.name, &role.owner()).await?;
-            tracing::info!(
-                role = role.name,
-                lease = role.lease,
-                namespace = role.namespace,
-                "deleted an orphaned role"
-            );
-            deleted += 1;
+    let roles = ctx
+        .cloud
+        .provider
+        .list_owned(&ctx.base.role_path_root, &ctx.cloud.cluster, &ctx.cloud.issuer_host, |arn| live.contains(arn))
+        .await?;
+    for role in roles {
+        let api = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &role.namespace);
+        // The apiserver, not the cache, decides: a stale cache must never
+        // delete a live role. A lease of that name with another uid (made
+        // again since) does not own the role.
+        let lease = api.get_opt(&role.lease).await.map_err(Error::kube("checking a role's lease"))?;
+        if lease.is_some_and(|l| role.lease_uid.is_none() || l.uid() == role.lease_uid) {
+            continue;
         }
+        ctx.cloud.provider.revoke_and_delete(&role.name, &role.owner()).await?;
+        tracing::info!(role = role.name, lease = role.lease, namespace = role.namespace, "deleted an orphaned role");
+        deleted += 1;
     }
     Ok(deleted)
 }

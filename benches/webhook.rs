@@ -3,8 +3,12 @@
 //! `dryRun` so no ServiceAccount or lease is made (the issue's "without SA
 //! creation"). The caches are filled by hand, so no apiserver is needed.
 //!
+//! The server runs in a process of its own (this bench re-executes itself),
+//! so its CPU time is measured apart from the load generator's.
+//!
 //! Prints: open-loop latency percentiles at a fixed rate (default 500/s for
-//! 10 s), closed-loop throughput with 16 connections, and the process RSS.
+//! 10 s), closed-loop throughput and p50 with 16 connections, the webhook
+//! process's CPU time (user + system) per request in each, and its RSS.
 //! `make bench` runs it; figures are printed, not asserted.
 
 use std::{
@@ -126,8 +130,8 @@ async fn call(sender: &mut Sender, body: Vec<u8>) -> Duration {
     let took = start.elapsed();
     let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(answer["response"]["allowed"], true, "{answer}");
-    // kube-core sends the patch as a JSON byte array; the apiserver accepts it (see the e2e tests).
-    assert!(!answer["response"]["patch"].is_null(), "the pod must be mutated: {answer}");
+    // The patch is base64, as the AdmissionReview API specifies.
+    assert!(answer["response"]["patch"].is_string(), "the pod must be mutated: {answer}");
     took
 }
 
@@ -137,8 +141,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+/// CPU time (user + system) a process has used, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start after its ')'.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+fn rss_of(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -147,21 +162,14 @@ fn rss_mib() -> f64 {
     kib / 1024.0
 }
 
-fn main() {
-    // `cargo bench` passes `--bench`; any filter argument is ignored here.
+/// The webhook server alone, in this process (the bench re-executes itself
+/// with `EPHEMERA_BENCH_SERVE` set), so its CPU time is its own: it prints
+/// its port and the CA, then serves until killed.
+fn serve() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let bundle = tls::generate(&["localhost".into()], &[std::net::IpAddr::from([127, 0, 0, 1])]).unwrap();
         let server_tls = tls::server_config(bundle.cert.as_bytes(), bundle.key.as_bytes()).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(bundle.ca_cert.as_bytes()).unwrap()).unwrap();
-        let client_tls = Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        );
         // Never called: the namespace is cached and dry runs make nothing.
         let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
         let state = Arc::new(AppState {
@@ -179,8 +187,40 @@ fn main() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
+        println!("{}", addr.port());
+        println!("{}", bundle.ca_cert.replace('\n', "\\n"));
         let config = axum_server::tls_rustls::RustlsConfig::from_config(server_tls);
-        tokio::spawn(axum_server::from_tcp_rustls(listener, config).unwrap().serve(router(state).into_make_service()));
+        axum_server::from_tcp_rustls(listener, config).unwrap().serve(router(state).into_make_service()).await.unwrap();
+    });
+}
+
+fn main() {
+    if std::env::var_os("EPHEMERA_BENCH_SERVE").is_some() {
+        serve();
+        return;
+    }
+    // `cargo bench` passes `--bench`; any filter argument is ignored here.
+    let mut server = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("EPHEMERA_BENCH_SERVE", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the webhook server process");
+    let pid = server.id();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(server.stdout.take().unwrap()));
+    let port: u16 = lines.next().unwrap().unwrap().parse().unwrap();
+    let ca = lines.next().unwrap().unwrap().replace("\\n", "\n");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap()).unwrap();
+        let client_tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
 
         // Warm up.
         let mut warm = connect(addr, client_tls.clone()).await;
@@ -197,6 +237,7 @@ fn main() {
             senders.push(Arc::new(tokio::sync::Mutex::new(connect(addr, client_tls.clone()).await)));
         }
         let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+        let cpu_before = cpu_time(pid);
         let start = Instant::now();
         for i in 0..total {
             tick.tick().await;
@@ -215,38 +256,64 @@ fn main() {
             latencies.push(l);
         }
         let elapsed = start.elapsed();
+        let open_cpu = cpu_time(pid).saturating_sub(cpu_before);
         latencies.sort();
         println!("webhook /mutate/pods over HTTPS on loopback (dryRun pod with identity, {CONNECTIONS} connections)");
         println!(
-            "  open loop {RATE}/s for {SECONDS}s: {} requests in {:.1}s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            "  open loop {RATE}/s for {SECONDS}s: {} requests in {:.1}s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
+             webhook CPU {:.0} us per request",
             latencies.len(),
             elapsed.as_secs_f64(),
             percentile(&latencies, 0.50).as_secs_f64() * 1e3,
             percentile(&latencies, 0.99).as_secs_f64() * 1e3,
             latencies.last().unwrap().as_secs_f64() * 1e3,
+            per_request(open_cpu, latencies.len()),
         );
 
-        // Closed loop: each connection sends its next request as soon as the
-        // previous answer is in.
-        let per_connection = 1000;
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for c in 0..CONNECTIONS {
-            let tls = client_tls.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut s = connect(addr, tls).await;
-                for i in 0..per_connection {
-                    call(&mut s, review(c * per_connection + i)).await;
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let n = CONNECTIONS * per_connection;
-        #[allow(clippy::cast_precision_loss)]
-        let rps = n as f64 / start.elapsed().as_secs_f64();
-        println!("  closed loop: {n} requests, {rps:.0} requests/s");
-        println!("  RSS of the process (server + load generator): {:.1} MiB", rss_mib());
+        closed_loop(addr, client_tls, pid).await;
+        println!("  RSS of the webhook process: {:.1} MiB", rss_of(pid));
     });
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// Closed loop: each connection sends its next request as soon as the
+/// previous answer is in.
+async fn closed_loop(addr: std::net::SocketAddr, client_tls: Arc<rustls::ClientConfig>, pid: u32) {
+    let per_connection = 1000;
+    let cpu_before = cpu_time(pid);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..CONNECTIONS {
+        let tls = client_tls.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = connect(addr, tls).await;
+            let mut took = Vec::with_capacity(per_connection);
+            for i in 0..per_connection {
+                took.push(call(&mut s, review(c * per_connection + i)).await);
+            }
+            took
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    let closed_cpu = cpu_time(pid).saturating_sub(cpu_before);
+    latencies.sort();
+    let n = CONNECTIONS * per_connection;
+    #[allow(clippy::cast_precision_loss)]
+    let rps = n as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "  closed loop: {n} requests, {rps:.0} requests/s, p50 {:.2} ms; webhook CPU {:.0} us per request",
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        per_request(closed_cpu, n)
+    );
+}
+
+/// CPU microseconds per request.
+fn per_request(cpu: Duration, requests: usize) -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let n = requests.max(1) as f64;
+    cpu.as_secs_f64() * 1e6 / n
 }

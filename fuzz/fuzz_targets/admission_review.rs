@@ -11,10 +11,9 @@ use k8s_openapi::api::core::v1::Pod;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(request) = decode(data) else { return };
+    let Ok((_, request)) = decode(data) else { return };
     let Some(object) = request.object else { return };
-    let Ok(value) = serde_json::to_value(&object) else { return };
-    let Ok(pod) = serde_json::from_value::<Pod>(value) else { return };
+    let Ok(pod) = serde_json::from_str::<Pod>(object.get()) else { return };
     let settings = Settings { aws_region: "eu-west-1".into() };
     for admission in [
         Admission::default(),

@@ -85,12 +85,19 @@ pub struct ResolvedIdentity {
     pub kubernetes_token: bool,
 }
 
-/// The JSON patch that turns `pod` into what ephemera admits.
+/// The JSON patch that turns `pod` into what ephemera admits: built from
+/// the parts of the pod a mutation touches (appends with `/-`, removals by
+/// index), not by serialising and diffing the whole pod twice.
 ///
 /// # Errors
-/// Only if the pod cannot be serialised, which a decoded pod always can.
+/// Only if a part of the pod cannot be serialised, which a decoded pod's
+/// parts always can.
 pub fn mutate(pod: &Pod, admission: &Admission, settings: &Settings) -> Result<json_patch::Patch> {
-    let before = to_value(pod)?;
+    patch_between(pod, &mutated(pod, admission, settings))
+}
+
+/// `pod` as ephemera admits it.
+fn mutated(pod: &Pod, admission: &Admission, settings: &Settings) -> Pod {
     let mut pod = pod.clone();
     if let Some(name) = &admission.assign_name
         && pod.metadata.name.as_deref().unwrap_or_default().is_empty()
@@ -134,7 +141,142 @@ pub fn mutate(pod: &Pod, admission: &Admission, settings: &Settings) -> Result<j
             annotations.insert(ANNOTATION_ENV_KEPT.to_owned(), kept.into_iter().collect::<Vec<_>>().join(","));
         }
     }
-    Ok(json_patch::diff(&before, &to_value(&pod)?))
+    pod
+}
+
+/// The operations that turn `before` into `after`, over the fields
+/// [`mutated`] changes. Arrays there only lose elements (the default
+/// token) and gain some at the end (ours), so each is patched by removals
+/// (highest index first) and appends; maps by key.
+fn patch_between(before: &Pod, after: &Pod) -> Result<json_patch::Patch> {
+    let mut ops = Ops::default();
+    let (b, a) = (&before.metadata, &after.metadata);
+    ops.value(&["metadata", "name"], b.name.as_ref(), a.name.as_ref())?;
+    ops.map(&["metadata", "labels"], b.labels.as_ref(), a.labels.as_ref())?;
+    ops.map(&["metadata", "annotations"], b.annotations.as_ref(), a.annotations.as_ref())?;
+    match (before.spec.as_ref(), after.spec.as_ref()) {
+        (Some(b), Some(a)) => spec_ops(&mut ops, b, a)?,
+        (b, a) => ops.value(&["spec"], b, a)?,
+    }
+    Ok(json_patch::Patch(ops.0))
+}
+
+fn spec_ops(ops: &mut Ops, b: &PodSpec, a: &PodSpec) -> Result<()> {
+    ops.value(
+        &["spec", "automountServiceAccountToken"],
+        b.automount_service_account_token.as_ref(),
+        a.automount_service_account_token.as_ref(),
+    )?;
+    ops.value(&["spec", "serviceAccountName"], b.service_account_name.as_ref(), a.service_account_name.as_ref())?;
+    ops.value(&["spec", "serviceAccount"], b.service_account.as_ref(), a.service_account.as_ref())?;
+    ops.array(&["spec", "volumes"], b.volumes.as_ref(), a.volumes.as_ref())?;
+    ops.array(&["spec", "schedulingGates"], b.scheduling_gates.as_ref(), a.scheduling_gates.as_ref())?;
+    let kinds = [
+        ("initContainers", b.init_containers.as_deref(), a.init_containers.as_deref()),
+        ("containers", Some(b.containers.as_slice()), Some(a.containers.as_slice())),
+    ];
+    for (kind, before, after) in kinds {
+        let (before, after) = (before.unwrap_or_default(), after.unwrap_or_default());
+        if before.len() != after.len() {
+            // Never: containers are changed, not added. Whole, to be safe.
+            ops.add(&["spec", kind], &after)?;
+            continue;
+        }
+        for (i, (b, a)) in before.iter().zip(after).enumerate() {
+            let index = i.to_string();
+            ops.array(&["spec", kind, &index, "volumeMounts"], b.volume_mounts.as_ref(), a.volume_mounts.as_ref())?;
+            ops.array(&["spec", kind, &index, "env"], b.env.as_ref(), a.env.as_ref())?;
+        }
+    }
+    let (before, after) =
+        (b.ephemeral_containers.as_deref().unwrap_or_default(), a.ephemeral_containers.as_deref().unwrap_or_default());
+    for (i, (b, a)) in before.iter().zip(after).enumerate() {
+        let index = i.to_string();
+        let path = ["spec", "ephemeralContainers", &index, "volumeMounts"];
+        ops.array(&path, b.volume_mounts.as_ref(), a.volume_mounts.as_ref())?;
+    }
+    Ok(())
+}
+
+/// JSON patch operations, in the order they apply.
+#[derive(Default)]
+struct Ops(Vec<json_patch::PatchOperation>);
+
+impl Ops {
+    fn add<T: Serialize + ?Sized>(&mut self, path: &[&str], value: &T) -> Result<()> {
+        let value = serde_json::to_value(value)
+            .map_err(|e| Error::Serialization { what: "pod field", message: e.to_string() })?;
+        self.0.push(json_patch::PatchOperation::Add(json_patch::AddOperation { path: pointer(path), value }));
+        Ok(())
+    }
+
+    fn remove(&mut self, path: &[&str]) {
+        self.0.push(json_patch::PatchOperation::Remove(json_patch::RemoveOperation { path: pointer(path) }));
+    }
+
+    /// `add` (which replaces a member that is there) or `remove`.
+    fn value<T: Serialize + PartialEq>(&mut self, path: &[&str], before: Option<&T>, after: Option<&T>) -> Result<()> {
+        match (before, after) {
+            (b, Some(a)) if b != Some(a) => self.add(path, a),
+            (Some(_), None) => {
+                self.remove(path);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn map(
+        &mut self,
+        path: &[&str],
+        before: Option<&std::collections::BTreeMap<String, String>>,
+        after: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Result<()> {
+        let (Some(b), Some(a)) = (before, after) else { return self.value(path, before, after) };
+        for key in b.keys().filter(|k| !a.contains_key(*k)) {
+            self.remove(&[path, &[key.as_str()]].concat());
+        }
+        for (key, value) in a.iter().filter(|(k, v)| b.get(*k) != Some(*v)) {
+            self.add(&[path, &[key.as_str()]].concat(), value)?;
+        }
+        Ok(())
+    }
+
+    /// An array that kept some of its elements in order and gained others
+    /// at its end: removals from the highest index down, then appends.
+    fn array<T: Serialize + PartialEq>(
+        &mut self,
+        path: &[&str],
+        before: Option<&Vec<T>>,
+        after: Option<&Vec<T>>,
+    ) -> Result<()> {
+        let (Some(b), Some(a)) = (before, after) else { return self.value(path, before, after) };
+        if b == a {
+            return Ok(());
+        }
+        let mut kept = 0;
+        let mut removed = Vec::new();
+        for (i, item) in b.iter().enumerate() {
+            if a.get(kept) == Some(item) {
+                kept += 1;
+            } else {
+                removed.push(i);
+            }
+        }
+        for i in removed.into_iter().rev() {
+            self.remove(&[path, &[i.to_string().as_str()]].concat());
+        }
+        for item in &a[kept..] {
+            self.add(&[path, &["-"]].concat(), item)?;
+        }
+        Ok(())
+    }
+}
+
+/// A JSON pointer from unescaped tokens (`ephemera.dev/lease` becomes
+/// `ephemera.dev~1lease`).
+fn pointer(tokens: &[&str]) -> json_patch::jsonptr::PointerBuf {
+    json_patch::jsonptr::PointerBuf::from_tokens(tokens.iter().copied())
 }
 
 /// A field of `pod` that would take the place of the token ephemera
@@ -189,10 +331,6 @@ pub fn token_conflict(pod: &Pod, identity: &ResolvedIdentity) -> Option<String> 
         }
     }
     None
-}
-
-fn to_value(pod: &Pod) -> Result<serde_json::Value> {
-    serde_json::to_value(pod).map_err(|e| Error::Serialization { what: "Pod", message: e.to_string() })
 }
 
 /// No default token: automount off, the plugin's volume and mounts gone.
@@ -532,6 +670,7 @@ mod tests {
             init in prop::collection::vec(container(), 0..2),
             ephemeral in prop::collection::vec(container(), 0..2),
             gates in prop::sample::subsequence(vec![SCHEDULING_GATE, "other.example/gate"], 0..=2),
+            labelled in any::<bool>(),
         ) -> Pod {
             let volumes: Vec<Value> = volumes.into_iter().map(volume).collect();
             // A valid pod: every mount names one of its volumes.
@@ -559,7 +698,10 @@ mod tests {
                 spec["automountServiceAccountToken"] = json!(a);
             }
             let name = if named { json!("p") } else { Value::Null };
-            serde_json::from_value(json!({"metadata": {"name": name, "generateName": "p-"}, "spec": spec})).unwrap()
+            // Labels of the user's, some with `/` (escaped in patch paths).
+            let labels = if labelled { json!({"app": "p", "example.com/team": "a"}) } else { Value::Null };
+            serde_json::from_value(json!({"metadata": {"name": name, "generateName": "p-", "labels": labels}, "spec": spec}))
+                .unwrap()
         }
     }
 
@@ -607,6 +749,9 @@ mod tests {
             let patch = mutate(&pod, &admission, &settings).unwrap();
             let mut doc = serde_json::to_value(&pod).unwrap();
             json_patch::patch(&mut doc, &patch).unwrap();
+            // The patch, built from the touched fields, makes exactly the
+            // pod the mutation made (whole pods compared as JSON).
+            prop_assert_eq!(&doc, &serde_json::to_value(super::mutated(&pod, &admission, &settings)).unwrap());
             let mutated: Pod = serde_json::from_value(doc).unwrap();
             let again = mutate(&mutated, &admission, &settings).unwrap();
             prop_assert!(again.0.is_empty(), "second call patches again: {}", serde_json::to_string(&again).unwrap());

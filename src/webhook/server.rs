@@ -5,25 +5,28 @@
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use axum::{
-    Json, Router,
+    Router,
     body::Bytes,
     extract::{DefaultBodyLimit, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::post,
 };
+use base64::Engine;
 use k8s_openapi::{
-    api::core::v1::{Namespace, Pod},
+    api::{
+        authentication::v1::UserInfo,
+        core::v1::{Namespace, Pod},
+    },
     jiff::Timestamp,
 };
 use kube::{
     Api, Client, ResourceExt,
-    core::{
-        DynamicObject,
-        admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
-    },
+    core::{GroupVersionKind, admission::Operation},
     runtime::reflector::Store,
 };
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::{
     configuration::{MUTATE_PODS_PATH, VALIDATE_IDENTITIES_PATH},
@@ -86,57 +89,165 @@ async fn validate_identities(State(state): State<Arc<AppState>>, body: Bytes) ->
 }
 
 /// Decodes, dispatches and counts one review.
-async fn handle<'a, F, Fut>(state: &'a AppState, webhook: &'static str, body: &[u8], f: F) -> Response
+async fn handle<'a, F, Fut>(state: &'a AppState, webhook: &'static str, body: &'a [u8], f: F) -> Response
 where
-    F: FnOnce(&'a AppState, AdmissionRequest<DynamicObject>) -> Fut,
-    Fut: Future<Output = AdmissionResponse>,
+    F: FnOnce(&'a AppState, Request<'a>) -> Fut,
+    Fut: Future<Output = Verdict>,
 {
     let start = Instant::now();
-    let request = match decode(body) {
-        Ok(request) => request,
+    let (api_version, request) = match decode(body) {
+        Ok(decoded) => decoded,
         Err(message) => {
             state.metrics.admission_done(webhook, "malformed", start.elapsed());
             return (StatusCode::BAD_REQUEST, message).into_response();
         }
     };
-    let response = f(state, request).await;
-    let outcome = if !response.allowed {
+    let uid = request.uid.clone();
+    let verdict = f(state, request).await;
+    let outcome = if !verdict.allowed {
         "denied"
-    } else if response.patch.is_some() {
+    } else if verdict.patch.is_some() {
         "mutated"
     } else {
         "allowed"
     };
+    let response = encode(&api_version, &uid, verdict);
     state.metrics.admission_done(webhook, outcome, start.elapsed());
-    Json(response.into_review()).into_response()
-}
-
-/// The request of an AdmissionReview, or why the body is not one.
-///
-/// # Errors
-/// A message for the 400 answer.
-pub fn decode(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
-    let review: AdmissionReview<DynamicObject> =
-        serde_json::from_slice(body).map_err(|e| format!("malformed AdmissionReview: {e}"))?;
-    review.try_into().map_err(|_| "malformed AdmissionReview: it has no request".to_owned())
-}
-
-/// Converts the request's object into `T`.
-fn object<T: serde::de::DeserializeOwned>(req: &AdmissionRequest<DynamicObject>) -> Result<T, String> {
-    let obj = req.object.as_ref().ok_or("the request carries no object")?;
-    let value = serde_json::to_value(obj).map_err(|e| e.to_string())?;
-    serde_json::from_value(value).map_err(|e| format!("cannot decode the {}: {e}", req.kind.kind))
-}
-
-fn with_warnings(mut response: AdmissionResponse, warnings: Vec<String>) -> AdmissionResponse {
-    if !warnings.is_empty() {
-        response.warnings = Some(warnings);
-    }
     response
 }
 
-async fn admit_pod(state: &AppState, req: AdmissionRequest<DynamicObject>) -> AdmissionResponse {
-    let allow = AdmissionResponse::from(&req);
+/// An AdmissionReview's request. Its object stays undecoded until the
+/// handler knows its kind: a Pod goes straight into [`Pod`], not through a
+/// JSON tree first.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Request<'a> {
+    /// Copied into the answer.
+    pub uid: String,
+    /// The object's kind.
+    pub kind: GroupVersionKind,
+    /// `status`, `ephemeralcontainers`, ...
+    #[serde(default)]
+    pub sub_resource: Option<String>,
+    /// CREATE, UPDATE, ...
+    pub operation: Operation,
+    /// The object's namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Who asks.
+    #[serde(default)]
+    pub user_info: UserInfo,
+    /// Nothing may be made for a dry run.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// The object, as JSON.
+    #[serde(default, borrow)]
+    pub object: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Review<'a> {
+    #[serde(default)]
+    api_version: String,
+    #[serde(borrow)]
+    request: Option<Request<'a>>,
+}
+
+/// The AdmissionReview's `apiVersion` and its request, or why the body is
+/// not one.
+///
+/// # Errors
+/// A message for the 400 answer.
+pub fn decode(body: &[u8]) -> Result<(String, Request<'_>), String> {
+    let review: Review<'_> = serde_json::from_slice(body).map_err(|e| format!("malformed AdmissionReview: {e}"))?;
+    let request = review.request.ok_or("malformed AdmissionReview: it has no request")?;
+    let version = if review.api_version.is_empty() { "admission.k8s.io/v1".to_owned() } else { review.api_version };
+    Ok((version, request))
+}
+
+/// Decodes the request's object as `T`.
+fn object<T: serde::de::DeserializeOwned>(req: &Request<'_>) -> Result<T, String> {
+    let obj = req.object.ok_or("the request carries no object")?;
+    serde_json::from_str(obj.get()).map_err(|e| format!("cannot decode the {}: {e}", req.kind.kind))
+}
+
+/// What a handler answers: allowed or denied (with the reason), and the
+/// JSON patch and warnings, if any.
+#[derive(Clone, Debug, Default)]
+pub struct Verdict {
+    allowed: bool,
+    reason: Option<String>,
+    patch: Option<Vec<u8>>,
+    warnings: Vec<String>,
+}
+
+impl Verdict {
+    fn allow() -> Self {
+        Self { allowed: true, ..Self::default() }
+    }
+
+    fn deny(self, reason: impl Into<String>) -> Self {
+        Self { allowed: false, reason: Some(reason.into()), patch: None, warnings: self.warnings }
+    }
+
+    fn with_warnings(mut self, warnings: Vec<String>) -> Self {
+        self.warnings.extend(warnings);
+        self
+    }
+}
+
+/// The answer as `admission.k8s.io/v1` specifies it. kube-core's
+/// `AdmissionResponse` writes the patch's bytes as a JSON array of numbers
+/// (kube-rs#1781); the API's `patch` is a base64 string (a third of the size).
+fn encode(api_version: &str, uid: &str, verdict: Verdict) -> Response {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Answer<'a> {
+        api_version: &'a str,
+        kind: &'static str,
+        response: Body<'a>,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body<'a> {
+        uid: &'a str,
+        allowed: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<Denial>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        patch: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        patch_type: Option<&'static str>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        warnings: Vec<String>,
+    }
+    #[derive(Serialize)]
+    struct Denial {
+        code: u16,
+        message: String,
+    }
+    let patch = verdict.patch.map(|p| base64::engine::general_purpose::STANDARD.encode(p));
+    let answer = Answer {
+        api_version,
+        kind: "AdmissionReview",
+        response: Body {
+            uid,
+            allowed: verdict.allowed,
+            status: (!verdict.allowed).then(|| Denial { code: 403, message: verdict.reason.unwrap_or_default() }),
+            patch_type: patch.is_some().then_some("JSONPatch"),
+            patch,
+            warnings: verdict.warnings,
+        },
+    };
+    match serde_json::to_vec(&answer) {
+        Ok(body) => ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode the answer: {e}")).into_response(),
+    }
+}
+
+async fn admit_pod(state: &AppState, req: Request<'_>) -> Verdict {
+    let allow = Verdict::allow();
     if !req.kind.group.is_empty() || req.kind.kind != "Pod" {
         return allow.deny(format!("this webhook admits Pods, not {}/{}", req.kind.group, req.kind.kind));
     }
@@ -192,7 +303,7 @@ async fn admit_pod(state: &AppState, req: AdmissionRequest<DynamicObject>) -> Ad
                 pod = pod.metadata.name.as_deref().or(pod.metadata.generate_name.as_deref()).unwrap_or_default(),
                 "admitted a pod unchanged, as its boundaries allow (ephemera.dev/skip)"
             );
-            return with_warnings(allow, warnings);
+            return allow.with_warnings(warnings);
         }
         Decision::Admit { admission, lease, warnings } => (admission, lease, warnings),
     };
@@ -222,15 +333,15 @@ async fn admit_pod(state: &AppState, req: AdmissionRequest<DynamicObject>) -> Ad
     if let Some(identity) = &admission.identity {
         tracing::info!(namespace, lease = %identity.lease, dry_run = req.dry_run, "admitted a pod with its own identity");
     }
-    let response = if patch.0.is_empty() {
+    let verdict = if patch.0.is_empty() {
         allow
     } else {
-        match allow.clone().with_patch(patch) {
-            Ok(r) => r,
+        match serde_json::to_vec(&patch) {
+            Ok(bytes) => Verdict { patch: Some(bytes), ..allow },
             Err(e) => return allow.deny(format!("cannot encode the patch: {e}")),
         }
     };
-    with_warnings(response, warnings)
+    verdict.with_warnings(warnings)
 }
 
 /// The namespace's labels, from the cache or (for a namespace created a
@@ -247,8 +358,8 @@ async fn namespace_labels(state: &AppState, namespace: &str) -> Result<BTreeMap<
     Ok(ns.labels().clone())
 }
 
-async fn validate_identity(state: &AppState, req: AdmissionRequest<DynamicObject>) -> AdmissionResponse {
-    let allow = AdmissionResponse::from(&req);
+async fn validate_identity(state: &AppState, req: Request<'_>) -> Verdict {
+    let allow = Verdict::allow();
     if req.kind.group != crate::api::GROUP || req.kind.kind != "WorkloadIdentity" {
         return allow
             .deny(format!("this webhook validates WorkloadIdentities, not {}/{}", req.kind.group, req.kind.kind));
@@ -271,7 +382,7 @@ async fn validate_identity(state: &AppState, req: AdmissionRequest<DynamicObject
         Err(reason) => return allow.deny(reason),
     };
     match escalation(state, &req, &identity.spec, &namespace).await {
-        Ok(()) => with_warnings(allow, warnings),
+        Ok(()) => allow.with_warnings(warnings),
         Err(reason) => allow.deny(reason),
     }
 }
@@ -280,7 +391,7 @@ async fn validate_identity(state: &AppState, req: AdmissionRequest<DynamicObject
 /// checked, not only rule changes: a new selector hands the rules to other pods.
 async fn escalation(
     state: &AppState,
-    req: &AdmissionRequest<DynamicObject>,
+    req: &Request<'_>,
     spec: &WorkloadIdentitySpec,
     namespace: &str,
 ) -> Result<(), String> {
@@ -310,12 +421,35 @@ mod tests {
         for (body, expect) in [
             (&b""[..], "malformed AdmissionReview: EOF"),
             (b"{", "malformed AdmissionReview: EOF"),
-            (b"[]", "malformed AdmissionReview: invalid type"),
+            (b"[]", "malformed AdmissionReview: invalid length"),
             (b"{\"apiVersion\":\"admission.k8s.io/v1\",\"kind\":\"AdmissionReview\"}", "it has no request"),
             (b"\xff\xfe", "malformed AdmissionReview"),
         ] {
             let err = decode(body).unwrap_err();
             assert!(err.contains(expect), "{body:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_patch_goes_out_as_base64_as_the_api_specifies() {
+        let verdict = Verdict { patch: Some(br#"[{"op":"add","path":"/a","value":1}]"#.to_vec()), ..Verdict::allow() };
+        let response = encode("admission.k8s.io/v1", "u1", verdict);
+        let body = futures::executor::block_on(axum::body::to_bytes(response.into_body(), usize::MAX)).unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+        assert_eq!(answer["kind"], "AdmissionReview");
+        assert_eq!(answer["response"]["uid"], "u1");
+        assert_eq!(answer["response"]["allowed"], true);
+        assert_eq!(answer["response"]["patchType"], "JSONPatch");
+        assert_eq!(answer["response"]["patch"], "W3sib3AiOiJhZGQiLCJwYXRoIjoiL2EiLCJ2YWx1ZSI6MX1d");
+        assert!(answer["response"].get("status").is_none(), "{answer}");
+
+        let denied = encode("admission.k8s.io/v1", "u2", Verdict::allow().deny("spec.volumes[0]: no"));
+        let body = futures::executor::block_on(axum::body::to_bytes(denied.into_body(), usize::MAX)).unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(answer["response"]["allowed"], false);
+        assert_eq!(answer["response"]["status"]["code"], 403);
+        assert_eq!(answer["response"]["status"]["message"], "spec.volumes[0]: no");
+        assert!(answer["response"].get("patch").is_none(), "{answer}");
     }
 }

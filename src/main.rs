@@ -142,6 +142,12 @@ struct ControllerArgs {
     /// The shortest rotation lead (never more than half the lifetime).
     #[arg(long, env = "EPHEMERA_ROTATION_LEAD_MIN", default_value = "5m", value_parser = parse_duration)]
     rotation_lead_min: std::time::Duration,
+    /// Make at most this many mutating IAM calls a second (IAM throttles
+    /// writes per account; set it at or below your account's share), spent
+    /// by urgency: revoking an ended workload's sessions first, then
+    /// deleting roles, then making new ones. Unset: no limit of ephemera's own.
+    #[arg(long, env = "EPHEMERA_IAM_WRITES_PER_SECOND", value_parser = parse_rate)]
+    iam_writes_per_second: Option<f64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -273,6 +279,7 @@ impl ControllerArgs {
                 fraction: self.rotation_lead_fraction,
                 min_lead: self.rotation_lead_min,
             },
+            iam_writes_per_second: self.iam_writes_per_second,
         }
     }
 }
@@ -282,6 +289,13 @@ fn parse_role_path(s: &str) -> Result<String, String> {
         Ok(s.to_owned())
     } else {
         Err(format!("{s:?} is not an IAM path: it starts and ends with '/' (`/`, `/ephemera/`, `/org/team/`)"))
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r >= 0.1 && r.is_finite() => Ok(r),
+        _ => Err(format!("{s:?} is not a rate of at least 0.1 calls a second")),
     }
 }
 

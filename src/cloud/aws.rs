@@ -86,7 +86,14 @@ use aws_sdk_iam::{
 };
 use serde_json::{Value, json};
 
+use super::gate::Urgency;
 use crate::{Error, Result, api::AwsStatement, telemetry::Metrics};
+
+/// Codes of IAM's (and STS's) own failures, worth another attempt.
+const SERVER_FAULT_CODES: &[&str] = &["ServiceFailure", "InternalFailure", "InternalError", "ServiceUnavailable"];
+
+/// Attempts of one mutating call under a write budget (see [`AwsProvider::write`]).
+const WRITE_ATTEMPTS: u32 = 5;
 
 /// Name of the inline policy holding the identity's statements.
 pub const POLICY_NAME: &str = "ephemera";
@@ -339,6 +346,10 @@ pub struct AwsProvider {
     /// Most roles the account may hold; `None`: its `RolesQuota`.
     role_limit: Option<u64>,
     budget: Arc<tokio::sync::Mutex<Option<RoleBudget>>>,
+    /// Spends a limited IAM write rate by urgency, with the IAM client its
+    /// writes go through (no SDK retries: they would skip the queue);
+    /// `None`: unlimited.
+    gate: Option<(super::gate::Gate, aws_sdk_iam::Client)>,
 }
 
 impl std::fmt::Debug for AwsProvider {
@@ -393,6 +404,86 @@ impl AwsProvider {
             metrics,
             role_limit,
             budget: Arc::default(),
+            gate: None,
+        }
+    }
+
+    /// A provider for unit tests: IAM and STS at `endpoint` (a test fake),
+    /// fixed credentials and region, no retries.
+    #[cfg(test)]
+    pub(crate) async fn for_endpoint(endpoint: &str) -> AwsProvider {
+        let http_client = Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
+        let config = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http_client)
+            .endpoint_url(endpoint)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_iam::config::Credentials::new("test", "test", None, None, "test"))
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .load()
+            .await;
+        AwsProvider {
+            iam: aws_sdk_iam::Client::new(&config),
+            sts: aws_sdk_sts::Client::new(&config),
+            metrics: None,
+            role_limit: Some(u64::MAX),
+            budget: Arc::default(),
+            gate: None,
+        }
+    }
+
+    /// At most `per_second` mutating IAM calls a second, revocations first,
+    /// then deletions, then provisioning (see [`super::gate`]).
+    #[must_use]
+    pub fn with_write_rate(mut self, per_second: f64) -> Self {
+        let config = self.iam.config().to_builder().retry_config(aws_config::retry::RetryConfig::disabled()).build();
+        self.gate = Some((super::gate::Gate::new(per_second), aws_sdk_iam::Client::from_conf(config)));
+        self
+    }
+
+    /// [`Self::call`] for a mutating IAM call (`request` makes it with the
+    /// client it is given), once the write budget (if any) admits it.
+    ///
+    /// Under a budget the SDK does not retry writes itself: a retry would
+    /// skip the queue. A throttled, failed or timed-out attempt goes back
+    /// through the budget at its urgency instead, up to [`WRITE_ATTEMPTS`]
+    /// attempts, the others after a short backoff.
+    async fn write<T, E, R, F, Fut>(
+        &self,
+        urgency: Urgency,
+        operation: &'static str,
+        request: F,
+    ) -> Result<T, SdkError<E, R>>
+    where
+        E: ProvideErrorMetadata,
+        F: Fn(&aws_sdk_iam::Client) -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E, R>>>,
+    {
+        let Some((gate, iam)) = &self.gate else { return self.call(operation, Box::pin(request(&self.iam))).await };
+        let mut attempt = 1;
+        loop {
+            gate.admit(urgency).await;
+            // Boxed: the SDK's request futures are large, and every step
+            // that awaits one would carry it.
+            let result = self.call(operation, Box::pin(request(iam))).await;
+            let code = result.as_ref().err().and_then(ProvideErrorMetadata::code);
+            let throttled = code.is_some_and(|code| crate::error::THROTTLING_CODES.contains(&code));
+            let transient = matches!(
+                &result,
+                Err(SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_))
+            ) || code.is_some_and(|code| SERVER_FAULT_CODES.contains(&code));
+            if attempt >= WRITE_ATTEMPTS || !(throttled || transient) {
+                return result;
+            }
+            if let Some(metrics) = &self.metrics {
+                metrics
+                    .cloud_retries
+                    .get_or_create(&crate::telemetry::RetryLabels { operation: operation.to_owned() })
+                    .inc();
+            }
+            if transient {
+                tokio::time::sleep(Duration::from_millis(100) * (1 << attempt)).await;
+            }
+            attempt += 1;
         }
     }
 
@@ -444,19 +535,17 @@ impl AwsProvider {
         let max_session = i32::try_from(spec.max_session.as_secs()).unwrap_or(3600);
         self.reserve_role().await?;
         let created = self
-            .call(
-                "CreateRole",
-                self.iam
-                    .create_role()
+            .write(Urgency::Provision, "CreateRole", |iam| {
+                iam.create_role()
                     .role_name(&spec.name)
                     .path(&spec.path)
                     .assume_role_policy_document(&trust)
                     .max_session_duration(max_session)
                     .set_permissions_boundary(spec.permissions_boundary.clone())
-                    .set_tags(Some(tags))
+                    .set_tags(Some(tags.clone()))
                     .description("Made by ephemera for one workload; deleted when it ends")
-                    .send(),
-            )
+                    .send()
+            })
             .await;
         let arn = match created {
             Ok(out) => out.role.map(|r| r.arn).unwrap_or_default(),
@@ -475,10 +564,9 @@ impl AwsProvider {
                         describe_owner(&tags)
                     )));
                 }
-                self.call(
-                    "UpdateAssumeRolePolicy",
-                    self.iam.update_assume_role_policy().role_name(&spec.name).policy_document(&trust).send(),
-                )
+                self.write(Urgency::Provision, "UpdateAssumeRolePolicy", |iam| {
+                    iam.update_assume_role_policy().role_name(&spec.name).policy_document(&trust).send()
+                })
                 .await
                 .map_err(|e| cloud_error("UpdateAssumeRolePolicy", &e))?;
                 arn
@@ -496,22 +584,22 @@ impl AwsProvider {
             }
         };
         if let Some(policy) = &spec.policy {
-            self.call(
-                "PutRolePolicy",
-                self.iam
-                    .put_role_policy()
+            self.write(Urgency::Provision, "PutRolePolicy", |iam| {
+                iam.put_role_policy()
                     .role_name(&spec.name)
                     .policy_name(POLICY_NAME)
                     .policy_document(policy.to_string())
-                    .send(),
-            )
+                    .send()
+            })
             .await
             .map_err(|e| cloud_error("PutRolePolicy", &e))?;
         }
         for arn in &spec.managed_policy_arns {
-            self.call("AttachRolePolicy", self.iam.attach_role_policy().role_name(&spec.name).policy_arn(arn).send())
-                .await
-                .map_err(|e| cloud_error("AttachRolePolicy", &e))?;
+            self.write(Urgency::Provision, "AttachRolePolicy", |iam| {
+                iam.attach_role_policy().role_name(&spec.name).policy_arn(arn).send()
+            })
+            .await
+            .map_err(|e| cloud_error("AttachRolePolicy", &e))?;
         }
         Ok(arn)
     }
@@ -622,16 +710,15 @@ impl AwsProvider {
         let role = spec.name.as_str();
         match &spec.policy {
             Some(policy) => {
-                let put = self
-                    .iam
-                    .put_role_policy()
-                    .role_name(role)
-                    .policy_name(POLICY_NAME)
-                    .policy_document(policy.to_string())
-                    .send();
-                self.call("PutRolePolicy", put).await.map_err(|e| cloud_error("PutRolePolicy", &e))?;
+                let document = policy.to_string();
+                let put = |iam: &aws_sdk_iam::Client| {
+                    iam.put_role_policy().role_name(role).policy_name(POLICY_NAME).policy_document(&document).send()
+                };
+                self.write(Urgency::Provision, "PutRolePolicy", put)
+                    .await
+                    .map_err(|e| cloud_error("PutRolePolicy", &e))?;
             }
-            None => self.delete_inline(role, &[POLICY_NAME]).await?,
+            None => self.delete_inline(Urgency::Provision, role, &[POLICY_NAME]).await?,
         }
         let attached: Vec<String> = self
             .call("ListAttachedRolePolicies", self.iam.list_attached_role_policies().role_name(role).send())
@@ -643,17 +730,19 @@ impl AwsProvider {
             .filter_map(|p| p.policy_arn)
             .collect();
         for arn in attached.iter().filter(|a| !spec.managed_policy_arns.contains(a)) {
-            let detach = self.iam.detach_role_policy().role_name(role).policy_arn(arn).send();
-            match self.call("DetachRolePolicy", detach).await {
+            let detach = |iam: &aws_sdk_iam::Client| iam.detach_role_policy().role_name(role).policy_arn(arn).send();
+            match self.write(Urgency::Provision, "DetachRolePolicy", detach).await {
                 Ok(_) => {}
                 Err(e) if is_code(&e, "NoSuchEntity") => {}
                 Err(e) => return Err(cloud_error("DetachRolePolicy", &e)),
             }
         }
         for arn in spec.managed_policy_arns.iter().filter(|a| !attached.contains(a)) {
-            self.call("AttachRolePolicy", self.iam.attach_role_policy().role_name(role).policy_arn(arn).send())
-                .await
-                .map_err(|e| cloud_error("AttachRolePolicy", &e))?;
+            self.write(Urgency::Provision, "AttachRolePolicy", |iam| {
+                iam.attach_role_policy().role_name(role).policy_arn(arn).send()
+            })
+            .await
+            .map_err(|e| cloud_error("AttachRolePolicy", &e))?;
         }
         Ok(())
     }
@@ -709,68 +798,101 @@ impl AwsProvider {
     /// [`Self::revoke_and_delete`] once ownership is established: when the
     /// deny-all landed, or `None` when the role was gone already.
     async fn revoke_and_delete_owned(&self, role: &str) -> Result<Option<std::time::SystemTime>> {
-        let revoke = self
-            .iam
-            .put_role_policy()
-            .role_name(role)
-            .policy_name(REVOKE_POLICY_NAME)
-            .policy_document(revoke_policy().to_string())
-            .send();
-        match self.call("PutRolePolicy", revoke).await {
-            Ok(_) => {}
-            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(None),
-            Err(e) => return Err(cloud_error("PutRolePolicy", &e)),
-        }
-        let revoked = std::time::SystemTime::now();
-        // Managed policies first: while they are attached the deny must stay.
-        let attached = match self
-            .call("ListAttachedRolePolicies", self.iam.list_attached_role_policies().role_name(role).send())
-            .await
-        {
-            Ok(out) => out.attached_policies.unwrap_or_default(),
-            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(Some(revoked)),
-            Err(e) => return Err(cloud_error("ListAttachedRolePolicies", &e)),
+        let Some(revoked) = self.revoke(role).await? else { return Ok(None) };
+        self.delete_revoked(role, true).await?;
+        Ok(Some(revoked))
+    }
+
+    /// Denies everything to every session of `role`, old and new: one
+    /// `PutRolePolicy` of the deny-all policy, kept apart from the
+    /// identity's own policy so that no later write of that one can undo
+    /// it. Only for a role whose ownership is established (made by this
+    /// lease, or its tags read). When it landed; `None`: no such role.
+    ///
+    /// # Errors
+    /// Any IAM refusal (throttling): the caller retries.
+    pub async fn revoke(&self, role: &str) -> Result<Option<std::time::SystemTime>> {
+        let document = revoke_policy().to_string();
+        let revoke = |iam: &aws_sdk_iam::Client| {
+            iam.put_role_policy().role_name(role).policy_name(REVOKE_POLICY_NAME).policy_document(&document).send()
         };
-        for policy in attached.into_iter().filter_map(|p| p.policy_arn) {
-            let detach = self.iam.detach_role_policy().role_name(role).policy_arn(&policy).send();
-            match self.call("DetachRolePolicy", detach).await {
-                Ok(_) => {}
-                Err(e) if is_code(&e, "NoSuchEntity") => {}
-                Err(e) => return Err(cloud_error("DetachRolePolicy", &e)),
-            }
+        match self.write(Urgency::Revoke, "PutRolePolicy", revoke).await {
+            Ok(_) => Ok(Some(std::time::SystemTime::now())),
+            Err(e) if is_code(&e, "NoSuchEntity") => Ok(None),
+            Err(e) => Err(cloud_error("PutRolePolicy", &e)),
         }
-        // The inline policies ephemera puts, the deny last; any other one
-        // (someone added it by hand) shows up as DeleteConflict below.
-        self.delete_inline(role, &[POLICY_NAME, REVOKE_POLICY_NAME]).await?;
-        match self.call("DeleteRole", self.iam.delete_role().role_name(role).send()).await {
+    }
+
+    /// Deletes a revoked role (see [`Self::revoke`]): its two inline
+    /// policies and the role, three calls. `managed`: it may have managed
+    /// policies attached, which go first (one listing and a detach each);
+    /// otherwise they are looked for only if `DeleteRole` finds any, as it
+    /// does for inline policies someone else put. A role already gone is done.
+    ///
+    /// # Errors
+    /// Any IAM refusal (throttling, conflicts): the caller retries.
+    pub async fn delete_revoked(&self, role: &str, managed: bool) -> Result<()> {
+        if managed && !self.detach_all(role).await? {
+            return Ok(());
+        }
+        // The identity's policy, then the deny (while anything could still
+        // allow, the deny stays).
+        self.delete_inline(Urgency::Delete, role, &[POLICY_NAME, REVOKE_POLICY_NAME]).await?;
+        match self.write(Urgency::Delete, "DeleteRole", |iam| iam.delete_role().role_name(role).send()).await {
             Ok(_) => {}
-            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(Some(revoked)),
+            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
             Err(e) if is_code(&e, "DeleteConflict") => {
+                if !managed && !self.detach_all(role).await? {
+                    return Ok(());
+                }
                 let inline =
                     match self.call("ListRolePolicies", self.iam.list_role_policies().role_name(role).send()).await {
                         Ok(out) => out.policy_names,
-                        Err(e) if is_code(&e, "NoSuchEntity") => return Ok(Some(revoked)),
+                        Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
                         Err(e) => return Err(cloud_error("ListRolePolicies", &e)),
                     };
                 let names: Vec<&str> = inline.iter().map(String::as_str).collect();
-                self.delete_inline(role, &names).await?;
-                match self.call("DeleteRole", self.iam.delete_role().role_name(role).send()).await {
+                self.delete_inline(Urgency::Delete, role, &names).await?;
+                match self.write(Urgency::Delete, "DeleteRole", |iam| iam.delete_role().role_name(role).send()).await {
                     Ok(_) => {}
-                    Err(e) if is_code(&e, "NoSuchEntity") => return Ok(Some(revoked)),
+                    Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
                     Err(e) => return Err(cloud_error("DeleteRole", &e)),
                 }
             }
             Err(e) => return Err(cloud_error("DeleteRole", &e)),
         }
         self.release_role().await;
-        Ok(Some(revoked))
+        Ok(())
+    }
+
+    /// Detaches every managed policy of `role`; `false` when there is no
+    /// such role.
+    async fn detach_all(&self, role: &str) -> Result<bool> {
+        let attached = match self
+            .call("ListAttachedRolePolicies", self.iam.list_attached_role_policies().role_name(role).send())
+            .await
+        {
+            Ok(out) => out.attached_policies.unwrap_or_default(),
+            Err(e) if is_code(&e, "NoSuchEntity") => return Ok(false),
+            Err(e) => return Err(cloud_error("ListAttachedRolePolicies", &e)),
+        };
+        for policy in attached.into_iter().filter_map(|p| p.policy_arn) {
+            let detach =
+                |iam: &aws_sdk_iam::Client| iam.detach_role_policy().role_name(role).policy_arn(&policy).send();
+            match self.write(Urgency::Delete, "DetachRolePolicy", detach).await {
+                Ok(_) => {}
+                Err(e) if is_code(&e, "NoSuchEntity") => {}
+                Err(e) => return Err(cloud_error("DetachRolePolicy", &e)),
+            }
+        }
+        Ok(true)
     }
 
     /// Deletes inline policies of `role` by name; one already gone is fine.
-    async fn delete_inline(&self, role: &str, names: &[&str]) -> Result<()> {
+    async fn delete_inline(&self, urgency: Urgency, role: &str, names: &[&str]) -> Result<()> {
         for name in names {
-            let delete = self.iam.delete_role_policy().role_name(role).policy_name(*name).send();
-            match self.call("DeleteRolePolicy", delete).await {
+            let delete = |iam: &aws_sdk_iam::Client| iam.delete_role_policy().role_name(role).policy_name(*name).send();
+            match self.write(urgency, "DeleteRolePolicy", delete).await {
                 Ok(_) => {}
                 Err(e) if is_code(&e, "NoSuchEntity") => {}
                 Err(e) => return Err(cloud_error("DeleteRolePolicy", &e)),

@@ -3,4 +3,5 @@
 //! controller.
 
 pub mod aws;
+pub mod gate;
 pub mod naming;

@@ -53,6 +53,9 @@ pub struct Settings {
     pub propagation_window: std::time::Duration,
     /// When long-lived pods are evicted to get a fresh identity.
     pub rotation: lease::Rotation,
+    /// At most this many mutating IAM calls a second, revocations first
+    /// (`None`: no limit of ephemera's own).
+    pub iam_writes_per_second: Option<f64>,
 }
 
 /// Where roles are made and who trusts them; shared by controller and webhook.
@@ -354,6 +357,10 @@ pub async fn run(settings: Settings) -> Result<()> {
     };
 
     let mut cloud = lease_cloud(&client, &settings.cloud, ctx.metrics.clone(), settings.aws_role_limit).await?;
+    if let Some(rate) = settings.iam_writes_per_second {
+        cloud.provider = cloud.provider.with_write_rate(rate);
+        tracing::info!(rate, "IAM writes limited; revocations go first, then deletions, then provisioning");
+    }
     cloud.propagation_window = settings.propagation_window;
     cloud.rotation = settings.rotation;
     let controllers = async {

@@ -30,7 +30,13 @@ pub async fn expect_status(
     status: u16,
     body: serde_json::Value,
 ) -> serde_json::Value {
-    let (request, responder) = handle.next_request().await.expect("the code under test made another request");
+    // Bounded: code under test that failed early (and still holds a client)
+    // would otherwise leave the test waiting forever.
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), handle.next_request());
+    let (request, responder) = next
+        .await
+        .unwrap_or_else(|_| panic!("no {method} {path_prefix} within 10 s: the code under test stopped short"))
+        .expect("the code under test made another request");
     assert_eq!(request.method().as_str(), method, "{}", request.uri());
     assert!(request.uri().path().starts_with(path_prefix), "expected {path_prefix}, got {}", request.uri());
     let request_body = request.into_body().collect_bytes().await.unwrap();

@@ -7,13 +7,19 @@
 //!   then all ended at once: throughput and tail under load, and the
 //!   controller's RSS with that many live leases.
 //!
-//! Provision latency is pod created -> gate lifted; ghost window is pod
-//! Succeeded -> lease gone (which happens only after the role is deleted).
+//! Provision latency is pod created -> gate lifted; credential window is
+//! pod Succeeded -> a session of its role, taken while the pod ran, is
+//! refused (IAM `ListAccountAliases`, which the identity allows, polled
+//! every 5 ms one at a time and every 20 ms for a sample of 10 pods in the
+//! burst); ghost window is pod Succeeded -> lease gone (which happens only
+//! after the role is deleted). The IAM and STS calls a lifecycle costs are
+//! read from the controller's metrics.
 //! Figures, not assertions: the only checks are that every lifecycle
 //! completes and nothing leaks.
 
 use std::{
     collections::HashMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -62,11 +68,19 @@ async fn lifecycle_latencies() {
     ensure_crds(&bed.client).await;
     let webhook = Webhook::start_for(&bed.client, "bench").await;
     let mut controller = ControllerProcess::start_with(CONTROLLER_ARGS);
+    // ListAccountAliases: an action the sessions may call, to see when
+    // they may no more.
     let worker = identity(
         "worker",
-        json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-x/*"]}]}}),
+        json!({"aws": {"statements": [
+            {"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-x/*"]},
+            {"actions": ["iam:ListAccountAliases"], "resources": ["*"]},
+        ]}}),
     );
-    let gov = governed(&bed, &webhook, "e2e-bench", json!({"maxLeases": 10000}), &worker).await;
+    let boundary = json!({"maxLeases": 10000, "aws": {
+        "allowedActions": ["s3:Get*", "iam:ListAccountAliases"], "allowedResources": ["arn:aws:s3:::team-a-*", "*"],
+    }});
+    let gov = governed(&bed, &webhook, "e2e-bench", boundary, &worker).await;
     let (ns, pods) = (&gov.ns, gov.pods.clone());
     let probe =
         admitted_with_identity(&pods, &pod(json!({"name": "probe", "labels": {"ephemera.dev/identity": "worker"}})))
@@ -76,7 +90,7 @@ async fn lifecycle_latencies() {
 
     // One at a time.
     let sequential: usize = std::env::var("EPHEMERA_BENCH_SEQUENTIAL").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
-    let (mut provision, mut ghost) = (Vec::new(), Vec::new());
+    let (mut provision, mut credential, mut ghost) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..sequential {
         let name = format!("one-{i}");
         let t = Instant::now();
@@ -93,15 +107,18 @@ async fn lifecycle_latencies() {
         provision.push(t.elapsed());
         poll(|| async { (pods.get(&name).await.ok()?.status?.phase.as_deref() == Some("Running")).then_some(()) })
             .await;
+        let session = Session::of(&bed, &ns.name, &lease).await;
         let t = Instant::now();
         pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Succeeded"}})))
             .await
             .expect("end pod");
+        credential.push(session.refused_after(t, Duration::from_millis(5)).await);
         poll(|| async { leases.get_opt(&lease).await.ok()?.is_none().then_some(()) }).await;
         ghost.push(t.elapsed());
     }
     if sequential > 0 {
         provision.sort();
+        credential.sort();
         ghost.sort();
         println!(
             "lifecycle benchmark, one at a time: {sequential} pods, each created, ungated, run and ended before the next"
@@ -113,12 +130,20 @@ async fn lifecycle_latencies() {
             percentile(&provision, 1.0)
         );
         println!(
+            "  credential window (pod Succeeded -> its session refused): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            percentile(&credential, 0.5),
+            percentile(&credential, 0.99),
+            percentile(&credential, 1.0)
+        );
+        println!(
             "  ghost window (pod Succeeded -> role deleted, lease gone): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
             percentile(&ghost, 0.5),
             percentile(&ghost, 0.99),
             percentile(&ghost, 1.0)
         );
+        println!("  cloud calls: {}", per_lifecycle(cloud_calls(&controller.metrics_text().await), sequential));
     }
+    let before_burst = cloud_calls(&controller.metrics_text().await);
 
     // Gate lifted: watch the pods.
     let mut created: HashMap<String, Instant> = HashMap::new();
@@ -162,7 +187,10 @@ async fn lifecycle_latencies() {
     let mut provision: Vec<Duration> = lifted.iter().map(|(k, t)| t.duration_since(created[k])).collect();
     provision.sort();
     let rss_peak = controller.rss_mib();
-    print_where_time_went(&format!("provisioning {n} pods"), &controller.metrics_text().await);
+    let provisioning = controller.metrics_text().await;
+    print_where_time_went(&format!("provisioning {n} pods"), &provisioning);
+    let (iam, sts) = cloud_calls(&provisioning);
+    println!("  provisioning: {}", per_lifecycle((iam - before_burst.0, sts - before_burst.1), n));
 
     // A new leader (after a crash, an upgrade or a lost election) lists every
     // lease and looks at each once before it is caught up.
@@ -201,6 +229,11 @@ async fn lifecycle_latencies() {
         .into_iter()
         .map(|p| (p.metadata.labels.unwrap()["ephemera.dev/lease"].clone(), p.metadata.name.unwrap()))
         .collect();
+    // Sessions of a sample of the pods, taken while they run.
+    let mut sampled: Vec<(String, Session)> = Vec::new();
+    for (lease, pod) in lease_of.iter().step_by((lease_of.len() / SAMPLED).max(1)).take(SAMPLED) {
+        sampled.push((pod.clone(), Session::of(&bed, &ns.name, lease).await));
+    }
     let lease_watch = watcher(leases.clone(), watcher::Config::default());
     let total = lease_of.len();
     let deletions = tokio::spawn(async move {
@@ -217,10 +250,25 @@ async fn lifecycle_latencies() {
         gone
     });
     tokio::time::sleep(Duration::from_millis(500)).await; // the watch is established
+    let end_at: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let refusals = futures::future::join_all(sampled.into_iter().map(|(pod, session)| {
+        let end_at = end_at.clone();
+        async move {
+            // From the moment its own end was recorded.
+            let ended = loop {
+                if let Some(t) = end_at.lock().unwrap().get(&pod).copied() {
+                    break t;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            session.refused_after(ended, Duration::from_millis(20)).await
+        }
+    }));
+    let refusals = tokio::spawn(refusals);
     let mut ended: HashMap<String, Instant> = HashMap::new();
     let end_times = futures::stream::iter(lease_of.values().cloned())
         .map(|name| {
-            let pods = pods.clone();
+            let (pods, end_at) = (pods.clone(), end_at.clone());
             async move {
                 pods.patch_status(
                     &name,
@@ -229,7 +277,9 @@ async fn lifecycle_latencies() {
                 )
                 .await
                 .expect("end pod");
-                (name, Instant::now())
+                let t = Instant::now();
+                end_at.lock().unwrap().insert(name.clone(), t);
+                (name, t)
             }
         })
         .buffer_unordered(16)
@@ -240,6 +290,8 @@ async fn lifecycle_latencies() {
     let mut ghost: Vec<Duration> =
         gone.iter().map(|(lease, t)| t.saturating_duration_since(ended[&lease_of[lease]])).collect();
     ghost.sort();
+    let mut credential = refusals.await.unwrap();
+    credential.sort();
     // Every role is gone once its lease is (the probe's too, deleted early).
     let roles_left = || async {
         bed.iam
@@ -269,6 +321,12 @@ async fn lifecycle_latencies() {
         all_ready.as_secs_f64()
     );
     println!(
+        "  credential window (pod Succeeded -> its session refused; {} sampled pods): p50 {:.0} ms, max {:.0} ms",
+        credential.len(),
+        percentile(&credential, 0.5),
+        percentile(&credential, 1.0)
+    );
+    println!(
         "  ghost window (pod Succeeded -> role deleted, lease gone): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
         percentile(&ghost, 0.5),
         percentile(&ghost, 0.99),
@@ -281,7 +339,9 @@ async fn lifecycle_latencies() {
         "  full relist: a restarted controller looked at all {n} leases after {:.1} s; RSS then {rss_relisted:.1} MiB",
         relist.as_secs_f64()
     );
-    print_where_time_went("the restarted controller: relist, then reaping", &controller.metrics_text().await);
+    let reaping = controller.metrics_text().await;
+    print_where_time_went("the restarted controller: relist, then reaping", &reaping);
+    println!("  relist and reaping: {}", per_lifecycle(cloud_calls(&reaping), n));
     assert!(remaining.is_empty(), "roles left behind: {remaining:?}");
 }
 
@@ -307,6 +367,84 @@ fn print_where_time_went(phase: &str, metrics: &str) {
             println!("    {label} {name}: {count:.0} x {:.1} ms = {sum:.1} s", sum / count.max(1.0) * 1e3);
         }
     }
+}
+
+/// Pods of the burst whose credential window is measured (each polls IAM
+/// every 20 ms from its end until refused; more would load the emulator the
+/// controller is measured against).
+const SAMPLED: usize = 10;
+
+/// A session of a lease's role, taken with a token of its ServiceAccount as
+/// the pod's SDK would.
+struct Session(aws_sdk_iam::Client);
+
+impl Session {
+    async fn of(bed: &TestBed, namespace: &str, lease: &str) -> Session {
+        let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), namespace);
+        let role = leases.get(lease).await.expect("the lease").spec.role_arn.expect("a role ARN");
+        let token = bed.token(namespace, lease, "sts.amazonaws.com", 600).await;
+        let out = bed
+            .sts
+            .assume_role_with_web_identity()
+            .role_arn(role)
+            .role_session_name("bench")
+            .web_identity_token(token)
+            .send()
+            .await
+            .expect("AssumeRoleWithWebIdentity while the pod runs");
+        let c = out.credentials.expect("session credentials");
+        let credentials = aws_sdk_iam::config::Credentials::new(
+            c.access_key_id,
+            c.secret_access_key,
+            Some(c.session_token),
+            None,
+            "bench-session",
+        );
+        let sdk = ephemera::cloud::aws::sdk_config().await;
+        let session = Session(aws_sdk_iam::Client::from_conf(
+            aws_sdk_iam::config::Builder::from(&sdk).credentials_provider(credentials).build(),
+        ));
+        assert!(session.usable().await, "a fresh session may call ListAccountAliases");
+        session
+    }
+
+    async fn usable(&self) -> bool {
+        self.0.list_account_aliases().send().await.is_ok()
+    }
+
+    /// How long after `since` the session is first refused, polling every `every`.
+    async fn refused_after(&self, since: Instant, every: Duration) -> Duration {
+        poll(|| async {
+            if self.usable().await {
+                tokio::time::sleep(every).await;
+                None
+            } else {
+                Some(since.elapsed())
+            }
+        })
+        .await
+    }
+}
+
+/// IAM and STS calls a controller made, from its `/metrics`.
+fn cloud_calls(metrics: &str) -> (f64, f64) {
+    let (mut iam, mut sts) = (0.0, 0.0);
+    for line in metrics.lines().filter(|l| l.starts_with("ephemera_cloud_request_duration_seconds_count{")) {
+        let Some((key, value)) = line.rsplit_once(' ') else { continue };
+        let count: f64 = value.parse().unwrap_or(0.0);
+        if key.contains("operation=\"AssumeRoleWithWebIdentity\"") || key.contains("operation=\"GetCallerIdentity\"") {
+            sts += count;
+        } else {
+            iam += count;
+        }
+    }
+    (iam, sts)
+}
+
+fn per_lifecycle((iam, sts): (f64, f64), lifecycles: usize) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    let n = lifecycles.max(1) as f64;
+    format!("{:.2} IAM and {:.2} STS calls per lifecycle ({iam:.0} and {sts:.0} for {lifecycles})", iam / n, sts / n)
 }
 
 /// Polls `probe` every 10 ms until it answers (10 minutes at most).

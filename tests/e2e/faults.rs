@@ -22,9 +22,14 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
 
+use kube::{ResourceExt, api::PostParams};
+use serde_json::json;
+
 use crate::{
+    lifecycle::{finish, wait_ungated_within},
     soak::{Churn, Rng, assert_reaped_once, env_or},
     support::{ControllerProcess, controller_turn, unique_name},
+    webhook::{env_of, pod},
 };
 
 /// What the proxy did, by kind.
@@ -234,6 +239,86 @@ async fn hold_or_forward(
     Ok(response.unwrap_or_else(|e| aws_error(502, "ProxyError", &e)))
 }
 
+/// IAM as a budget: mutating calls (`Create*`, `Put*`, `Attach*`,
+/// `Detach*`, `Delete*`, `Update*`, `Tag*`) pass a token bucket of `rate` a
+/// second (as IAM's per-account write throttling does; STS and reads are
+/// not counted), and over it are answered `Throttling`. Each forwarded
+/// write is logged with its action and policy name.
+pub struct BudgetProxy {
+    pub url: String,
+    state: Arc<Budget>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Budget {
+    upstream: String,
+    rate: f64,
+    bucket: Mutex<(f64, std::time::Instant)>,
+    throttled: AtomicU64,
+    /// Forwarded writes: when, the action, and the policy name (if any).
+    writes: Mutex<Vec<(std::time::Instant, String, String)>>,
+}
+
+impl Drop for BudgetProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl BudgetProxy {
+    pub async fn start(upstream: &str, rate: f64) -> BudgetProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binding the budget proxy");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(Budget {
+            upstream: upstream.to_owned(),
+            rate,
+            bucket: Mutex::new((rate, std::time::Instant::now())),
+            throttled: AtomicU64::new(0),
+            writes: Mutex::default(),
+        });
+        let task = serve(listener, state.clone(), spend);
+        BudgetProxy { url, state, task }
+    }
+
+    /// Writes forwarded since `since`: (action, policy name).
+    pub fn writes_since(&self, since: std::time::Instant) -> Vec<(String, String)> {
+        let writes = self.state.writes.lock().unwrap();
+        writes.iter().filter(|(t, _, _)| *t >= since).map(|(_, a, p)| (a.clone(), p.clone())).collect()
+    }
+
+    pub fn throttled(&self) -> u64 {
+        self.state.throttled.load(Ordering::SeqCst)
+    }
+}
+
+/// The value of `key` in a form-encoded Query API body.
+fn form_value(body: &[u8], key: &str) -> String {
+    let body = String::from_utf8_lossy(body);
+    body.split('&').find_map(|kv| kv.strip_prefix(&format!("{key}="))).unwrap_or_default().to_owned()
+}
+
+async fn spend(req: Request<hyper::body::Incoming>, state: Arc<Budget>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
+    let action = form_value(&body, "Action");
+    let write = ["Create", "Put", "Attach", "Detach", "Delete", "Update", "Tag"].iter().any(|w| action.starts_with(w))
+        && !action.ends_with("WebIdentity");
+    if write {
+        let mut bucket = state.bucket.lock().unwrap();
+        let now = std::time::Instant::now();
+        bucket.0 = (bucket.0 + now.duration_since(bucket.1).as_secs_f64() * state.rate).min(state.rate.max(1.0));
+        bucket.1 = now;
+        if bucket.0 < 1.0 {
+            state.throttled.fetch_add(1, Ordering::SeqCst);
+            return Ok(aws_error(400, "Throttling", "Rate exceeded"));
+        }
+        bucket.0 -= 1.0;
+        drop(bucket);
+        state.writes.lock().unwrap().push((now, action, form_value(&body, "PolicyName")));
+    }
+    Ok(forward(&state.upstream, parts, body).await.unwrap_or_else(|e| aws_error(502, "ProxyError", &e)))
+}
+
 pub async fn forward(
     upstream: &str,
     parts: hyper::http::request::Parts,
@@ -288,4 +373,87 @@ async fn lifecycles_complete_and_leak_nothing_under_cloud_faults() {
         "faults: {lifecycles} lifecycles in {:?}, all reaped {settled:?} later; proxy {c:?}; {retries} SDK retries counted",
         made.took
     );
+}
+
+/// IAM writes scarce (5 a second, enforced by the proxy, and the controller
+/// told so): when workloads end while others start, every ended lease's
+/// revoking call goes before any deletion or provisioning call.
+#[tokio::test]
+async fn scarce_iam_writes_go_to_revocations_first() {
+    const RATE: f64 = 5.0;
+    const PODS: u64 = 6;
+    let upstream = std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL (source .ephemera/dev.env)");
+    let proxy = BudgetProxy::start(upstream.trim_start_matches("http://").trim_end_matches('/'), RATE).await;
+    let _turn = controller_turn().await;
+    let cluster = unique_name("budget");
+    let churn = Churn::new("e2e-budget", &cluster).await;
+    let mut controller = ControllerProcess::spawn_with_env(
+        "controller",
+        &[
+            "controller",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--cluster-name",
+            &cluster,
+            "--aws-account-id",
+            "000000000000",
+            "--iam-writes-per-second",
+            &RATE.to_string(),
+        ],
+        &[("AWS_ENDPOINT_URL", &proxy.url)],
+    );
+    let pods = &churn.gov.pods;
+    let mut names = vec![churn.first.name_any()];
+    for i in 1..PODS {
+        let p = pod(json!({"name": format!("old-{i}"), "labels": {"ephemera.dev/identity": "reader"}}));
+        names.push(pods.create(&PostParams::default(), &p).await.expect("create a pod").name_any());
+    }
+    let mut roles = Vec::new();
+    for name in &names {
+        let ready = wait_ungated_within(pods, name, Duration::from_mins(1)).await;
+        roles.push(env_of(&ready, "AWS_ROLE_ARN").expect("an injected role"));
+    }
+    // Quiet: the bucket fills again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // New pods ask for roles, spending the budget; then the old ones all
+    // end at once, while the new ones still wait.
+    for i in 0..PODS {
+        let p = pod(json!({"name": format!("new-{i}"), "labels": {"ephemera.dev/identity": "reader"}}));
+        pods.create(&PostParams::default(), &p).await.expect("create a pod");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ended = std::time::Instant::now();
+    futures::future::join_all(
+        names.iter().map(|name| finish(&churn.bed.client, &churn.gov.ns.name, name, "Succeeded")),
+    )
+    .await;
+    for i in 0..PODS {
+        let ready = wait_ungated_within(pods, &format!("new-{i}"), Duration::from_mins(2)).await;
+        roles.push(env_of(&ready, "AWS_ROLE_ARN").expect("an injected role"));
+    }
+    let writes = proxy.writes_since(ended);
+    let is_revocation = |(action, policy): &(String, String)| {
+        action == "PutRolePolicy" && policy == ephemera::cloud::aws::REVOKE_POLICY_NAME
+    };
+    let revocations: Vec<usize> = writes.iter().enumerate().filter(|(_, w)| is_revocation(w)).map(|(i, _)| i).collect();
+    eprintln!("budget: writes after the ends: {writes:?}; {} throttled by the proxy", proxy.throttled());
+    assert_eq!(revocations.len(), usize::try_from(PODS).unwrap(), "one revocation per ended pod: {writes:?}");
+    // From the first revocation on, nothing else goes until the last.
+    let (first, last) = (revocations[0], revocations[revocations.len() - 1]);
+    assert!(
+        writes[first..=last].iter().all(is_revocation),
+        "a deletion or provisioning call went between revocations: {writes:?}"
+    );
+    assert!(
+        !writes[..first].iter().any(|(action, _)| action.starts_with("Delete")),
+        "a role was deleted before every ended pod's sessions were denied: {writes:?}"
+    );
+    for name in &names {
+        pods.delete(name, &kube::api::DeleteParams::default()).await.ok();
+    }
+    for i in 0..PODS {
+        finish(&churn.bed.client, &churn.gov.ns.name, &format!("new-{i}"), "Succeeded").await;
+    }
+    churn.assert_nothing_left(&roles, &mut controller).await;
 }

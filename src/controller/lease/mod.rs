@@ -23,7 +23,10 @@
 mod end_of_life;
 mod provision;
 mod reap;
+mod revoke;
 mod rotate;
+#[cfg(test)]
+mod scenarios;
 mod sweep;
 
 use std::{sync::Arc, time::Duration};
@@ -110,6 +113,44 @@ struct LeaseContext {
     /// was provisioned a second time (about 470 of 5,000 leases, each
     /// repeating the role calls and the STS proof).
     ready: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Uids of leases whose role the revocation lane denied (`Some`: when),
+    /// or is denying (`None`): the reap does not revoke them again, nor
+    /// count their credential window twice.
+    revocations: std::sync::Mutex<std::collections::HashMap<String, Option<std::time::SystemTime>>>,
+}
+
+impl LeaseContext {
+    /// When the lane revoked the lease's role, if it did.
+    fn revoked_at(&self, uid: &str) -> Option<std::time::SystemTime> {
+        self.revocations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(uid).copied().flatten()
+    }
+
+    /// Whether the lane revoked, or is revoking, the lease's role.
+    fn revocation_known(&self, uid: &str) -> bool {
+        self.revocations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(uid)
+    }
+
+    /// Takes the lease's revocation on; `false` when it was taken already.
+    fn claim_revocation(&self, uid: &str) -> bool {
+        let mut map = self.revocations.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.contains_key(uid) {
+            return false;
+        }
+        map.insert(uid.to_owned(), None);
+        true
+    }
+
+    fn record_revocation(&self, uid: &str, at: std::time::SystemTime) {
+        self.revocations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid.to_owned(), Some(at));
+    }
+
+    fn release_revocation(&self, uid: &str) {
+        self.revocations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(uid);
+    }
+
+    fn was_reaped(&self, uid: &str) -> bool {
+        self.reaped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(uid)
+    }
 }
 
 type SeenPods = Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>;
@@ -194,13 +235,18 @@ pub async fn run(
         seen_pods,
         reaped: std::sync::Mutex::default(),
         ready: std::sync::Mutex::default(),
+        revocations: std::sync::Mutex::default(),
     });
     let sweep = tokio::spawn(sweep::sweep_forever(lctx.clone()));
-    let pods =
-        watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default().labels(LABEL_LEASE))
-            .default_backoff()
-            .inspect(synced.on_init_done("pods"))
-            .touched_objects();
+    let (lane, revocations) = revoke::Lane::channel();
+    let lane_task = revoke::Lane::start(lctx.clone(), revocations);
+    // Whole pods (not only their metadata): the revocation lane decides
+    // from the pod the watch delivers, without a read. Nothing keeps them.
+    let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(LABEL_LEASE))
+        .default_backoff()
+        .inspect(synced.on_init_done("pods"))
+        .touched_objects();
+    let (by_pod, lane_ctx) = (leases.clone(), lctx.clone());
     let jobs = watcher(Api::<PartialObjectMeta<Job>>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .inspect(synced.on_init_done("Jobs"))
@@ -223,11 +269,13 @@ pub async fn run(
                 .map(|l| ObjectRef::from_obj(&**l))
                 .collect::<Vec<_>>()
         })
-        // A pod's phase and deletion decide when its lease ends.
+        // A pod's phase and deletion decide when its lease ends; its role's
+        // sessions are denied at once, in the lane.
         .watches_stream(pods, move |pod| {
             let ns = pod.namespace()?;
             let lease = pod.labels().get(LABEL_LEASE)?;
             seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert((ns.clone(), lease.clone()));
+            lane.offer(&by_pod, &lane_ctx, &pod);
             Some(ObjectRef::new(lease).within(&ns))
         })
         // A Job's completion ends the lease its pods share.
@@ -245,6 +293,7 @@ pub async fn run(
         .run(reconcile, error_policy, lctx);
     drain(CONTROLLER, stream).await;
     sweep.abort();
+    lane_task.abort();
 }
 
 /// Logs once when every watch of the lease controller has listed what

@@ -16,7 +16,7 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{LeaseContext, owned_by, publish, role_owner, trusted_role, write_status};
+use super::{LeaseContext, owned_by, publish, revoke::since, role_owner, trusted_role, write_status};
 use crate::{
     Error, Result,
     api::{IdentityLease, LeasePhase},
@@ -80,16 +80,14 @@ pub(super) async fn reap(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Ac
         .as_ref()
         .and_then(|n| n["ended"].as_str().or_else(|| n["at"].as_str()))
         .and_then(|t| t.parse::<Timestamp>().ok());
-    let since_end = |at: std::time::SystemTime| {
-        ended.and_then(|e| Timestamp::try_from(at).ok().map(|at| at.duration_since(e).as_secs_f64().max(0.0)))
-    };
-    match ctx.cloud.provider.revoke_and_delete(&role, &role_owner(lease, ctx)).await {
-        Ok(Reaped::Deleted { revoked }) => {
-            if let Some(window) = since_end(revoked) {
+    let since_end = |at: std::time::SystemTime| ended.and_then(|e| since(e, at));
+    match reap_role(lease, ctx, &role, &uid).await {
+        Ok((Reaped::Deleted { revoked }, counted)) => {
+            if !counted && let Some(window) = since_end(revoked) {
                 ctx.base.metrics.credential_window.observe(window);
             }
         }
-        Ok(Reaped::Gone) => {}
+        Ok((Reaped::Gone, _)) => {}
         // Not ours: left alone, said once; the lease's own objects still go.
         Err(e @ Error::RoleConflict(_)) => {
             publish(ctx, lease, EventType::Warning, "RoleConflict", e.to_string()).await;
@@ -119,6 +117,56 @@ pub(super) async fn reap(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Ac
     tracing::info!(namespace, lease = name, reason, "reaped");
     Ok(Action::await_change())
 }
+
+/// Revokes and deletes the lease's role; whether its credential window was
+/// counted already (the revocation lane denied its sessions first).
+///
+/// A role this controller made Ready (`status.roleArn`, written only then)
+/// is this lease's by construction: its name derives from the lease, and it
+/// was made here or its tags were read before it was adopted. It is
+/// revoked (unless the lane did) and deleted without reading its tags again:
+/// four calls, or three after the lane. Any other role (a lease that never
+/// got Ready) is read first and touched only if its tags name this lease.
+async fn reap_role(lease: &IdentityLease, ctx: &LeaseContext, role: &str, uid: &str) -> Result<(Reaped, bool)> {
+    let made = lease.status.as_ref().is_some_and(|s| s.role_arn.is_some());
+    if !made {
+        return ctx.cloud.provider.revoke_and_delete(role, &role_owner(lease, ctx)).await.map(|r| (r, false));
+    }
+    let (revoked, counted) = match lane_result(ctx, uid).await {
+        Some(at) => (Some(at), true),
+        None => (ctx.cloud.provider.revoke(role).await?, false),
+    };
+    let Some(revoked) = revoked else { return Ok((Reaped::Gone, counted)) };
+    // Managed policies are looked for first only when the identity may
+    // have attached some; otherwise `DeleteRole` says if any are there.
+    let identity = ctx.base.identities.get(
+        &kube::runtime::reflector::ObjectRef::new(&lease.spec.workload_identity)
+            .within(&lease.namespace().unwrap_or_default()),
+    );
+    let managed = identity.is_none_or(|wi| wi.spec.aws.as_ref().is_some_and(|a| !a.managed_policy_arns.is_empty()));
+    ctx.cloud.provider.delete_revoked(role, managed).await?;
+    Ok((Reaped::Deleted { revoked }, counted))
+}
+
+/// When the revocation lane denied the role's sessions, waiting a while
+/// for a revocation it has in flight (under a write budget it may wait its
+/// turn): a second revoking call would spend what is scarce. `None`: the
+/// lane did not (or not in time); the reap revokes.
+async fn lane_result(ctx: &LeaseContext, uid: &str) -> Option<std::time::SystemTime> {
+    let deadline = tokio::time::Instant::now() + LANE_WAIT;
+    loop {
+        if let Some(at) = ctx.revoked_at(uid) {
+            return Some(at);
+        }
+        if !ctx.revocation_known(uid) || tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Longest a reap waits for the lane's revocation in flight.
+const LANE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Deletes `name` if it is there and owned by `lease` (by uid; the delete
 /// is conditional on the uid read, so a replacement is never hit).

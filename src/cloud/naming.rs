@@ -17,8 +17,8 @@ const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 
 /// Length of the random part of a lease name: 27^8 (2.8e11) names, so 5,000
 /// leases of one identity in one namespace collide with a chance of about
-/// 1 in 20,000 (with 5 characters, measured in a 5,000-pod burst, it was
-/// better than even). A collision is refused, never shared.
+/// 1 in 20,000 (docs/benchmarks.md has the burst that showed 5 too few).
+/// A collision is refused, never shared.
 pub const LEASE_SUFFIX_LEN: usize = 8;
 
 /// A short id (`len` chars of [`ALPHABET`]) derived from `seed`.

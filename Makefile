@@ -109,9 +109,9 @@ soak: node-image ## SOAK_LIFECYCLES lifecycles under random SIGKILLs of the cont
 .PHONY: bench
 BENCH_LEASES ?= 100
 BENCH_NODE_LEASES ?= 500
-bench: node-image ## Benchmarks, printed not asserted: mutate() (criterion), webhook HTTPS load, BENCH_LEASES pod lifecycles on the test bed, then bench-node.
+bench: node-image ## Benchmarks, printed not asserted: mutate() (criterion), the webhook beside amazon-eks-pod-identity-webhook (HTTPS load, CPU per request), BENCH_LEASES pod lifecycles on the test bed, then bench-node.
 	$(CARGO) bench --bench mutate -- --noplot
-	$(CARGO) bench --bench webhook
+	CARGO="$(CARGO)" e2e/scripts/bench-webhook.sh
 	source $(DEV_ENV) && EPHEMERA_BENCH_LEASES=$(BENCH_LEASES) $(CARGO) test --release --features e2e --test e2e bench:: -- --ignored --nocapture
 	BENCH_LEASES=$(BENCH_NODE_LEASES) e2e/scripts/bench-node.sh
 

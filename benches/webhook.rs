@@ -9,6 +9,15 @@
 //! Prints: open-loop latency percentiles at a fixed rate (default 500/s for
 //! 10 s), closed-loop throughput and p50 with 16 connections, the webhook
 //! process's CPU time (user + system) per request in each, and its RSS.
+//!
+//! `EPHEMERA_BENCH_PER_CONNECTION` (default 1000) sets the closed loop's
+//! requests per connection (more, to profile it).
+//!
+//! With `EPHEMERA_BENCH_PEER` (the amazon-eks-pod-identity-webhook binary)
+//! and `EPHEMERA_BENCH_PEER_KUBECONFIG` (a cluster holding the annotated
+//! ServiceAccount `EPHEMERA_BENCH_PEER_NAMESPACE/orders-api`), as
+//! `e2e/scripts/bench-webhook.sh` sets them, that webhook is measured the
+//! same way, in turn with ephemera's (A/B/A/B), on the same machine.
 //! `make bench` runs it; figures are printed, not asserted.
 
 use std::{
@@ -33,24 +42,30 @@ use kube::runtime::{reflector, watcher};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::json;
 
+// The allocator the `ephemera` binary uses, so the server here is measured as it runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const RATE: u64 = 500;
 const SECONDS: u64 = 10;
 const CONNECTIONS: usize = 16;
 
-fn review(uid: usize) -> Vec<u8> {
+/// An AdmissionReview of a Deployment's pod in `namespace`, running as
+/// `service_account`.
+fn review(uid: usize, namespace: &str, service_account: &str) -> Vec<u8> {
     json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {
             "uid": format!("bench-{uid}"),
             "kind": {"group": "", "version": "v1", "kind": "Pod"},
             "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": "team-a", "operation": "CREATE", "dryRun": true,
+            "namespace": namespace, "operation": "CREATE", "dryRun": true,
             "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
             "object": {
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"generateName": "orders-api-5689b45f8b-", "namespace": "team-a", "labels": {"app": "orders-api"}},
+                "metadata": {"generateName": "orders-api-5689b45f8b-", "namespace": namespace, "labels": {"app": "orders-api"}},
                 "spec": {
-                    "serviceAccountName": "default",
+                    "serviceAccountName": service_account,
                     "containers": [{"name": "api", "image": "registry.invalid/orders:1",
                         "volumeMounts": [{"name": "kube-api-access-abcde", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}]}],
                     "volumes": [{"name": "kube-api-access-abcde", "projected": {"sources": [
@@ -116,9 +131,9 @@ async fn connect(addr: std::net::SocketAddr, tls: Arc<rustls::ClientConfig>) -> 
     sender
 }
 
-async fn call(sender: &mut Sender, body: Vec<u8>) -> Duration {
+async fn call(sender: &mut Sender, path: &str, body: Vec<u8>) -> Duration {
     let start = Instant::now();
-    let request = hyper::Request::post("/mutate/pods")
+    let request = hyper::Request::post(path)
         .header("content-type", "application/json")
         .header("host", "localhost")
         .body(Full::new(Bytes::from(body)))
@@ -194,103 +209,240 @@ fn serve() {
     });
 }
 
+/// A webhook under test: a process of its own, reached over HTTPS.
+struct Target {
+    name: &'static str,
+    process: std::process::Child,
+    addr: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    path: &'static str,
+    namespace: String,
+    service_account: &'static str,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+impl Target {
+    fn review(&self, uid: usize) -> Vec<u8> {
+        review(uid, &self.namespace, self.service_account)
+    }
+}
+
+fn client_tls(ca_pem: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// This build's webhook, in a process of its own (see [`serve`]).
+fn ephemera() -> Target {
+    let mut process = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("EPHEMERA_BENCH_SERVE", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the webhook server process");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(process.stdout.take().unwrap()));
+    let port: u16 = lines.next().unwrap().unwrap().parse().unwrap();
+    let ca = lines.next().unwrap().unwrap().replace("\\n", "\n");
+    Target {
+        name: "ephemera",
+        process,
+        addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        tls: client_tls(&ca),
+        path: "/mutate/pods",
+        namespace: "team-a".into(),
+        service_account: "default",
+    }
+}
+
+/// amazon-eks-pod-identity-webhook, out of cluster, with a certificate for
+/// localhost; `None` unless the environment names it.
+fn peer() -> Option<Target> {
+    let binary = std::env::var("EPHEMERA_BENCH_PEER").ok()?;
+    let kubeconfig = std::env::var("EPHEMERA_BENCH_PEER_KUBECONFIG").expect("EPHEMERA_BENCH_PEER_KUBECONFIG");
+    let namespace = std::env::var("EPHEMERA_BENCH_PEER_NAMESPACE").expect("EPHEMERA_BENCH_PEER_NAMESPACE");
+    let bundle = tls::generate(&["localhost".into()], &[std::net::IpAddr::from([127, 0, 0, 1])]).unwrap();
+    let dir = std::env::temp_dir().join(format!("ephemera-bench-peer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), &bundle.cert).unwrap();
+    std::fs::write(dir.join("tls.key"), &bundle.key).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = std::fs::File::create(dir.join("peer.log")).unwrap();
+    let process = std::process::Command::new(binary)
+        .args(["--in-cluster=false", "--kubeconfig", &kubeconfig, "--port", &port.to_string()])
+        .args(["--metrics-port", &metrics.to_string(), "--aws-default-region", "eu-west-1"])
+        .arg(format!("--tls-cert={}", dir.join("tls.crt").display()))
+        .arg(format!("--tls-key={}", dir.join("tls.key").display()))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start the peer webhook");
+    Some(Target {
+        name: "amazon-eks-pod-identity-webhook",
+        process,
+        addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        tls: client_tls(&bundle.ca_cert),
+        path: "/mutate",
+        namespace,
+        service_account: "orders-api",
+    })
+}
+
+/// What one round measured.
+struct Figures {
+    open_p50: Duration,
+    open_p99: Duration,
+    open_cpu: f64,
+    closed_rps: f64,
+    closed_p50: Duration,
+    closed_cpu: f64,
+    rss: f64,
+}
+
 fn main() {
     if std::env::var_os("EPHEMERA_BENCH_SERVE").is_some() {
         serve();
         return;
     }
     // `cargo bench` passes `--bench`; any filter argument is ignored here.
-    let mut server = std::process::Command::new(std::env::current_exe().unwrap())
-        .env("EPHEMERA_BENCH_SERVE", "1")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the webhook server process");
-    let pid = server.id();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(server.stdout.take().unwrap()));
-    let port: u16 = lines.next().unwrap().unwrap().parse().unwrap();
-    let ca = lines.next().unwrap().unwrap().replace("\\n", "\n");
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap()).unwrap();
-        let client_tls = Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        );
-
-        // Warm up.
-        let mut warm = connect(addr, client_tls.clone()).await;
-        for i in 0..200 {
-            call(&mut warm, review(i)).await;
+        let mut targets = vec![ephemera()];
+        targets.extend(peer());
+        for target in &targets {
+            ready(target).await;
         }
-
-        // Open loop: one request every 1/RATE s, whatever the answers do,
-        // spread over the connections (latency includes queueing).
-        let total = usize::try_from(RATE * SECONDS).unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut senders = Vec::new();
-        for _ in 0..CONNECTIONS {
-            senders.push(Arc::new(tokio::sync::Mutex::new(connect(addr, client_tls.clone()).await)));
+        println!("webhook /mutate over HTTPS on loopback (a Deployment's pod, dryRun, {CONNECTIONS} connections)");
+        // A/B/A/B when there is a peer: drift on the machine hits both.
+        let rounds = if targets.len() > 1 { 2 } else { 1 };
+        for round in 1..=rounds {
+            for target in &targets {
+                let f = measure(target).await;
+                println!(
+                    "  {} (round {round}): open loop {RATE}/s for {SECONDS}s p50 {:.2} ms, p99 {:.2} ms, CPU {:.0} us \
+                     per request; closed loop {:.0} requests/s, p50 {:.2} ms, CPU {:.0} us per request; RSS {:.1} MiB",
+                    target.name,
+                    f.open_p50.as_secs_f64() * 1e3,
+                    f.open_p99.as_secs_f64() * 1e3,
+                    f.open_cpu,
+                    f.closed_rps,
+                    f.closed_p50.as_secs_f64() * 1e3,
+                    f.closed_cpu,
+                    f.rss,
+                );
+            }
         }
-        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
-        let cpu_before = cpu_time(pid);
-        let start = Instant::now();
-        for i in 0..total {
-            tick.tick().await;
-            let sender = senders[i % CONNECTIONS].clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let queued = Instant::now();
-                let mut s = sender.lock().await;
-                let _ = call(&mut s, review(i)).await;
-                let _ = tx.send(queued.elapsed());
-            });
-        }
-        drop(tx);
-        let mut latencies = Vec::with_capacity(total);
-        while let Some(l) = rx.recv().await {
-            latencies.push(l);
-        }
-        let elapsed = start.elapsed();
-        let open_cpu = cpu_time(pid).saturating_sub(cpu_before);
-        latencies.sort();
-        println!("webhook /mutate/pods over HTTPS on loopback (dryRun pod with identity, {CONNECTIONS} connections)");
-        println!(
-            "  open loop {RATE}/s for {SECONDS}s: {} requests in {:.1}s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
-             webhook CPU {:.0} us per request",
-            latencies.len(),
-            elapsed.as_secs_f64(),
-            percentile(&latencies, 0.50).as_secs_f64() * 1e3,
-            percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-            latencies.last().unwrap().as_secs_f64() * 1e3,
-            per_request(open_cpu, latencies.len()),
-        );
-
-        closed_loop(addr, client_tls, pid).await;
-        println!("  RSS of the webhook process: {:.1} MiB", rss_of(pid));
     });
-    let _ = server.kill();
-    let _ = server.wait();
 }
 
-/// Closed loop: each connection sends its next request as soon as the
-/// previous answer is in.
-async fn closed_loop(addr: std::net::SocketAddr, client_tls: Arc<rustls::ClientConfig>, pid: u32) {
-    let per_connection = 1000;
+/// Waits until `target` answers a review (the peer lists ServiceAccounts first).
+async fn ready(target: &Target) {
+    let start = Instant::now();
+    loop {
+        if let Ok(Ok(mut s)) =
+            tokio::time::timeout(Duration::from_secs(1), try_connect(target.addr, target.tls.clone())).await
+        {
+            // Mutated means its cache has the ServiceAccount.
+            if tokio::time::timeout(Duration::from_secs(2), try_call(&mut s, target.path, target.review(0))).await
+                == Ok(true)
+            {
+                return;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_mins(1), "{} did not answer within a minute", target.name);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn try_connect(addr: std::net::SocketAddr, tls: Arc<rustls::ClientConfig>) -> std::io::Result<Sender> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let stream = tokio_rustls::TlsConnector::from(tls).connect(ServerName::try_from("localhost").unwrap(), tcp).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// Whether the review was answered with a patch.
+async fn try_call(sender: &mut Sender, path: &str, body: Vec<u8>) -> bool {
+    let request = hyper::Request::post(path)
+        .header("content-type", "application/json")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let Ok(response) = sender.send_request(request).await else { return false };
+    let Ok(bytes) = response.into_body().collect().await.map(http_body_util::Collected::to_bytes) else { return false };
+    serde_json::from_slice::<serde_json::Value>(&bytes).is_ok_and(|a| a["response"]["patch"].is_string())
+}
+
+async fn measure(target: &Target) -> Figures {
+    let (addr, pid) = (target.addr, target.process.id());
+    // Warm up.
+    let mut warm = connect(addr, target.tls.clone()).await;
+    for i in 0..200 {
+        call(&mut warm, target.path, target.review(i)).await;
+    }
+
+    // Open loop: one request every 1/RATE s, whatever the answers do,
+    // spread over the connections (latency includes queueing).
+    let total = usize::try_from(RATE * SECONDS).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut senders = Vec::new();
+    for _ in 0..CONNECTIONS {
+        senders.push(Arc::new(tokio::sync::Mutex::new(connect(addr, target.tls.clone()).await)));
+    }
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+    let cpu_before = cpu_time(pid);
+    for i in 0..total {
+        tick.tick().await;
+        let sender = senders[i % CONNECTIONS].clone();
+        let (tx, path, body) = (tx.clone(), target.path, target.review(i));
+        tokio::spawn(async move {
+            let queued = Instant::now();
+            let mut s = sender.lock().await;
+            let _ = call(&mut s, path, body).await;
+            let _ = tx.send(queued.elapsed());
+        });
+    }
+    drop(tx);
+    let mut latencies = Vec::with_capacity(total);
+    while let Some(l) = rx.recv().await {
+        latencies.push(l);
+    }
+    let open_cpu = per_request(cpu_time(pid).saturating_sub(cpu_before), latencies.len());
+    latencies.sort();
+    let (open_p50, open_p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
+
+    // Closed loop: each connection sends its next request as soon as the
+    // previous answer is in.
+    let per_connection: usize =
+        std::env::var("EPHEMERA_BENCH_PER_CONNECTION").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let cpu_before = cpu_time(pid);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..CONNECTIONS {
-        let tls = client_tls.clone();
+        let tls = target.tls.clone();
+        let (path, bodies): (&str, Vec<Vec<u8>>) =
+            (target.path, (0..per_connection).map(|i| target.review(c * per_connection + i)).collect());
         tasks.push(tokio::spawn(async move {
             let mut s = connect(addr, tls).await;
-            let mut took = Vec::with_capacity(per_connection);
-            for i in 0..per_connection {
-                took.push(call(&mut s, review(c * per_connection + i)).await);
+            let mut took = Vec::with_capacity(bodies.len());
+            for body in bodies {
+                took.push(call(&mut s, path, body).await);
             }
             took
         }));
@@ -299,16 +451,19 @@ async fn closed_loop(addr: std::net::SocketAddr, client_tls: Arc<rustls::ClientC
     for t in tasks {
         latencies.extend(t.await.unwrap());
     }
-    let closed_cpu = cpu_time(pid).saturating_sub(cpu_before);
-    latencies.sort();
-    let n = CONNECTIONS * per_connection;
     #[allow(clippy::cast_precision_loss)]
-    let rps = n as f64 / start.elapsed().as_secs_f64();
-    println!(
-        "  closed loop: {n} requests, {rps:.0} requests/s, p50 {:.2} ms; webhook CPU {:.0} us per request",
-        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
-        per_request(closed_cpu, n)
-    );
+    let closed_rps = latencies.len() as f64 / start.elapsed().as_secs_f64();
+    let closed_cpu = per_request(cpu_time(pid).saturating_sub(cpu_before), latencies.len());
+    latencies.sort();
+    Figures {
+        open_p50,
+        open_p99,
+        open_cpu,
+        closed_rps,
+        closed_p50: percentile(&latencies, 0.50),
+        closed_cpu,
+        rss: rss_of(pid),
+    }
 }
 
 /// CPU microseconds per request.

@@ -67,7 +67,8 @@ async fn lifecycle_latencies() {
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;
     let webhook = Webhook::start_for(&bed.client, "bench").await;
-    let mut controller = ControllerProcess::start_with(CONTROLLER_ARGS);
+    let iam_model = IamModel::from_env().await;
+    let mut controller = iam_model.controller();
     // ListAccountAliases: an action the sessions may call, to see when
     // they may no more.
     let worker = identity(
@@ -195,7 +196,7 @@ async fn lifecycle_latencies() {
     // A new leader (after a crash, an upgrade or a lost election) lists every
     // lease and looks at each once before it is caught up.
     controller.terminate();
-    let mut controller = ControllerProcess::start_with(CONTROLLER_ARGS);
+    let mut controller = iam_model.controller();
     let restarted = Instant::now();
     let (target, mut reconciled) = (f64::from(u32::try_from(n).unwrap()), 0.0);
     while reconciled < target {
@@ -366,6 +367,42 @@ fn print_where_time_went(phase: &str, metrics: &str) {
         for (name, count, sum) in rows {
             println!("    {label} {name}: {count:.0} x {:.1} ms = {sum:.1} s", sum / count.max(1.0) * 1e3);
         }
+    }
+}
+
+/// IAM as the controller meets it: MiniStack as it is, or, with
+/// `EPHEMERA_BENCH_IAM_WRITES=N`, behind a proxy that lets N mutating calls
+/// through a second and throttles the rest, as IAM does per account
+/// (`EPHEMERA_BENCH_CONTROLLER_ARGS` adds controller flags, e.g.
+/// `--iam-writes-per-second N`).
+struct IamModel {
+    proxy: Option<crate::faults::BudgetProxy>,
+    extra: Vec<String>,
+}
+
+impl IamModel {
+    async fn from_env() -> IamModel {
+        let extra = std::env::var("EPHEMERA_BENCH_CONTROLLER_ARGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        let Some(rate) = std::env::var("EPHEMERA_BENCH_IAM_WRITES").ok().and_then(|v| v.parse::<f64>().ok()) else {
+            return IamModel { proxy: None, extra };
+        };
+        let upstream = std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL (source .ephemera/dev.env)");
+        let proxy =
+            crate::faults::BudgetProxy::start(upstream.trim_start_matches("http://").trim_end_matches('/'), rate).await;
+        println!("IAM writes limited to {rate}/s by a proxy (throttled above), controller flags {extra:?}");
+        IamModel { proxy: Some(proxy), extra }
+    }
+
+    fn controller(&self) -> ControllerProcess {
+        let mut args = vec!["controller", "--admin-addr", "127.0.0.1:0"];
+        args.extend_from_slice(CONTROLLER_ARGS);
+        args.extend(self.extra.iter().map(String::as_str));
+        let env: Vec<(&str, &str)> = self.proxy.iter().map(|p| ("AWS_ENDPOINT_URL", p.url.as_str())).collect();
+        ControllerProcess::spawn_with_env("controller", &args, &env)
     }
 }
 

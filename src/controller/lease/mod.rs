@@ -242,7 +242,9 @@ pub async fn run(
     let lane_task = revoke::Lane::start(lctx.clone(), revocations);
     // Whole pods (not only their metadata): the revocation lane decides
     // from the pod the watch delivers, without a read. Nothing keeps them.
-    let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(LABEL_LEASE))
+    // Pages of 100: whole pods are listed on every (re)start, and the peak
+    // of a page is what the relist costs in memory.
+    let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(LABEL_LEASE).page_size(100))
         .default_backoff()
         .inspect(synced.on_init_done("pods"))
         .touched_objects();

@@ -223,7 +223,11 @@ pub async fn run(
                 listed.send_replace(true);
             }
         })
-        .applied_objects();
+        .applied_objects()
+        // The controller's own status writes do not wake it: each reconcile
+        // asks for its next look itself. A new lease, its spec, its
+        // finalizers and its deletion do.
+        .predicate_filter(|l: &IdentityLease| Some(lease_changed(l)), kube::runtime::PredicateConfig::default());
     let by_job = leases.clone();
     let seen_pods: SeenPods = Arc::default();
     let seen = seen_pods.clone();
@@ -248,7 +252,14 @@ pub async fn run(
         .default_backoff()
         .inspect(synced.on_init_done("pods"))
         .touched_objects();
-    let (by_pod, lane_ctx) = (leases.clone(), lctx.clone());
+    // Pod events are read by a task of their own, not by the controller's
+    // runner: when every reconcile slot is busy (reaps waiting for IAM's
+    // write budget), the runner stops reading its inputs, and the lane must
+    // still see each end the moment it happens. The leases to look at go
+    // to the controller through a channel.
+    let (refs, pod_refs) = tokio::sync::mpsc::unbounded_channel::<ObjectRef<IdentityLease>>();
+    let pod_events = tokio::spawn(read_pods(pods, leases.clone(), lctx.clone(), lane, seen, refs));
+    let pod_refs = futures::stream::unfold(pod_refs, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
     let jobs = watcher(Api::<PartialObjectMeta<Job>>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .inspect(synced.on_init_done("Jobs"))
@@ -271,15 +282,8 @@ pub async fn run(
                 .map(|l| ObjectRef::from_obj(&**l))
                 .collect::<Vec<_>>()
         })
-        // A pod's phase and deletion decide when its lease ends; its role's
-        // sessions are denied at once, in the lane.
-        .watches_stream(pods, move |pod| {
-            let ns = pod.namespace()?;
-            let lease = pod.labels().get(LABEL_LEASE)?;
-            seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert((ns.clone(), lease.clone()));
-            lane.offer(&by_pod, &lane_ctx, &pod);
-            Some(ObjectRef::new(lease).within(&ns))
-        })
+        // A pod's phase and deletion decide when its lease ends.
+        .reconcile_on(pod_refs)
         // A Job's completion ends the lease its pods share.
         .watches_stream(jobs, move |job| {
             let uid = job.uid();
@@ -295,7 +299,85 @@ pub async fn run(
         .run(reconcile, error_policy, lctx);
     drain(CONTROLLER, stream).await;
     sweep.abort();
+    pod_events.abort();
     lane_task.abort();
+}
+
+/// Reads the pod watch: notes each pod seen, offers ended workloads to the
+/// revocation lane at once, and sends the leases with something to do to
+/// the controller.
+async fn read_pods(
+    pods: impl futures::Stream<Item = Result<Pod, watcher::Error>>,
+    leases: Store<IdentityLease>,
+    ctx: Arc<LeaseContext>,
+    lane: revoke::Lane,
+    seen: SeenPods,
+    refs: tokio::sync::mpsc::UnboundedSender<ObjectRef<IdentityLease>>,
+) {
+    let mut pods = std::pin::pin!(pods);
+    while let Some(event) = pods.next().await {
+        let pod = match event {
+            Ok(pod) => pod,
+            Err(e) => {
+                tracing::debug!(error = %e, "pod watch failed; retrying");
+                continue;
+            }
+        };
+        let (Some(ns), Some(lease)) = (pod.namespace(), pod.labels().get(LABEL_LEASE).cloned()) else { continue };
+        let first = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert((ns.clone(), lease.clone()));
+        lane.offer(&leases, &ctx, &pod);
+        if first {
+            // A lease still waiting for a pod of this name (its create was
+            // refused after the webhook ran) ends now that the name went
+            // to another lease: wake it.
+            for other in leases.state().iter().filter(|l| waits_for_name_of(l, &pod, &lease)) {
+                if refs.send(ObjectRef::from_obj(&**other)).is_err() {
+                    return;
+                }
+            }
+        }
+        let key = ObjectRef::new(&lease).within(&ns);
+        if !leases.get(&key).is_some_and(|l| nothing_to_do(&l, &pod, Timestamp::now())) && refs.send(key).is_err() {
+            return;
+        }
+    }
+}
+
+/// Whether a pod's event leaves its lease with nothing to do: the lease is
+/// Ready for this very pod, which runs, ungated. (A pod's scheduling and
+/// status reports would otherwise each cost a reconcile; its end, its
+/// replacement, its deletion and a gated pod of a Job run do not pass.)
+fn nothing_to_do(lease: &IdentityLease, pod: &Pod, now: Timestamp) -> bool {
+    let ready = lease.status.as_ref().is_some_and(|s| s.phase == Some(LeasePhase::Ready));
+    let gated = pod.spec.as_ref().and_then(|s| s.scheduling_gates.as_ref()).is_some_and(|g| !g.is_empty());
+    ready
+        && lease.spec.holder.kind == HolderKind::Pod
+        && lease.spec.holder.uid.is_some()
+        && lease.spec.holder.uid == pod.uid()
+        && lease.meta().deletion_timestamp.is_none()
+        && pod.meta().deletion_timestamp.is_none()
+        && !gated
+        && pod_ended(pod, now).is_none()
+}
+
+/// Whether `lease` (not `pods_lease`, the pod's own) is a pod's lease that
+/// no pod was bound to yet and whose holder has `pod`'s name.
+fn waits_for_name_of(lease: &IdentityLease, pod: &Pod, pods_lease: &str) -> bool {
+    lease.spec.holder.kind == HolderKind::Pod
+        && lease.spec.holder.uid.is_none()
+        && lease.spec.holder.name == pod.name_any()
+        && lease.namespace() == pod.namespace()
+        && lease.name_any() != pods_lease
+}
+
+/// What of a lease asks for a reconcile: not its status (the controller's
+/// own writes) nor its annotations.
+fn lease_changed(lease: &IdentityLease) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let meta = lease.meta();
+    (&meta.uid, meta.generation, &meta.deletion_timestamp.as_ref().map(|t| t.0), &meta.finalizers).hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Logs once when every watch of the lease controller has listed what
@@ -593,6 +675,62 @@ mod tests {
         assert!(refused("report-x7k2p", &format!("arn:aws:iam::222:role/ephemera/{role}")).contains("account"));
         assert!(refused("report-x7k2p", "arn:aws:iam::111:role/ephemera/admin").contains("spec.roleArn"));
         assert!(refused("report-x7k2p", "not an arn").contains("spec.roleArn"));
+    }
+
+    #[test]
+    fn only_what_the_controller_acts_on_wakes_it() {
+        let lease: IdentityLease = serde_json::from_value(json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+            "metadata": {"name": "l", "namespace": "n", "uid": "lu", "generation": 2},
+            "spec": {"holder": {"kind": "Pod", "name": "p", "uid": "pu"}, "workloadIdentity": "w",
+                     "serviceAccount": "l", "expiresAt": "2099-01-01T00:00:00Z"},
+            "status": {"phase": "Ready"},
+        }))
+        .unwrap();
+        // Its own status writes do not wake the controller...
+        let mut written = lease.clone();
+        written.status.as_mut().unwrap().policy_digest = Some("d".into());
+        assert_eq!(lease_changed(&lease), lease_changed(&written));
+        // ...its spec, finalizers and deletion do.
+        for change in [
+            json!({"metadata": {"generation": 3}}),
+            json!({"metadata": {"finalizers": [FINALIZER_REAPER]}}),
+            json!({"metadata": {"deletionTimestamp": "2026-11-23T10:00:00Z"}}),
+            json!({"metadata": {"uid": "another"}}),
+        ] {
+            let mut changed = serde_json::to_value(&lease).unwrap();
+            json_patch::merge(&mut changed, &change);
+            let changed: IdentityLease = serde_json::from_value(changed).unwrap();
+            assert_ne!(lease_changed(&lease), lease_changed(&changed), "{change}");
+        }
+
+        let pod = |status: serde_json::Value, gated: bool| -> Pod {
+            let gates = if gated { json!([{"name": "ephemera.dev/identity-ready"}]) } else { json!(null) };
+            serde_json::from_value(json!({
+                "metadata": {"name": "p", "namespace": "n", "uid": "pu"},
+                "spec": {"containers": [], "schedulingGates": gates},
+                "status": status,
+            }))
+            .unwrap()
+        };
+        let now: Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+        let running = json!({"phase": "Running"});
+        assert!(nothing_to_do(&lease, &pod(running.clone(), false), now), "a Ready lease's running pod");
+        assert!(!nothing_to_do(&lease, &pod(running.clone(), true), now), "a gated pod (a Job run's next)");
+        assert!(!nothing_to_do(&lease, &pod(json!({"phase": "Succeeded"}), false), now), "the workload's end");
+        let mut other = pod(running.clone(), false);
+        other.metadata.uid = Some("another".into());
+        assert!(!nothing_to_do(&lease, &other, now), "a pod of that name made again");
+        // A lease no pod was bound to, of the same pod name: woken by the
+        // pod of another lease (it ends), not by its own.
+        let mut waiting = lease.clone();
+        waiting.spec.holder.uid = None;
+        assert!(waits_for_name_of(&waiting, &pod(running.clone(), false), "another-lease"));
+        assert!(!waits_for_name_of(&waiting, &pod(running.clone(), false), "l"), "its own pod");
+        assert!(!waits_for_name_of(&lease, &pod(running.clone(), false), "another-lease"), "bound to a pod");
+        let mut provisioning = lease.clone();
+        provisioning.status.as_mut().unwrap().phase = Some(LeasePhase::Provisioning);
+        assert!(!nothing_to_do(&provisioning, &pod(running, false), now), "not Ready yet");
     }
 
     #[test]

@@ -151,6 +151,14 @@ struct ControllerArgs {
     /// deleting roles, then making new ones. Unset: no limit of ephemera's own.
     #[arg(long, env = "EPHEMERA_IAM_WRITES_PER_SECOND", value_parser = parse_rate)]
     iam_writes_per_second: Option<f64>,
+    /// Revocation sets: customer-managed IAM policies of this cluster
+    /// (`ephemera-revoked-<digest>-<n>` under the role path root), each the
+    /// permissions boundary of the roles it covers, so that one write revokes
+    /// every role that ended since the last. Up to 350 roles being reaped
+    /// fit in one at a time (more are revoked one by one). 0: every role is
+    /// revoked with its own deny-all inline policy.
+    #[arg(long, env = "EPHEMERA_REVOCATION_SETS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(0..=64))]
+    revocation_sets: u16,
 }
 
 #[derive(Debug, clap::Args)]
@@ -283,6 +291,7 @@ impl ControllerArgs {
                 min_lead: self.rotation_lead_min,
             },
             iam_writes_per_second: self.iam_writes_per_second,
+            revocation_sets: usize::from(self.revocation_sets),
         }
     }
 }

@@ -18,6 +18,13 @@ AWS answers `InvalidIdentityToken`, "No OpenIDConnect provider found in your
 account for https://<issuer>", the commonest setup mistake ephemera must name;
 so does this launcher, checking the provider before the trust policy.
 
+A third: MiniStack 1.5.33 evaluates an IAM request naming a role (TagRole,
+UntagRole, DeleteRolePermissionsBoundary...) against
+`arn:aws:iam::<account>:role/<name>`, without the role's path; AWS uses the
+role's ARN, path included (`role/ephemera/<name>`), so a policy naming roles
+under a path (ephemera's revocation sets deny roles under the root undoing
+them) matched nothing. The launcher uses the stored role's ARN.
+
 It also listens on the real node's address (EPHEMERA_MINISTACK_EXTRA_BIND,
 host:port, comma-separated) besides BIND_HOST: pods reach MiniStack there,
 and MiniStack has one BIND_HOST only. Never 0.0.0.0: nothing but loopback and
@@ -29,6 +36,7 @@ import sys
 
 import hypercorn.config
 from ministack import app
+from ministack.core import iam_actions
 from ministack.services import sts
 
 _EXTRA_BINDS = [b for b in os.environ.get("EPHEMERA_MINISTACK_EXTRA_BIND", "").split(",") if b]
@@ -75,6 +83,22 @@ def _trust_denied_without_provider(role_arn, params, use_json):
 
 
 sts._web_identity_trust_denied = _trust_denied_without_provider
+
+_original_resource_arn = iam_actions.extract_resource_arn
+
+
+def _resource_arn_with_role_path(service, method, path, headers, body, query_params, region, account_id):
+    arn = _original_resource_arn(service, method, path, headers, body, query_params, region, account_id)
+    if service == "iam" and ":role/" in arn:
+        from ministack.services import iam as iam_svc
+
+        role = iam_svc._roles.get(arn.split(":role/", 1)[1])
+        if role and role.get("Arn"):
+            return role["Arn"]
+    return arn
+
+
+iam_actions.extract_resource_arn = _resource_arn_with_role_path
 
 if __name__ == "__main__":
     sys.argv = [sys.argv[0]]

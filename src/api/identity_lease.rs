@@ -138,6 +138,13 @@ pub struct IdentityLeaseStatus {
     /// them to the live role and updates this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_digest: Option<String>,
+    /// The revocation set (a customer-managed IAM policy of this cluster,
+    /// the role's permissions boundary) whose next version denies every
+    /// session of the role once its workload ends; absent: the role is
+    /// revoked with a deny-all inline policy of its own (its boundaries name
+    /// a permissions boundary, or it was made before sets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation_set: Option<String>,
     /// `.metadata.generation` the controller last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -799,7 +799,7 @@ impl AwsProvider {
     /// deny-all landed, or `None` when the role was gone already.
     async fn revoke_and_delete_owned(&self, role: &str) -> Result<Option<std::time::SystemTime>> {
         let Some(revoked) = self.revoke(role).await? else { return Ok(None) };
-        self.delete_revoked(role, true).await?;
+        self.delete_revoked(role, true, true).await?;
         Ok(Some(revoked))
     }
 
@@ -823,21 +823,24 @@ impl AwsProvider {
         }
     }
 
-    /// Deletes a revoked role (see [`Self::revoke`]): its two inline
-    /// policies and the role, three calls. `managed`: it may have managed
+    /// Deletes a revoked role (see [`Self::revoke`]): its inline policies
+    /// (`inline_deny`: its own deny too) and the role, two or three calls.
+    /// `managed`: it may have managed
     /// policies attached, which go first (one listing and a detach each);
     /// otherwise they are looked for only if `DeleteRole` finds any, as it
     /// does for inline policies someone else put. A role already gone is done.
     ///
     /// # Errors
     /// Any IAM refusal (throttling, conflicts): the caller retries.
-    pub async fn delete_revoked(&self, role: &str, managed: bool) -> Result<()> {
+    pub async fn delete_revoked(&self, role: &str, managed: bool, inline_deny: bool) -> Result<()> {
         if managed && !self.detach_all(role).await? {
             return Ok(());
         }
         // The identity's policy, then the deny (while anything could still
-        // allow, the deny stays).
-        self.delete_inline(Urgency::Delete, role, &[POLICY_NAME, REVOKE_POLICY_NAME]).await?;
+        // allow, the deny stays). A role its revocation set denies has no
+        // deny of its own.
+        let names: &[&str] = if inline_deny { &[POLICY_NAME, REVOKE_POLICY_NAME] } else { &[POLICY_NAME] };
+        self.delete_inline(Urgency::Delete, role, names).await?;
         match self.write(Urgency::Delete, "DeleteRole", |iam| iam.delete_role().role_name(role).send()).await {
             Ok(_) => {}
             Err(e) if is_code(&e, "NoSuchEntity") => return Ok(()),
@@ -886,6 +889,93 @@ impl AwsProvider {
             }
         }
         Ok(true)
+    }
+
+    // --- Revocation sets (customer-managed policies, see `cloud::revocation_sets`) ---
+
+    /// The default version's document of managed policy `arn` and the ids
+    /// of its other versions, oldest first; `None` when there is no such policy.
+    ///
+    /// # Errors
+    /// When IAM cannot be read or the document cannot be parsed.
+    pub async fn policy_versions(&self, arn: &str) -> Result<Option<(Value, Vec<String>)>> {
+        let versions =
+            match self.call("ListPolicyVersions", self.iam.list_policy_versions().policy_arn(arn).send()).await {
+                Ok(out) => out.versions.unwrap_or_default(),
+                Err(e) if is_code(&e, "NoSuchEntity") => return Ok(None),
+                Err(e) => return Err(cloud_error("ListPolicyVersions", &e)),
+            };
+        let Some(default) = versions.iter().find(|v| v.is_default_version).and_then(|v| v.version_id.clone()) else {
+            return Ok(None);
+        };
+        let mut others: Vec<_> = versions.into_iter().filter(|v| !v.is_default_version).collect();
+        others.sort_by_key(|v| v.create_date.map(|d| (d.secs(), d.subsec_nanos())));
+        let others = others.into_iter().filter_map(|v| v.version_id).collect();
+        let version = self
+            .call("GetPolicyVersion", self.iam.get_policy_version().policy_arn(arn).version_id(&default).send())
+            .await
+            .map_err(|e| cloud_error("GetPolicyVersion", &e))?;
+        let raw = version.policy_version.and_then(|v| v.document).unwrap_or_default();
+        // IAM returns the document URL-encoded (RFC 3986).
+        let text = if raw.trim_start().starts_with('{') {
+            raw
+        } else {
+            percent_encoding::percent_decode_str(&raw).decode_utf8_lossy().into_owned()
+        };
+        let document = serde_json::from_str(&text)
+            .map_err(|e| Error::Unexpected(format!("the document of policy {arn} is not JSON: {e}")))?;
+        Ok(Some((document, others)))
+    }
+
+    /// Makes managed policy `name` under `path` with `document`.
+    ///
+    /// # Errors
+    /// Any IAM refusal but `EntityAlreadyExists` (made meanwhile: fine).
+    pub async fn create_policy(&self, name: &str, path: &str, document: &Value) -> Result<()> {
+        let document = document.to_string();
+        let create = |iam: &aws_sdk_iam::Client| {
+            iam.create_policy()
+                .policy_name(name)
+                .path(path)
+                .policy_document(&document)
+                .description("Made by ephemera: denies every session of the roles it lists (revoked, being deleted)")
+                .send()
+        };
+        match self.write(Urgency::Provision, "CreatePolicy", create).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, "EntityAlreadyExists") => Ok(()),
+            Err(e) => Err(cloud_error("CreatePolicy", &e)),
+        }
+    }
+
+    /// Makes `document` the default version of policy `arn`; the new
+    /// version's id.
+    ///
+    /// # Errors
+    /// Any IAM refusal (`LimitExceeded` when it has five versions already).
+    pub async fn set_policy_document(&self, arn: &str, document: &Value) -> Result<String> {
+        let document = document.to_string();
+        let create = |iam: &aws_sdk_iam::Client| {
+            iam.create_policy_version().policy_arn(arn).policy_document(&document).set_as_default(true).send()
+        };
+        let out = self
+            .write(Urgency::Revoke, "CreatePolicyVersion", create)
+            .await
+            .map_err(|e| cloud_error("CreatePolicyVersion", &e))?;
+        Ok(out.policy_version.and_then(|v| v.version_id).unwrap_or_default())
+    }
+
+    /// Deletes a version (not the default) of policy `arn`; one gone is fine.
+    ///
+    /// # Errors
+    /// Any other IAM refusal.
+    pub async fn delete_policy_version(&self, urgency: Urgency, arn: &str, version: &str) -> Result<()> {
+        let delete = |iam: &aws_sdk_iam::Client| iam.delete_policy_version().policy_arn(arn).version_id(version).send();
+        match self.write(urgency, "DeletePolicyVersion", delete).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, "NoSuchEntity") => Ok(()),
+            Err(e) => Err(cloud_error("DeletePolicyVersion", &e)),
+        }
     }
 
     /// Deletes inline policies of `role` by name; one already gone is fine.

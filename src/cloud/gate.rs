@@ -20,13 +20,15 @@ use tokio::{
 pub enum Urgency {
     /// Denying every session of an ended workload's role.
     Revoke = 0,
+    /// Keeping room for the next revocation (a revocation set's old versions).
+    Ready = 1,
     /// Deleting a revoked role and its policies.
-    Delete = 1,
+    Delete = 2,
     /// Making or updating a role.
-    Provision = 2,
+    Provision = 3,
 }
 
-const LEVELS: usize = 3;
+const LEVELS: usize = 4;
 
 /// Admits mutating IAM calls at most `rate` a second, most urgent first.
 #[derive(Clone, Debug)]

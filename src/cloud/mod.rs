@@ -5,3 +5,4 @@
 pub mod aws;
 pub mod gate;
 pub mod naming;
+pub mod revocation_sets;

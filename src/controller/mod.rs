@@ -56,6 +56,8 @@ pub struct Settings {
     /// At most this many mutating IAM calls a second, revocations first
     /// (`None`: no limit of ephemera's own).
     pub iam_writes_per_second: Option<f64>,
+    /// How many revocation sets (0: each role revoked on its own).
+    pub revocation_sets: usize,
 }
 
 /// Where roles are made and who trusts them; shared by controller and webhook.
@@ -356,13 +358,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         None
     };
 
-    let mut cloud = lease_cloud(&client, &settings.cloud, ctx.metrics.clone(), settings.aws_role_limit).await?;
-    if let Some(rate) = settings.iam_writes_per_second {
-        cloud.provider = cloud.provider.with_write_rate(rate);
-        tracing::info!(rate, "IAM writes limited; revocations go first, then deletions, then provisioning");
-    }
-    cloud.propagation_window = settings.propagation_window;
-    cloud.rotation = settings.rotation;
+    let cloud = lease_cloud(&client, &settings.cloud, ctx.metrics.clone(), settings.aws_role_limit).await?;
+    let cloud = with_settings(cloud, &settings).await;
     let controllers = async {
         tokio::join!(
             workload_identity::run(ctx.clone(), identity_cache),
@@ -416,6 +413,44 @@ pub async fn run(settings: Settings) -> Result<()> {
     result
 }
 
+/// The lease controller's cloud, as the flags tune it: propagation window,
+/// rotation, the IAM write budget and the revocation sets.
+async fn with_settings(mut cloud: lease::Cloud, settings: &Settings) -> lease::Cloud {
+    if let Some(rate) = settings.iam_writes_per_second {
+        cloud.provider = cloud.provider.with_write_rate(rate);
+        tracing::info!(rate, "IAM writes limited; revocations go first, then deletions, then provisioning");
+    }
+    if settings.revocation_sets > 0 {
+        let sets = crate::cloud::revocation_sets::RevocationSets::load(
+            cloud.provider.clone(),
+            &settings.cloud.partition,
+            &cloud.account,
+            &settings.cloud.role_path_root,
+            &cloud.cluster,
+            &cloud.issuer_host,
+            settings.revocation_sets,
+        )
+        .await;
+        match sets {
+            Ok(sets) => {
+                tracing::info!(sets = ?sets.names(), "revocation sets ready: one IAM write revokes every role that ended since the last");
+                cloud.revocation_sets = Some(sets);
+            }
+            // An operator IAM policy from before the sets: roles are
+            // revoked one by one, as before, until it allows them.
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot make or read the revocation sets (the operator's IAM policy needs iam:CreatePolicy, \
+                 CreatePolicyVersion, DeletePolicyVersion, ListPolicyVersions and GetPolicyVersion on \
+                 policies named ephemera-revoked-* under the role path root); revoking each role with its own deny"
+            ),
+        }
+    }
+    cloud.propagation_window = settings.propagation_window;
+    cloud.rotation = settings.rotation;
+    cloud
+}
+
 /// AWS clients and the issuer the roles trust.
 async fn lease_cloud(
     client: &Client,
@@ -443,6 +478,7 @@ async fn lease_cloud(
         provider_arn,
         propagation_window: lease::PROPAGATION_WINDOW,
         rotation: lease::Rotation::default(),
+        revocation_sets: None,
     })
 }
 

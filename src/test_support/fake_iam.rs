@@ -25,6 +25,10 @@ pub struct Call {
 struct State {
     /// Role name -> (path, tags).
     roles: BTreeMap<String, (String, Vec<(String, String)>)>,
+    /// Managed policy ARN -> versions (id, document), the last the default.
+    policies: BTreeMap<String, Vec<(String, String)>>,
+    /// Versions made so far (their ids count up).
+    versions_made: u64,
     calls: Vec<Call>,
 }
 
@@ -75,6 +79,17 @@ impl FakeIam {
         self.state.lock().unwrap().roles.contains_key(name)
     }
 
+    /// The default version's document of managed policy `arn`.
+    pub fn policy_document(&self, arn: &str) -> Option<serde_json::Value> {
+        let state = self.state.lock().unwrap();
+        state.policies.get(arn)?.last().map(|(_, doc)| serde_json::from_str(doc).unwrap())
+    }
+
+    /// How many versions managed policy `arn` keeps.
+    pub fn policy_versions(&self, arn: &str) -> usize {
+        self.state.lock().unwrap().policies.get(arn).map_or(0, Vec::len)
+    }
+
     /// The calls so far, as `Action` or `Action:PolicyName`.
     pub fn calls(&self) -> Vec<String> {
         let state = self.state.lock().unwrap();
@@ -89,7 +104,7 @@ impl FakeIam {
 fn form(body: &str, key: &str) -> String {
     body.split('&')
         .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .map(|v| v.replace("%2F", "/").replace("%3A", ":"))
+        .map(|v| percent_encoding::percent_decode_str(&v.replace('+', " ")).decode_utf8_lossy().into_owned())
         .unwrap_or_default()
 }
 
@@ -126,6 +141,12 @@ async fn answer(
         );
         Response::builder().status(404).body(Full::new(Bytes::from(xml))).unwrap()
     };
+    if let Some(answered) = policies(&action, &body, &mut state) {
+        return Ok(match answered {
+            Ok(result) => ok(&action, &result),
+            Err(refusal) => refusal,
+        });
+    }
     let result = match action.as_str() {
         "ListRoles" => {
             let prefix = form(&body, "PathPrefix");
@@ -162,4 +183,98 @@ async fn answer(
          <ResponseMetadata><RequestId>r</RequestId></ResponseMetadata></{action}Response>"
     );
     Ok(Response::builder().status(200).header("content-type", "text/xml").body(Full::new(Bytes::from(xml))).unwrap())
+}
+
+/// IAM's answers for managed policies; `None` for any other action.
+fn policies(action: &str, body: &str, state: &mut State) -> Option<Result<String, Response<Full<Bytes>>>> {
+    let arn = form(body, "PolicyArn");
+    let limit = |message: &str| {
+        let xml = format!(
+            "<ErrorResponse><Error><Type>Sender</Type><Code>LimitExceeded</Code><Message>{message}</Message></Error>\
+             <RequestId>r</RequestId></ErrorResponse>"
+        );
+        Response::builder().status(409).body(Full::new(Bytes::from(xml))).unwrap()
+    };
+    let result = match action {
+        "CreatePolicy" => {
+            let arn = format!("arn:aws:iam::111122223333:policy{}{}", form(body, "Path"), form(body, "PolicyName"));
+            state.versions_made += 1;
+            let id = format!("v{}", state.versions_made);
+            state.policies.insert(arn.clone(), vec![(id, form(body, "PolicyDocument"))]);
+            format!("<Policy><PolicyName>{}</PolicyName><Arn>{arn}</Arn></Policy>", form(body, "PolicyName"))
+        }
+        "ListPolicyVersions" => match state.policies.get(&arn) {
+            Some(versions) => {
+                let last = versions.len() - 1;
+                let members: Vec<String> = versions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (id, _))| {
+                        format!(
+                            "<member><VersionId>{id}</VersionId><IsDefaultVersion>{}</IsDefaultVersion>\
+                             <CreateDate>2026-11-23T10:00:{i:02}Z</CreateDate></member>",
+                            i == last
+                        )
+                    })
+                    .collect();
+                format!("<Versions>{}</Versions><IsTruncated>false</IsTruncated>", members.concat())
+            }
+            None => return Some(Err(no_such(&arn))),
+        },
+        "GetPolicyVersion" => {
+            let id = form(body, "VersionId");
+            match state.policies.get(&arn).and_then(|v| v.iter().find(|(i, _)| *i == id)) {
+                Some((id, doc)) => {
+                    let encoded =
+                        percent_encoding::utf8_percent_encode(doc, percent_encoding::NON_ALPHANUMERIC).to_string();
+                    format!("<PolicyVersion><Document>{encoded}</Document><VersionId>{id}</VersionId></PolicyVersion>")
+                }
+                None => return Some(Err(no_such(&arn))),
+            }
+        }
+        "CreatePolicyVersion" => {
+            state.versions_made += 1;
+            let id = format!("v{}", state.versions_made);
+            let document = form(body, "PolicyDocument");
+            match state.policies.get_mut(&arn) {
+                Some(versions) if versions.len() >= 5 => {
+                    return Some(Err(limit("A managed policy can have up to 5 versions")));
+                }
+                Some(versions) => versions.push((id.clone(), document)),
+                None => return Some(Err(no_such(&arn))),
+            }
+            format!(
+                "<PolicyVersion><VersionId>{id}</VersionId><IsDefaultVersion>true</IsDefaultVersion></PolicyVersion>"
+            )
+        }
+        "DeletePolicyVersion" => {
+            let id = form(body, "VersionId");
+            match state.policies.get_mut(&arn) {
+                Some(versions) if versions.last().is_some_and(|(i, _)| *i == id) => {
+                    return Some(Err(limit("Cannot delete the default version")));
+                }
+                Some(versions) => versions.retain(|(i, _)| *i != id),
+                None => return Some(Err(no_such(&arn))),
+            }
+            String::new()
+        }
+        _ => return None,
+    };
+    Some(Ok(result))
+}
+
+fn no_such(name: &str) -> Response<Full<Bytes>> {
+    let xml = format!(
+        "<ErrorResponse><Error><Type>Sender</Type><Code>NoSuchEntity</Code>\
+         <Message>{name} cannot be found.</Message></Error><RequestId>r</RequestId></ErrorResponse>"
+    );
+    Response::builder().status(404).body(Full::new(Bytes::from(xml))).unwrap()
+}
+
+fn ok(action: &str, result: &str) -> Response<Full<Bytes>> {
+    let xml = format!(
+        "<{action}Response xmlns=\"https://iam.amazonaws.com/doc/2010-05-08/\"><{action}Result>{result}</{action}Result>\
+         <ResponseMetadata><RequestId>r</RequestId></ResponseMetadata></{action}Response>"
+    );
+    Response::builder().status(200).header("content-type", "text/xml").body(Full::new(Bytes::from(xml))).unwrap()
 }

@@ -433,12 +433,19 @@ async fn scarce_iam_writes_go_to_revocations_first() {
         roles.push(env_of(&ready, "AWS_ROLE_ARN").expect("an injected role"));
     }
     let writes = proxy.writes_since(ended);
+    // A revocation is a write of a revocation set (a new version, and room
+    // for it) or, for a role without one, its own deny.
     let is_revocation = |(action, policy): &(String, String)| {
-        action == "PutRolePolicy" && policy == ephemera::cloud::aws::REVOKE_POLICY_NAME
+        action == "CreatePolicyVersion"
+            || action == "DeletePolicyVersion"
+            || (action == "PutRolePolicy" && policy == ephemera::cloud::aws::REVOKE_POLICY_NAME)
     };
     let revocations: Vec<usize> = writes.iter().enumerate().filter(|(_, w)| is_revocation(w)).map(|(i, _)| i).collect();
     eprintln!("budget: writes after the ends: {writes:?}; {} throttled by the proxy", proxy.throttled());
-    assert_eq!(revocations.len(), usize::try_from(PODS).unwrap(), "one revocation per ended pod: {writes:?}");
+    assert!(
+        (1..=2 * usize::try_from(PODS).unwrap()).contains(&revocations.len()),
+        "at most a set write (and room for it) per ended pod: {writes:?}"
+    );
     // From the first revocation on, nothing else goes until the last.
     let (first, last) = (revocations[0], revocations[revocations.len() - 1]);
     assert!(

@@ -250,9 +250,11 @@ podAntiAffinity:
 {{- $p := .Values.aws.iamPolicy }}
 {{- $account := default "*" .Values.aws.accountId }}
 {{- $roles := list (printf "arn:%s:iam::%s:role%s*" .Values.aws.partition $account .Values.aws.rolePathRoot) }}
+{{- $sets := printf "arn:%s:iam::%s:policy%sephemera-revoked-*" .Values.aws.partition $account .Values.aws.rolePathRoot }}
 {{- $create := dict "Sid" "CreateRolesUnderOwnPath" "Effect" "Allow" "Action" (list "iam:CreateRole") "Resource" $roles }}
 {{- with $p.permissionsBoundaryArns }}
-{{- $_ := set $create "Condition" (dict "StringEquals" (dict "iam:PermissionsBoundary" .)) }}
+{{- /* The boundaries' own permissions boundaries, or this cluster's revocation sets. */}}
+{{- $_ := set $create "Condition" (dict "ArnLike" (dict "iam:PermissionsBoundary" (append . $sets))) }}
 {{- end }}
 {{- $manage := dict "Sid" "ManageOwnRoles" "Effect" "Allow" "Resource" $roles "Action" (list
   "iam:GetRole"
@@ -269,8 +271,14 @@ podAntiAffinity:
 {{- with $p.attachablePolicyArns }}
 {{- $_ := set $attach "Condition" (dict "ArnLike" (dict "iam:PolicyARN" .)) }}
 {{- end }}
+{{- $revocation := dict "Sid" "RevocationSets" "Effect" "Allow" "Resource" $sets "Action" (list
+  "iam:CreatePolicy"
+  "iam:CreatePolicyVersion"
+  "iam:DeletePolicyVersion"
+  "iam:ListPolicyVersions"
+  "iam:GetPolicyVersion") }}
 {{- $list := dict "Sid" "AccountWide" "Effect" "Allow" "Action" (list "iam:ListRoles" "iam:GetAccountSummary") "Resource" "*" }}
-{{- toPrettyJson (dict "Version" "2012-10-17" "Statement" (list $create $tag $manage $attach $list)) }}
+{{- toPrettyJson (dict "Version" "2012-10-17" "Statement" (list $create $tag $manage $attach $revocation $list)) }}
 {{- end }}
 
 {{/* host:port for a listen flag, IPv6 hosts bracketed: (list host port). */}}

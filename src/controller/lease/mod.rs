@@ -85,6 +85,9 @@ pub struct Cloud {
     pub propagation_window: Duration,
     /// When a long-lived pod is evicted to get a fresh identity.
     pub rotation: Rotation,
+    /// This cluster's revocation sets; `None`: every role is revoked with
+    /// its own deny-all inline policy.
+    pub revocation_sets: Option<Arc<crate::cloud::revocation_sets::RevocationSets>>,
 }
 
 /// Default of [`Cloud::propagation_window`]: IAM usually propagates a new
@@ -113,15 +116,24 @@ struct LeaseContext {
     /// was provisioned a second time (about 470 of 5,000 leases, each
     /// repeating the role calls and the STS proof).
     ready: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// Uids of leases whose role the revocation lane denied (`Some`: when),
-    /// or is denying (`None`): the reap does not revoke them again, nor
-    /// count their credential window twice.
-    revocations: std::sync::Mutex<std::collections::HashMap<String, Option<std::time::SystemTime>>>,
+    /// Uids of leases whose role the revocation lane denied (`Some`: when,
+    /// and how), or is denying (`None`): the reap does not revoke them again,
+    /// nor count their credential window twice.
+    revocations: std::sync::Mutex<std::collections::HashMap<String, Option<(std::time::SystemTime, Via)>>>,
+}
+
+/// How a role's sessions were denied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// Its revocation set lists it.
+    Set,
+    /// Its own deny-all inline policy (deleted with the role).
+    Inline,
 }
 
 impl LeaseContext {
-    /// When the lane revoked the lease's role, if it did.
-    fn revoked_at(&self, uid: &str) -> Option<std::time::SystemTime> {
+    /// When (and how) the lane revoked the lease's role, if it did.
+    fn revoked_at(&self, uid: &str) -> Option<(std::time::SystemTime, Via)> {
         self.revocations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(uid).copied().flatten()
     }
 
@@ -140,8 +152,33 @@ impl LeaseContext {
         true
     }
 
-    fn record_revocation(&self, uid: &str, at: std::time::SystemTime) {
-        self.revocations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid.to_owned(), Some(at));
+    fn record_revocation(&self, uid: &str, at: std::time::SystemTime, via: Via) {
+        self.revocations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(uid.to_owned(), Some((at, via)));
+    }
+
+    /// Denies every session of the lease's role: through its revocation set
+    /// when it has one (one write for all that wait), else (or when the set
+    /// is full or its write failed) with its own deny. When it landed and
+    /// how; `None`: no such role.
+    async fn revoke(&self, lease: &IdentityLease, role: &str) -> Result<Option<(std::time::SystemTime, Via)>> {
+        if let (Some(sets), Some(set), Some(uid)) =
+            (&self.cloud.revocation_sets, lease.status.as_ref().and_then(|s| s.revocation_set.as_deref()), lease.uid())
+            && sets.is_set(set)
+        {
+            match sets.revoke(&crate::cloud::revocation_sets::key_of(&uid)).await {
+                crate::cloud::revocation_sets::Revoked::At(at) => return Ok(Some((at, Via::Set))),
+                crate::cloud::revocation_sets::Revoked::Full => {
+                    tracing::warn!(lease = %lease.name_any(), set, "the revocation set is full; revoking the role on its own");
+                }
+                crate::cloud::revocation_sets::Revoked::Failed(why) => {
+                    tracing::warn!(lease = %lease.name_any(), set, why, "the revocation set's write failed; revoking the role on its own");
+                }
+            }
+        }
+        Ok(self.cloud.provider.revoke(role).await?.map(|at| (at, Via::Inline)))
     }
 
     fn release_revocation(&self, uid: &str) {
@@ -552,11 +589,18 @@ fn owner_ref(lease: &IdentityLease) -> OwnerReference {
     }
 }
 
+/// The role provisioning made, as the Ready status records it.
+pub(super) struct Made {
+    pub role_arn: String,
+    /// Its revocation set (its permissions boundary), if it has one.
+    pub revocation_set: Option<String>,
+}
+
 async fn write_status(
     lease: &IdentityLease,
     ctx: &LeaseContext,
     phase: LeasePhase,
-    role_arn: Option<String>,
+    made: Option<&Made>,
     error: Option<&Error>,
     message: &str,
     digest: Option<&str>,
@@ -577,7 +621,11 @@ async fn write_status(
     };
     let status = IdentityLeaseStatus {
         phase: Some(phase),
-        role_arn: role_arn.or(previous.role_arn.clone()),
+        role_arn: made.map(|m| m.role_arn.clone()).or(previous.role_arn.clone()),
+        revocation_set: match made {
+            Some(m) => m.revocation_set.clone(),
+            None => previous.revocation_set.clone(),
+        },
         issued_at: if ready && previous.phase != Some(LeasePhase::Ready) {
             Some(Time(Timestamp::now()))
         } else {

@@ -25,7 +25,7 @@ use kube::{
 use serde_json::json;
 
 use super::{
-    Cloud, Holder, LeaseContext,
+    Cloud, Holder, LeaseContext, Made,
     end_of_life::{end_reason, lease_age, next_look, workload_ended_at},
     owned_by, owner_ref, publish,
     reap::start_reaping,
@@ -41,7 +41,7 @@ use crate::{
     },
     cloud::{
         aws::{self, RoleSpec, Verdict},
-        naming,
+        naming, revocation_sets,
     },
     controller::workload_identity::{evaluate, namespace_and_boundaries},
 };
@@ -147,7 +147,8 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
     // by then was reaped while the role was being made (by another replica,
     // while this one was frozen past its leadership), and its role would
     // otherwise wait for the sweep.
-    let outcome = prove_and_lift(lease, ctx, &identity, &role_arn, &rules, uid_bound, &holder).await;
+    let made = Made::of(&spec, &role_arn, &ctx.cloud);
+    let outcome = prove_and_lift(lease, ctx, &identity, &made, &rules, uid_bound, &holder).await;
     let live = match &outcome {
         Ok(Proven::Ready { deleting }) => !deleting,
         // Cannot tell (apiserver unreachable): keep the role, report the
@@ -191,6 +192,16 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
     }
 }
 
+impl Made {
+    /// What a role made from `spec` records: its ARN, and its revocation set
+    /// when that is its permissions boundary.
+    fn of(spec: &RoleSpec, role_arn: &str, cloud: &Cloud) -> Made {
+        let revocation_set =
+            spec.permissions_boundary.clone().filter(|pb| cloud.revocation_sets.as_ref().is_some_and(|s| s.is_set(pb)));
+        Made { role_arn: role_arn.to_owned(), revocation_set }
+    }
+}
+
 /// How far [`prove_and_lift`] got.
 pub(super) enum Proven {
     /// STS accepts the pod's token: gates lifted, Ready written; whether the
@@ -206,11 +217,12 @@ pub(super) async fn prove_and_lift(
     lease: &IdentityLease,
     ctx: &LeaseContext,
     identity: &WorkloadIdentity,
-    role_arn: &str,
+    made: &Made,
     rules: &[crate::api::KubernetesRule],
     uid_bound: bool,
     holder: &Holder,
 ) -> Result<Proven> {
+    let role_arn = made.role_arn.as_str();
     let client = &ctx.base.client;
     let namespace = lease.namespace().unwrap_or_default();
     ensure_rbac(lease, client, rules).await?;
@@ -232,16 +244,9 @@ pub(super) async fn prove_and_lift(
         return Ok(Proven::Waiting);
     }
     lift_gates(lease, ctx, uid_bound, holder).await?;
-    let written = write_status(
-        lease,
-        ctx,
-        LeasePhase::Ready,
-        Some(role_arn.to_owned()),
-        None,
-        "role verified usable",
-        digest_of(identity),
-    )
-    .await?;
+    let written =
+        write_status(lease, ctx, LeasePhase::Ready, Some(made), None, "role verified usable", digest_of(identity))
+            .await?;
     Ok(Proven::Ready { deleting: written.meta().deletion_timestamp.is_some() })
 }
 
@@ -414,6 +419,19 @@ pub(super) async fn role_spec(
     if let Some(owner) = &lease.spec.owner {
         tags.push(("ephemera.dev/owner".to_owned(), owner.chars().take(256).collect()));
     }
+    // A role takes one permissions boundary: the boundaries' own, or else
+    // this cluster's revocation set for the lease's key (one write revokes
+    // every role that ended since the last).
+    let permissions_boundary = match (eval.permissions_boundary_arns.first(), &ctx.cloud.revocation_sets, lease.uid()) {
+        (Some(own), _, _) => Some(own.clone()),
+        (None, Some(sets), Some(uid)) => {
+            let key = revocation_sets::key_of(&uid);
+            let arn = sets.arn_for(&key).to_owned();
+            tags.push((revocation_sets::TAG_REVOCATION.to_owned(), key));
+            Some(arn)
+        }
+        (None, _, _) => None,
+    };
     let spec = RoleSpec {
         name: role_name.to_owned(),
         path,
@@ -428,7 +446,7 @@ pub(super) async fn role_spec(
         policy: (!allowed.is_empty()).then(|| aws::permissions_policy(&allowed)),
         managed_policy_arns: eval.managed_policy_arns.clone(),
         // At most one: several are refused above.
-        permissions_boundary: eval.permissions_boundary_arns.first().cloned(),
+        permissions_boundary,
         max_session,
         tags,
     };

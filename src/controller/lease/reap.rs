@@ -16,7 +16,7 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{LeaseContext, owned_by, publish, revoke::since, role_owner, trusted_role, write_status};
+use super::{LeaseContext, Via, owned_by, publish, revoke::since, role_owner, trusted_role, write_status};
 use crate::{
     Error, Result,
     api::{IdentityLease, LeasePhase},
@@ -133,10 +133,10 @@ async fn reap_role(lease: &IdentityLease, ctx: &LeaseContext, role: &str, uid: &
         return ctx.cloud.provider.revoke_and_delete(role, &role_owner(lease, ctx)).await.map(|r| (r, false));
     }
     let (revoked, counted) = match lane_result(ctx, uid).await {
-        Some(at) => (Some(at), true),
-        None => (ctx.cloud.provider.revoke(role).await?, false),
+        Some(done) => (Some(done), true),
+        None => (ctx.revoke(lease, role).await?, false),
     };
-    let Some(revoked) = revoked else { return Ok((Reaped::Gone, counted)) };
+    let Some((revoked, via)) = revoked else { return Ok((Reaped::Gone, counted)) };
     // Managed policies are looked for first only when the identity may
     // have attached some; otherwise `DeleteRole` says if any are there.
     let identity = ctx.base.identities.get(
@@ -144,7 +144,13 @@ async fn reap_role(lease: &IdentityLease, ctx: &LeaseContext, role: &str, uid: &
             .within(&lease.namespace().unwrap_or_default()),
     );
     let managed = identity.is_none_or(|wi| wi.spec.aws.as_ref().is_some_and(|a| !a.managed_policy_arns.is_empty()));
-    ctx.cloud.provider.delete_revoked(role, managed).await?;
+    ctx.cloud.provider.delete_revoked(role, managed, via == Via::Inline).await?;
+    // Its key may leave its set at the set's next write.
+    if via == Via::Set
+        && let Some(sets) = &ctx.cloud.revocation_sets
+    {
+        sets.forget(&crate::cloud::revocation_sets::key_of(uid)).await;
+    }
     Ok((Reaped::Deleted { revoked }, counted))
 }
 
@@ -152,11 +158,11 @@ async fn reap_role(lease: &IdentityLease, ctx: &LeaseContext, role: &str, uid: &
 /// for a revocation it has in flight (under a write budget it may wait its
 /// turn): a second revoking call would spend what is scarce. `None`: the
 /// lane did not (or not in time); the reap revokes.
-async fn lane_result(ctx: &LeaseContext, uid: &str) -> Option<std::time::SystemTime> {
+async fn lane_result(ctx: &LeaseContext, uid: &str) -> Option<(std::time::SystemTime, Via)> {
     let deadline = tokio::time::Instant::now() + LANE_WAIT;
     loop {
-        if let Some(at) = ctx.revoked_at(uid) {
-            return Some(at);
+        if let Some(done) = ctx.revoked_at(uid) {
+            return Some(done);
         }
         if !ctx.revocation_known(uid) || tokio::time::Instant::now() >= deadline {
             return None;

@@ -14,6 +14,7 @@ use std::{sync::Arc, time::SystemTime};
 
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::{ResourceExt, runtime::reflector::ObjectRef};
+// (`Arc` holds the cached lease a revocation was decided from.)
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{
@@ -33,6 +34,8 @@ pub(super) struct Revocation {
     role: String,
     lease: String,
     ended: Timestamp,
+    /// The lease as the cache had it (its status names its revocation set).
+    of: Arc<IdentityLease>,
 }
 
 /// Sends ended workloads to the lane.
@@ -67,7 +70,9 @@ impl Lane {
         if ctx.revocation_known(&uid) || ctx.was_reaped(&uid) {
             return;
         }
-        if let Some(revocation) = revocation(&lease, pod, &ctx.cloud.cluster, &ctx.cloud.account, Timestamp::now()) {
+        if let Some(mut revocation) = revocation(&lease, pod, &ctx.cloud.cluster, &ctx.cloud.account, Timestamp::now())
+        {
+            revocation.of = lease;
             let _ = self.0.send(revocation);
         }
     }
@@ -98,13 +103,23 @@ pub(super) fn revocation(
         role,
         lease: format!("{}/{}", lease.namespace().unwrap_or_default(), lease.name_any()),
         ended: pod_ended_at(pod, now).map_or(now, |t| t.min(now)),
+        of: Arc::new(lease.clone()),
     })
 }
 
 async fn run(ctx: Arc<LeaseContext>, mut rx: mpsc::UnboundedReceiver<Revocation>) {
     let slots = Arc::new(Semaphore::new(CONCURRENCY));
     while let Some(revocation) = rx.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        // A revocation through a set only waits for the set's next write
+        // (all of them share it): it takes no slot.
+        let by_set = ctx.cloud.revocation_sets.is_some()
+            && revocation.of.status.as_ref().is_some_and(|s| s.revocation_set.is_some());
+        let slot = if by_set {
+            None
+        } else {
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
+            Some(slot)
+        };
         let ctx = ctx.clone();
         tokio::spawn(async move {
             revoke(&ctx, revocation).await;
@@ -118,13 +133,20 @@ async fn revoke(ctx: &LeaseContext, revocation: Revocation) {
     if !ctx.claim_revocation(&revocation.uid) {
         return;
     }
-    match ctx.cloud.provider.revoke(&revocation.role).await {
-        Ok(Some(at)) => {
-            ctx.record_revocation(&revocation.uid, at);
-            if let Some(window) = since(revocation.ended, at) {
+    match ctx.revoke(&revocation.of, &revocation.role).await {
+        Ok(Some((at, via))) => {
+            ctx.record_revocation(&revocation.uid, at, via);
+            let window = since(revocation.ended, at);
+            if let Some(window) = window {
                 ctx.base.metrics.credential_window.observe(window);
             }
-            tracing::debug!(lease = revocation.lease, role = revocation.role, "revoked every session of the role");
+            tracing::debug!(
+                lease = revocation.lease,
+                role = revocation.role,
+                ?via,
+                window_seconds = window.unwrap_or_default(),
+                "revoked every session of the role"
+            );
         }
         // Gone already: the reap finds nothing to revoke either.
         Ok(None) => ctx.release_revocation(&revocation.uid),

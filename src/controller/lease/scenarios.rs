@@ -53,6 +53,7 @@ async fn context(
             provider_arn: format!("arn:aws:iam::{ACCOUNT}:oidc-provider/oidc.example/id/1"),
             propagation_window: PROPAGATION_WINDOW,
             rotation: Rotation::default(),
+            revocation_sets: None,
         },
         leases: writer.as_reader(),
         failures: std::sync::Mutex::default(),

@@ -155,9 +155,12 @@ struct ControllerArgs {
     /// (`ephemera-revoked-<digest>-<n>` under the role path root), each the
     /// permissions boundary of the roles it covers, so that one write revokes
     /// every role that ended since the last. Up to 350 roles being reaped
-    /// fit in one at a time (more are revoked one by one). 0: every role is
-    /// revoked with its own deny-all inline policy.
-    #[arg(long, env = "EPHEMERA_REVOCATION_SETS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(0..=64))]
+    /// fit in one at a time (more are revoked one by one). Each set a burst
+    /// touches costs two IAM writes a round (a version made, an old one
+    /// deleted), so fewer sets revoke sooner under a write budget and more
+    /// hold bigger bursts. 0: every role is revoked with its own deny-all
+    /// inline policy.
+    #[arg(long, env = "EPHEMERA_REVOCATION_SETS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=64))]
     revocation_sets: u16,
 }
 

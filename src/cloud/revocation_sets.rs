@@ -247,6 +247,33 @@ impl RevocationSets {
         self.sets[self.index(key)].lock().await.keys.contains(key)
     }
 
+    /// What each set lists now: taken before the roles that still exist are
+    /// found, for [`Self::prune`].
+    pub async fn listed(&self) -> Vec<BTreeSet<String>> {
+        let mut listed = Vec::with_capacity(self.sets.len());
+        for set in &self.sets {
+            listed.push(set.lock().await.keys.clone());
+        }
+        listed
+    }
+
+    /// Drops at each set's next write the keys of `listed` (an earlier
+    /// [`Self::listed`]) that `keep` does not name: keys of roles deleted
+    /// while no process of this cluster was there to [`Self::forget`] them
+    /// (a restart, a crash), which would otherwise fill the sets for good.
+    /// Keys listed since `listed` are kept. How many go.
+    pub async fn prune(&self, listed: &[BTreeSet<String>], keep: &std::collections::HashSet<String>) -> usize {
+        let mut dropped = 0;
+        for (set, listed) in self.sets.iter().zip(listed) {
+            let mut set = set.lock().await;
+            let stale: Vec<String> =
+                listed.iter().filter(|k| !keep.contains(*k) && set.keys.contains(*k)).cloned().collect();
+            dropped += stale.len();
+            set.gone.extend(stale);
+        }
+        dropped
+    }
+
     /// The role of `key` is deleted: its key may go at the next write.
     pub async fn forget(&self, key: &str) {
         let mut set = self.sets[self.index(key)].lock().await;
@@ -486,6 +513,27 @@ mod tests {
         let listed = keys_in(&iam.policy_document(&arn).unwrap());
         assert!(!listed.contains(&key_of("uid-2")), "a deleted role's key went at the next write");
         assert!(listed.contains(&key_of("uid-7")) && listed.contains(&key_of("uid-1")));
+    }
+
+    #[tokio::test]
+    async fn keys_of_roles_that_no_longer_exist_go_at_the_next_write_and_no_others() {
+        let iam = crate::test_support::fake_iam::FakeIam::start().await;
+        let sets = one_set(&iam).await;
+        let arn = sets.arn_for("anything").to_owned();
+        let key = |i: usize| key_of(&format!("uid-{i}"));
+        for i in 0..3 {
+            assert!(matches!(sets.revoke(&key(i)).await, Revoked::At(_)));
+        }
+        // A new process (the roles of uid-0 and uid-1 were deleted meanwhile).
+        let sets = one_set(&iam).await;
+        let listed = sets.listed().await;
+        // Listed after the snapshot: never a candidate.
+        assert!(matches!(sets.revoke(&key(3)).await, Revoked::At(_)));
+        let keep: std::collections::HashSet<String> = [key(2)].into();
+        assert_eq!(sets.prune(&listed, &keep).await, 2);
+        assert!(matches!(sets.revoke(&key(4)).await, Revoked::At(_)));
+        let now = keys_in(&iam.policy_document(&arn).unwrap());
+        assert_eq!(now, [key(2), key(3), key(4)].into_iter().collect::<BTreeSet<_>>());
     }
 
     #[test]

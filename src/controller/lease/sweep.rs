@@ -60,9 +60,14 @@ pub(super) async fn sweep(ctx: &LeaseContext) -> Result<usize> {
     // (and the apiserver decides for those).
     // (Only leases the webhook wrote: a forged spec.roleArn must not hide
     // another lease's orphaned role from the sweep.)
-    let live: std::collections::HashSet<String> = ctx
-        .leases
-        .state()
+    // What the revocation sets list before anything else is read: a key
+    // listed later is never dropped by this round.
+    let listed = match &ctx.cloud.revocation_sets {
+        Some(sets) => Some(sets.listed().await),
+        None => None,
+    };
+    let cached = ctx.leases.state();
+    let live: std::collections::HashSet<String> = cached
         .iter()
         .filter(|l| trusted_role(l, &ctx.cloud.cluster, &ctx.cloud.account).is_ok())
         .filter_map(|l| l.spec.role_arn.clone())
@@ -73,6 +78,20 @@ pub(super) async fn sweep(ctx: &LeaseContext) -> Result<usize> {
         .provider
         .list_owned(&ctx.base.role_path_root, &ctx.cloud.cluster, &ctx.cloud.issuer_host, |arn| live.contains(arn))
         .await?;
+    // A set's key stays while its role may exist: the role of a cached lease,
+    // or one the listing found (deleted below, dropped at the next round).
+    if let (Some(sets), Some(listed)) = (&ctx.cloud.revocation_sets, listed) {
+        let keep: std::collections::HashSet<String> = cached
+            .iter()
+            .filter_map(|l| l.uid())
+            .chain(roles.iter().filter_map(|r| r.lease_uid.clone()))
+            .map(|uid| crate::cloud::revocation_sets::key_of(&uid))
+            .collect();
+        let dropped = sets.prune(&listed, &keep).await;
+        if dropped > 0 {
+            tracing::info!(dropped, "revocation sets: keys of roles that no longer exist go at the next write");
+        }
+    }
     for role in roles {
         let api = Api::<IdentityLease>::namespaced(ctx.base.client.clone(), &role.namespace);
         // The apiserver, not the cache, decides: a stale cache must never

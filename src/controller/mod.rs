@@ -95,6 +95,11 @@ pub struct Context {
     /// (the lease controller reads a lease's identity here; a miss is asked
     /// of the apiserver, so a lagging cache never reads as a deletion).
     pub identities: Store<WorkloadIdentity>,
+    /// Every `IdentityBoundary` and namespace, as the identity controller's
+    /// watches keep them (new roles are clamped with these).
+    pub boundaries: Store<crate::api::IdentityBoundary>,
+    /// See [`Context::boundaries`].
+    pub namespaces: Store<k8s_openapi::api::core::v1::Namespace>,
     /// Stops the controllers (SIGTERM, or leadership lost).
     pub stop: Stop,
     /// Confirms this replica still leads before it makes a role; `None`
@@ -331,6 +336,8 @@ pub async fn run(settings: Settings) -> Result<()> {
     let lease_cache = Writer::<IdentityLease>::default();
     let (leases_listed, leases_ready) = Ready::new();
     let identity_cache = Writer::<WorkloadIdentity>::default();
+    let boundary_cache = Writer::<crate::api::IdentityBoundary>::default();
+    let namespace_cache = Writer::<k8s_openapi::api::core::v1::Namespace>::default();
     let stop = Stop::default();
     let fence = settings
         .leader_election
@@ -342,6 +349,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         leases: lease_cache.as_reader(),
         leases_ready,
         identities: identity_cache.as_reader(),
+        boundaries: boundary_cache.as_reader(),
+        namespaces: namespace_cache.as_reader(),
         stop: stop.clone(),
         fence,
         role_path_root: settings.cloud.role_path_root.clone(),
@@ -362,7 +371,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let cloud = with_settings(cloud, &settings).await;
     let controllers = async {
         tokio::join!(
-            workload_identity::run(ctx.clone(), identity_cache),
+            workload_identity::run(ctx.clone(), identity_cache, boundary_cache, namespace_cache),
             boundary::run(ctx.clone()),
             lease::run(ctx.clone(), cloud, lease_cache, leases_listed)
         );

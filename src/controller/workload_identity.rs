@@ -36,7 +36,12 @@ use crate::{
 const CONTROLLER: &str = "workload_identity";
 
 /// Runs the identity controller until shutdown.
-pub async fn run(ctx: Arc<Context>, writer: Writer<WorkloadIdentity>) {
+pub async fn run(
+    ctx: Arc<Context>,
+    writer: Writer<WorkloadIdentity>,
+    boundary_cache: Writer<IdentityBoundary>,
+    namespace_cache: Writer<Namespace>,
+) {
     let client = ctx.client.clone();
     let store = writer.as_reader();
     let identities = watcher(Api::<WorkloadIdentity>::all(client.clone()), watcher::Config::default())
@@ -48,19 +53,31 @@ pub async fn run(ctx: Arc<Context>, writer: Writer<WorkloadIdentity>) {
     let by_namespace = store.clone();
     let stream = controller
         // A boundary change may affect any identity (its selector can match any namespace).
-        .watches(Api::<IdentityBoundary>::all(client.clone()), watcher::Config::default(), move |_| {
-            by_boundary.state().iter().map(|wi| ObjectRef::from_obj(&**wi)).collect::<Vec<_>>()
-        })
+        // (Both watches fill the caches the lease controller clamps new roles
+        // with, instead of a read and a list per lease.)
+        .watches_stream(
+            watcher(Api::<IdentityBoundary>::all(client.clone()), watcher::Config::default())
+                .default_backoff()
+                .reflect(boundary_cache)
+                .touched_objects(),
+            move |_| by_boundary.state().iter().map(|wi| ObjectRef::from_obj(&**wi)).collect::<Vec<_>>(),
+        )
         // A namespace's labels decide which boundaries govern its identities.
-        .watches(Api::<Namespace>::all(client.clone()), watcher::Config::default(), move |ns| {
-            let name = ns.name_any();
-            by_namespace
-                .state()
-                .iter()
-                .filter(|wi| wi.namespace().as_deref() == Some(name.as_str()))
-                .map(|wi| ObjectRef::from_obj(&**wi))
-                .collect::<Vec<_>>()
-        })
+        .watches_stream(
+            watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default())
+                .default_backoff()
+                .reflect(namespace_cache)
+                .touched_objects(),
+            move |ns| {
+                let name = ns.name_any();
+                by_namespace
+                    .state()
+                    .iter()
+                    .filter(|wi| wi.namespace().as_deref() == Some(name.as_str()))
+                    .map(|wi| ObjectRef::from_obj(&**wi))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(ctx.stop.stopped())
         .run(reconcile, |_, err, ctx| retry(&ctx, CONTROLLER, err), ctx);
     drain(CONTROLLER, stream).await;
@@ -102,6 +119,30 @@ async fn reconcile(identity: Arc<WorkloadIdentity>, ctx: Arc<Context>) -> Result
         .await
         .map_err(Error::kube(format!("writing the status of WorkloadIdentity {namespace}/{name}")))?;
     Ok(Action::requeue(RESYNC))
+}
+
+/// [`namespace_and_boundaries`] from the identity controller's caches once
+/// they have listed what exists; a namespace they do not hold yet (made a
+/// moment ago), or caches still filling, are asked of the apiserver. (A
+/// boundary changed a moment ago reaches the role anyway: the identity's
+/// policy digest changes and live roles follow it.)
+///
+/// # Errors
+/// When the apiserver has to be asked and cannot answer.
+pub async fn cached_namespace_and_boundaries(
+    ctx: &Context,
+    namespace: &str,
+) -> Result<(BTreeMap<String, String>, Vec<IdentityBoundary>)> {
+    use futures::FutureExt;
+    let filled = |ready: Option<Result<(), _>>| ready.is_some_and(|r: Result<(), _>| r.is_ok());
+    if filled(ctx.boundaries.wait_until_ready().now_or_never())
+        && filled(ctx.namespaces.wait_until_ready().now_or_never())
+        && let Some(ns) = ctx.namespaces.get(&ObjectRef::new(namespace))
+    {
+        let boundaries = ctx.boundaries.state().iter().map(|b| (**b).clone()).collect();
+        return Ok((ns.labels().clone(), boundaries));
+    }
+    namespace_and_boundaries(&ctx.client, namespace).await
 }
 
 /// What clamping an identity in `namespace` reads: the namespace's labels
@@ -538,6 +579,8 @@ mod tests {
                 ("team-b", "reader"),
             ]),
             identities: kube::runtime::reflector::store().0,
+            boundaries: kube::runtime::reflector::store().0,
+            namespaces: kube::runtime::reflector::store().0,
             leases_ready: crate::controller::Ready::now(),
             metrics: Arc::default(),
             stop: crate::controller::Stop::default(),

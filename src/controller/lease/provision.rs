@@ -43,7 +43,7 @@ use crate::{
         aws::{self, RoleSpec, Verdict},
         naming, revocation_sets,
     },
-    controller::workload_identity::{evaluate, namespace_and_boundaries},
+    controller::workload_identity::{cached_namespace_and_boundaries, evaluate},
 };
 
 /// How often a role that is not assumable yet (IAM propagation) is retried.
@@ -390,9 +390,8 @@ pub(super) async fn role_spec(
     role_name: &str,
     ctx: &LeaseContext,
 ) -> Result<(RoleSpec, Vec<crate::api::KubernetesRule>)> {
-    let client = &ctx.base.client;
     let namespace = lease.namespace().unwrap_or_default();
-    let (labels, boundaries) = namespace_and_boundaries(client, &namespace).await?;
+    let (labels, boundaries) = cached_namespace_and_boundaries(&ctx.base, &namespace).await?;
     let eval = evaluate(&identity.spec, &labels, &boundaries);
     if eval.governing.is_empty() {
         return Err(Error::NotGoverned(format!("namespace {namespace} is governed by no IdentityBoundary")));

@@ -38,6 +38,9 @@ async fn context(
         leases: writer.as_reader(),
         leases_ready: crate::controller::Ready::now(),
         identities: filled(identities).as_reader(),
+        // Not filled: the scenarios answer the reads themselves.
+        boundaries: kube::runtime::reflector::store().0,
+        namespaces: kube::runtime::reflector::store().0,
         stop: crate::controller::Stop::default(),
         fence: None,
         role_path_root: naming::ROLE_PATH_ROOT.into(),

@@ -518,12 +518,15 @@ impl AwsProvider {
     }
 
     /// Makes the role, or brings an existing one (a retry after a crash) to
-    /// `spec`. Returns its ARN.
+    /// `spec`. Returns its ARN and its permissions boundary: `spec`'s for a
+    /// role made now, the one it has for a role made before (a boundary is
+    /// kept as it is: a set it was made with may differ from today's when
+    /// the number of sets changed since).
     ///
     /// # Errors
     /// [`Error::QuotaExceeded`] when the account has no room for another
     /// role; any IAM refusal. The caller retries with backoff.
-    pub async fn provision(&self, spec: &RoleSpec) -> Result<String> {
+    pub async fn provision(&self, spec: &RoleSpec) -> Result<(String, Option<String>)> {
         let trust = spec.trust_policy.to_string();
         let tags: Vec<Tag> = spec
             .owner
@@ -547,13 +550,13 @@ impl AwsProvider {
                     .send()
             })
             .await;
-        let arn = match created {
-            Ok(out) => out.role.map(|r| r.arn).unwrap_or_default(),
+        let (arn, boundary) = match created {
+            Ok(out) => (out.role.map(|r| r.arn).unwrap_or_default(), spec.permissions_boundary.clone()),
             Err(e) if is_code(&e, "EntityAlreadyExists") => {
                 // Ours from an earlier attempt (a crash, a retry), or not
                 // ours at all: only the tags can tell.
                 self.release_role().await;
-                let (arn, tags) = self.role_tags(&spec.name).await?.ok_or_else(|| Error::Cloud {
+                let (arn, tags, boundary) = self.role_tags(&spec.name).await?.ok_or_else(|| Error::Cloud {
                     operation: "GetRole",
                     message: format!("role {} was there a moment ago and is gone; retrying", spec.name),
                 })?;
@@ -569,7 +572,7 @@ impl AwsProvider {
                 })
                 .await
                 .map_err(|e| cloud_error("UpdateAssumeRolePolicy", &e))?;
-                arn
+                (arn, boundary)
             }
             Err(e) => {
                 self.release_role().await;
@@ -601,7 +604,7 @@ impl AwsProvider {
             .await
             .map_err(|e| cloud_error("AttachRolePolicy", &e))?;
         }
-        Ok(arn)
+        Ok((arn, boundary))
     }
 
     /// Reserves room for one more role. The account's role count and quota
@@ -691,12 +694,13 @@ impl AwsProvider {
         }
     }
 
-    /// Whether role `role` exists and its tags say it is `owner`'s.
+    /// Role `role`'s permissions boundary if it exists and its tags say it
+    /// is `owner`'s (`Some(None)`: it has none); `None` otherwise.
     ///
     /// # Errors
     /// When IAM cannot be read.
-    pub async fn role_is(&self, role: &str, owner: &RoleOwner) -> Result<bool> {
-        Ok(self.role_tags(role).await?.is_some_and(|(_, tags)| owner.owns(&tags)))
+    pub async fn owned_role_boundary(&self, role: &str, owner: &RoleOwner) -> Result<Option<Option<String>>> {
+        Ok(self.role_tags(role).await?.filter(|(_, tags, _)| owner.owns(tags)).map(|(_, _, boundary)| boundary))
     }
 
     /// Brings a live role's permissions to `spec`: its inline policy (put,
@@ -747,10 +751,10 @@ impl AwsProvider {
         Ok(())
     }
 
-    /// The ARN and tags of a role; `None` when there is no such role. One
-    /// `GetRole` (which returns tags), or `ListRoleTags` too where a
-    /// `GetRole` answer carries none.
-    async fn role_tags(&self, role: &str) -> Result<Option<(String, Vec<(String, String)>)>> {
+    /// The ARN, tags and permissions boundary of a role; `None` when there
+    /// is no such role. One `GetRole` (which returns tags), or
+    /// `ListRoleTags` too where a `GetRole` answer carries none.
+    async fn role_tags(&self, role: &str) -> Result<Option<(String, Vec<(String, String)>, Option<String>)>> {
         let found = match self.call("GetRole", self.iam.get_role().role_name(role).send()).await {
             Ok(out) => out.role,
             Err(e) if is_code(&e, "NoSuchEntity") => return Ok(None),
@@ -766,7 +770,8 @@ impl AwsProvider {
                 Err(e) => return Err(cloud_error("ListRoleTags", &e)),
             };
         }
-        Ok(Some((found.arn, tags)))
+        let boundary = found.permissions_boundary.and_then(|b| b.permissions_boundary_arn);
+        Ok(Some((found.arn, tags, boundary)))
     }
 
     /// Denies everything to every session of the role (one `PutRolePolicy`,
@@ -780,7 +785,7 @@ impl AwsProvider {
     /// touched); any other IAM refusal (throttling, conflicts): the caller
     /// retries.
     pub async fn revoke_and_delete(&self, role: &str, owner: &RoleOwner) -> Result<Reaped> {
-        let Some((_, tags)) = self.role_tags(role).await? else { return Ok(Reaped::Gone) };
+        let Some((_, tags, _)) = self.role_tags(role).await? else { return Ok(Reaped::Gone) };
         if !owner.owns(&tags) {
             return Err(Error::RoleConflict(format!(
                 "IAM role {role} was not made for IdentityLease {}/{} (its tags: {}); it is left as it is",

@@ -204,6 +204,12 @@ impl RevocationSets {
         &self.arns[self.index(key)]
     }
 
+    /// Every set's ARN.
+    #[must_use]
+    pub fn arns(&self) -> &[String] {
+        &self.arns
+    }
+
     /// Whether `arn` is one of these sets.
     #[must_use]
     pub fn is_set(&self, arn: &str) -> bool {

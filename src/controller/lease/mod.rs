@@ -164,11 +164,14 @@ impl LeaseContext {
     /// is full or its write failed) with its own deny. When it landed and
     /// how; `None`: no such role.
     async fn revoke(&self, lease: &IdentityLease, role: &str) -> Result<Option<(std::time::SystemTime, Via)>> {
+        // Only through the set the role was made with, which is the one its
+        // key maps to today (the number of sets may have changed since).
         if let (Some(sets), Some(set), Some(uid)) =
             (&self.cloud.revocation_sets, lease.status.as_ref().and_then(|s| s.revocation_set.as_deref()), lease.uid())
-            && sets.is_set(set)
+            && let key = crate::cloud::revocation_sets::key_of(&uid)
+            && sets.arn_for(&key) == set
         {
-            match sets.revoke(&crate::cloud::revocation_sets::key_of(&uid)).await {
+            match sets.revoke(&key).await {
                 crate::cloud::revocation_sets::Revoked::At(at) => return Ok(Some((at, Via::Set))),
                 crate::cloud::revocation_sets::Revoked::Full => {
                     tracing::warn!(lease = %lease.name_any(), set, "the revocation set is full; revoking the role on its own");

@@ -140,14 +140,14 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
     if let Some(fence) = &ctx.base.fence {
         fence.check().await?;
     }
-    make_role(lease, ctx, &spec, &identity).await?;
+    let boundary = make_role(lease, ctx, &spec, &identity).await?;
     // The role exists now. Every way out of here either confirms the lease
     // was still live after the role was made (the Ready status write answers
     // with the lease) or asks the apiserver; a lease gone or being deleted
     // by then was reaped while the role was being made (by another replica,
     // while this one was frozen past its leadership), and its role would
     // otherwise wait for the sweep.
-    let made = Made::of(&spec, &role_arn, &ctx.cloud);
+    let made = Made::of(boundary, &role_arn, &ctx.cloud);
     let outcome = prove_and_lift(lease, ctx, &identity, &made, &rules, uid_bound, &holder).await;
     let live = match &outcome {
         Ok(Proven::Ready { deleting }) => !deleting,
@@ -193,11 +193,11 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
 }
 
 impl Made {
-    /// What a role made from `spec` records: its ARN, and its revocation set
-    /// when that is its permissions boundary.
-    fn of(spec: &RoleSpec, role_arn: &str, cloud: &Cloud) -> Made {
-        let revocation_set =
-            spec.permissions_boundary.clone().filter(|pb| cloud.revocation_sets.as_ref().is_some_and(|s| s.is_set(pb)));
+    /// What the Ready status records of a role with permissions boundary
+    /// `boundary` (the one IAM says it has): its ARN, and its revocation set
+    /// when that is its boundary.
+    fn of(boundary: Option<String>, role_arn: &str, cloud: &Cloud) -> Made {
+        let revocation_set = boundary.filter(|pb| cloud.revocation_sets.as_ref().is_some_and(|s| s.is_set(pb)));
         Made { role_arn: role_arn.to_owned(), revocation_set }
     }
 }
@@ -253,32 +253,35 @@ pub(super) async fn prove_and_lift(
 /// Makes the role, or brings it to `spec`. A role made and brought to this
 /// policy on an earlier pass (waiting for STS to accept it) is not rewritten
 /// on every retry (rewriting its trust policy would only restart IAM's
-/// propagation): one read tells that it is still there and ours.
+/// propagation): one read tells that it is still there and ours. Returns
+/// the permissions boundary the role has (made before, it keeps its own).
 pub(super) async fn make_role(
     lease: &IdentityLease,
     ctx: &LeaseContext,
     spec: &RoleSpec,
     identity: &WorkloadIdentity,
-) -> Result<()> {
+) -> Result<Option<String>> {
     let status = lease.status.clone().unwrap_or_default();
-    let made_before = status.phase == Some(LeasePhase::Provisioning)
+    if status.phase == Some(LeasePhase::Provisioning)
         && status.policy_digest.is_some()
         && status.policy_digest.as_deref() == digest_of(identity)
-        && ctx.cloud.provider.role_is(&spec.name, &spec.owner).await?;
-    if made_before {
+        && let Some(boundary) = ctx.cloud.provider.owned_role_boundary(&spec.name, &spec.owner).await?
+    {
         tracing::debug!(lease = %lease.name_any(), "role made on an earlier pass; proving it again");
-        return Ok(());
+        return Ok(boundary);
     }
-    if let Err(e) = ctx.cloud.provider.provision(spec).await {
-        write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision", None).await?;
-        let reason = match e.reason() {
-            "Error" => "ProvisionFailed",
-            named => named,
-        };
-        publish(ctx, lease, EventType::Warning, reason, e.to_string()).await;
-        return Err(e);
+    match ctx.cloud.provider.provision(spec).await {
+        Ok((_, boundary)) => Ok(boundary),
+        Err(e) => {
+            write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision", None).await?;
+            let reason = match e.reason() {
+                "Error" => "ProvisionFailed",
+                named => named,
+            };
+            publish(ctx, lease, EventType::Warning, reason, e.to_string()).await;
+            Err(e)
+        }
     }
-    Ok(())
 }
 
 /// The identity's effective permissions, as its controller digested them

@@ -28,6 +28,16 @@ async fn context(
     leases: &[IdentityLease],
     identities: &[WorkloadIdentity],
 ) -> (Arc<LeaseContext>, Apiserver) {
+    context_with_sets(iam, leases, identities, None).await
+}
+
+/// [`context`] with revocation sets.
+async fn context_with_sets(
+    iam: &FakeIam,
+    leases: &[IdentityLease],
+    identities: &[WorkloadIdentity],
+    revocation_sets: Option<Arc<crate::cloud::revocation_sets::RevocationSets>>,
+) -> (Arc<LeaseContext>, Apiserver) {
     let (client, apiserver) = fake_apiserver::client();
     let writer = filled(leases);
     let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };
@@ -56,7 +66,7 @@ async fn context(
             provider_arn: format!("arn:aws:iam::{ACCOUNT}:oidc-provider/oidc.example/id/1"),
             propagation_window: PROPAGATION_WINDOW,
             rotation: Rotation::default(),
-            revocation_sets: None,
+            revocation_sets,
         },
         leases: writer.as_reader(),
         failures: std::sync::Mutex::default(),
@@ -317,4 +327,68 @@ async fn the_sweep_deletes_only_this_clusters_roles_whose_lease_is_gone() {
             "DeleteRole",
         ]
     );
+}
+
+/// The apiserver's side of reaping a lease without RBAC: reads of the
+/// RoleBinding and Role (none), the owned ServiceAccount read and deleted,
+/// the `Reaped` Event.
+async fn serve_reap(apiserver: &mut Apiserver, name: &str) {
+    let rbac = "/apis/rbac.authorization.k8s.io/v1/namespaces/team-a";
+    fake_apiserver::expect_status(apiserver, "GET", &format!("{rbac}/rolebindings/{name}"), 404, not_found()).await;
+    fake_apiserver::expect_status(apiserver, "GET", &format!("{rbac}/roles/{name}"), 404, not_found()).await;
+    let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": {"name": name, "namespace": "team-a", "uid": "sa-uid",
+                                 "ownerReferences": [{"apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+                                                      "name": name, "uid": format!("{name}-uid")}]}});
+    let path = format!("/api/v1/namespaces/team-a/serviceaccounts/{name}");
+    fake_apiserver::expect(apiserver, "GET", &path, sa.clone()).await;
+    fake_apiserver::expect(apiserver, "DELETE", &path, sa).await;
+    let event =
+        fake_apiserver::expect(apiserver, "POST", "/apis/events.k8s.io/v1/namespaces/team-a/events", json!({})).await;
+    assert_eq!(event["reason"], "Reaped");
+}
+
+#[tokio::test]
+async fn a_role_is_revoked_through_its_set_only_when_that_is_the_set_its_key_maps_to_today() {
+    use crate::cloud::revocation_sets::{RevocationSets, key_of};
+    let name = "reader-x7k2p";
+    for recorded_is_todays in [true, false] {
+        let iam = FakeIam::start().await;
+        iam.add_role(&role_of(name), "/ephemera/", &[]);
+        let sets =
+            RevocationSets::load(iam.provider().await, "aws", ACCOUNT, "/ephemera/", CLUSTER, "oidc.example/id/1", 2)
+                .await
+                .unwrap();
+        let todays = sets.arn_for(&key_of(&format!("{name}-uid"))).to_owned();
+        // Made when the key mapped elsewhere (the number of sets changed).
+        let recorded = if recorded_is_todays {
+            todays.clone()
+        } else {
+            sets.arns().iter().find(|a| **a != todays).unwrap().clone()
+        };
+        let mut l = lease(name, &own_arn(name), true);
+        l.status.as_mut().unwrap().revocation_set = Some(recorded);
+        l.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        let loaded = iam.calls().len();
+        let (ctx, mut apiserver) = context_with_sets(&iam, std::slice::from_ref(&l), &[reader()], Some(sets)).await;
+        let run = tokio::spawn({
+            let (l, ctx) = (l.clone(), ctx.clone());
+            async move { reap::reap(&l, &ctx).await }
+        });
+        serve_reap(&mut apiserver, name).await;
+        assert_eq!(run.await.unwrap().unwrap(), Action::await_change());
+        let calls = iam.calls()[loaded..].to_vec();
+        if recorded_is_todays {
+            assert_eq!(calls[0], "CreatePolicyVersion", "revoked by its set: {calls:?}");
+            assert!(!calls.iter().any(|c| c.contains("ephemera-revoked")), "no deny of its own: {calls:?}");
+        } else {
+            assert_eq!(
+                calls[0], "PutRolePolicy:ephemera-revoked",
+                "a set it does not carry revokes nothing: {calls:?}"
+            );
+            assert!(!calls.iter().any(|c| c == "CreatePolicyVersion"), "{calls:?}");
+        }
+        assert!(calls.iter().any(|c| c == "DeleteRole"), "{calls:?}");
+        assert!(!iam.has_role(&role_of(name)));
+    }
 }

@@ -25,8 +25,11 @@
 //! is dropped from its set at the set's next write, and keeping it a while
 //! longer denies nothing that lives. A set's policy keeps at most five
 //! versions (IAM's limit): before a new one is made the oldest other goes.
-//! Only the leading replica writes (its fence is checked first), and a new
-//! leader starts from what the default versions say.
+//! Only the leading replica writes: it loads the sets once it leads, and
+//! checks its fence before each write, so a replica frozen past its Lease
+//! does not write a version from a stale list over the new leader's (which
+//! would drop the keys the new leader added). A new leader starts from what
+//! the default versions say.
 
 use std::{
     collections::{BTreeSet, VecDeque},
@@ -104,6 +107,8 @@ pub struct RevocationSets {
     path: String,
     /// The ARN pattern of the roles under the root.
     roles: String,
+    /// Leadership, confirmed before each write (`None`: a single replica).
+    fence: Option<Arc<crate::controller::Fence>>,
     sets: Vec<Mutex<Set>>,
 }
 
@@ -142,21 +147,36 @@ pub enum Revoked {
     Failed(String),
 }
 
+/// Whose sets: the account and path they live in, the cluster and issuer
+/// they are named after.
+#[derive(Clone, Copy, Debug)]
+pub struct Scope<'a> {
+    /// The AWS partition (`aws`, `aws-us-gov`, ...).
+    pub partition: &'a str,
+    /// The account id.
+    pub account: &'a str,
+    /// The role path root (the sets' IAM path too).
+    pub path: &'a str,
+    /// The cluster's name.
+    pub cluster: &'a str,
+    /// The cluster's issuer (host and path).
+    pub issuer: &'a str,
+}
+
 impl RevocationSets {
     /// `count` sets of the cluster (named from its name and issuer), under
-    /// `path`: each made if missing, read if there.
+    /// its path: each made if missing, read if there (and rewritten when
+    /// another version of ephemera wrote it).
     ///
     /// # Errors
     /// When IAM refuses to make or read them.
     pub async fn load(
         provider: AwsProvider,
-        partition: &str,
-        account: &str,
-        path: &str,
-        cluster: &str,
-        issuer: &str,
+        scope: &Scope<'_>,
         count: usize,
+        fence: Option<Arc<crate::controller::Fence>>,
     ) -> Result<Arc<Self>> {
+        let Scope { partition, account, path, cluster, issuer } = *scope;
         let digest = naming::hex_digest(&format!("{cluster}/{issuer}"), 10);
         let names: Vec<String> = (0..count).map(|i| format!("ephemera-revoked-{digest}-{i}")).collect();
         let arns: Vec<String> =
@@ -180,7 +200,7 @@ impl RevocationSets {
             tracing::debug!(set = arn, listed = set.keys.len(), "revocation set ready");
             sets.push(Mutex::new(set));
         }
-        let this = Arc::new(Self { provider, names, arns, path: path.to_owned(), roles, sets });
+        let this = Arc::new(Self { provider, names, arns, path: path.to_owned(), roles, fence, sets });
         for i in stale {
             let (keys, oldest) = {
                 let set = this.sets[i].lock().await;
@@ -378,6 +398,9 @@ impl RevocationSets {
     }
 
     async fn write_version(&self, i: usize, keys: &BTreeSet<String>, oldest: Option<&str>) -> Result<String> {
+        if let Some(fence) = &self.fence {
+            fence.check().await?;
+        }
         if let Some(old) = oldest {
             self.provider.delete_policy_version(Urgency::Revoke, &self.arns[i], old).await?;
         }
@@ -410,6 +433,13 @@ mod tests {
     use super::*;
 
     const ROLES: &str = "arn:aws-us-gov:iam::111122223333:role/ephemera/*";
+    const SCOPE: Scope<'static> = Scope {
+        partition: "aws",
+        account: "111122223333",
+        path: "/ephemera/",
+        cluster: "c",
+        issuer: "oidc.example/id/1",
+    };
 
     #[test]
     fn a_sets_document_lists_its_keys_and_reads_back() {
@@ -457,9 +487,7 @@ mod tests {
     }
 
     async fn one_set(iam: &crate::test_support::fake_iam::FakeIam) -> Arc<RevocationSets> {
-        RevocationSets::load(iam.provider().await, "aws", "111122223333", "/ephemera/", "c", "oidc.example/id/1", 1)
-            .await
-            .unwrap()
+        RevocationSets::load(iam.provider().await, &SCOPE, 1, None).await.unwrap()
     }
 
     #[tokio::test]

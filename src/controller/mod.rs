@@ -104,7 +104,7 @@ pub struct Context {
     pub stop: Stop,
     /// Confirms this replica still leads before it makes a role; `None`
     /// without leader election.
-    pub fence: Option<Fence>,
+    pub fence: Option<Arc<Fence>>,
     /// The IAM path every role lives under ([`CloudSettings::role_path_root`]).
     pub role_path_root: String,
     /// Kubernetes client for evictions, which does not retry a 429 (a
@@ -341,7 +341,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let stop = Stop::default();
     let fence = settings
         .leader_election
-        .then(|| Fence::new(client.clone(), &settings.namespace, &settings.identity, stop.clone()));
+        .then(|| Arc::new(Fence::new(client.clone(), &settings.namespace, &settings.identity, stop.clone())));
     let ctx = Arc::new(Context {
         client: client.clone(),
         events: Events::new(client.clone(), reporter),
@@ -368,7 +368,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     };
 
     let cloud = lease_cloud(&client, &settings.cloud, ctx.metrics.clone(), settings.aws_role_limit).await?;
-    let cloud = with_settings(cloud, &settings).await;
+    let cloud = with_settings(cloud, &settings, ctx.fence.clone()).await;
     let controllers = async {
         tokio::join!(
             workload_identity::run(ctx.clone(), identity_cache, boundary_cache, namespace_cache),
@@ -424,20 +424,24 @@ pub async fn run(settings: Settings) -> Result<()> {
 
 /// The lease controller's cloud, as the flags tune it: propagation window,
 /// rotation, the IAM write budget and the revocation sets.
-async fn with_settings(mut cloud: lease::Cloud, settings: &Settings) -> lease::Cloud {
+async fn with_settings(mut cloud: lease::Cloud, settings: &Settings, fence: Option<Arc<Fence>>) -> lease::Cloud {
     if let Some(rate) = settings.iam_writes_per_second {
         cloud.provider = cloud.provider.with_write_rate(rate);
         tracing::info!(rate, "IAM writes limited; revocations go first, then deletions, then provisioning");
     }
     if settings.revocation_sets > 0 {
+        let scope = crate::cloud::revocation_sets::Scope {
+            partition: &settings.cloud.partition,
+            account: &cloud.account,
+            path: &settings.cloud.role_path_root,
+            cluster: &cloud.cluster,
+            issuer: &cloud.issuer_host,
+        };
         let sets = crate::cloud::revocation_sets::RevocationSets::load(
             cloud.provider.clone(),
-            &settings.cloud.partition,
-            &cloud.account,
-            &settings.cloud.role_path_root,
-            &cloud.cluster,
-            &cloud.issuer_host,
+            &scope,
             settings.revocation_sets,
+            fence,
         )
         .await;
         match sets {
@@ -684,6 +688,23 @@ mod tests {
         assert!(err.to_string().contains("expired"), "{err}");
         // The renewal task decides whether it is lost; nothing stops yet.
         assert_eq!(stop.reason(), None);
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_no_longer_leads_writes_no_revocation_set() {
+        use crate::cloud::revocation_sets::{RevocationSets, Revoked, Scope, key_of};
+        let iam = crate::test_support::fake_iam::FakeIam::start().await;
+        let (client, mut apiserver) = fake_apiserver::client();
+        let fence = Arc::new(Fence::new(client, "ephemera-system", "replica-a", Stop::default()));
+        let scope =
+            Scope { partition: "aws", account: "111122223333", path: "/ephemera/", cluster: "c", issuer: "oidc/1" };
+        let sets = RevocationSets::load(iam.provider().await, &scope, 1, Some(fence)).await.unwrap();
+        let revoking = tokio::spawn(async move { sets.revoke(&key_of("uid-1")).await });
+        // Another replica leads now: its list may hold keys this one's lacks.
+        fake_apiserver::expect(&mut apiserver, "GET", PATH, election("replica-b", Duration::from_secs(1))).await;
+        let answer = tokio::time::timeout(Duration::from_secs(5), revoking).await.unwrap().unwrap();
+        assert!(matches!(answer, Revoked::Failed(ref why) if why.contains("replica-b")), "{answer:?}");
+        assert!(!iam.calls().iter().any(|c| c == "CreatePolicyVersion"), "{:?}", iam.calls());
     }
 
     #[test]

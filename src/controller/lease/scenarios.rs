@@ -350,15 +350,25 @@ async fn serve_reap(apiserver: &mut Apiserver, name: &str) {
 
 #[tokio::test]
 async fn a_role_is_revoked_through_its_set_only_when_that_is_the_set_its_key_maps_to_today() {
-    use crate::cloud::revocation_sets::{RevocationSets, key_of};
+    use crate::cloud::revocation_sets::{RevocationSets, Scope, key_of};
     let name = "reader-x7k2p";
     for recorded_is_todays in [true, false] {
         let iam = FakeIam::start().await;
         iam.add_role(&role_of(name), "/ephemera/", &[]);
-        let sets =
-            RevocationSets::load(iam.provider().await, "aws", ACCOUNT, "/ephemera/", CLUSTER, "oidc.example/id/1", 2)
-                .await
-                .unwrap();
+        let sets = RevocationSets::load(
+            iam.provider().await,
+            &Scope {
+                partition: "aws",
+                account: ACCOUNT,
+                path: "/ephemera/",
+                cluster: CLUSTER,
+                issuer: "oidc.example/id/1",
+            },
+            2,
+            None,
+        )
+        .await
+        .unwrap();
         let todays = sets.arn_for(&key_of(&format!("{name}-uid"))).to_owned();
         // Made when the key mapped elsewhere (the number of sets changed).
         let recorded = if recorded_is_todays {

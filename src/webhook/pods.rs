@@ -191,6 +191,10 @@ pub fn decide(pod: &Pod, env: &Environment<'_>) -> Decision {
             name: Some(lease_name.clone()),
             namespace: Some(env.namespace.to_owned()),
             labels: Some(managed_labels(&lease_name, &identity_name)),
+            // Made with the controller's finalizer: the controller's first
+            // look then goes straight to provisioning, without a patch (and
+            // the watch event and reconcile it costs) to add it.
+            finalizers: Some(vec![crate::api::well_known::FINALIZER_REAPER.to_owned()]),
             ..ObjectMeta::default()
         },
         spec: IdentityLeaseSpec {

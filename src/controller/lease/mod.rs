@@ -116,10 +116,6 @@ struct LeaseContext {
     /// was provisioned a second time (about 470 of 5,000 leases, each
     /// repeating the role calls and the STS proof).
     ready: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// The pods the watch keeps, trimmed to what the reconciler reads
-    /// ([`trim_pod`]): a lease's holder is read here, and asked of the
-    /// apiserver only when the cache has no pod of this lease.
-    pods: Store<Pod>,
     /// Uids of leases whose role the revocation lane denied (`Some`: when,
     /// and how), or is denying (`None`): the reap does not revoke them again,
     /// nor count their credential window twice.
@@ -243,9 +239,10 @@ fn error_policy(lease: Arc<IdentityLease>, error: &Error, ctx: Arc<LeaseContext>
 ///
 /// Memory is what limits how many leases one replica carries, so the
 /// watches keep only what the reconciler reads: the lease cache drops
-/// `managedFields` (about half of a lease's size, never read here), pods are
-/// cached trimmed ([`trim_pod`]), and Jobs are watched as metadata only (the
-/// reconciler reads the one Job it needs from the apiserver).
+/// `managedFields` (about half of a lease's size, never read here), and pods
+/// and Jobs are watched as metadata only (the reconciler reads the one pod or
+/// Job it needs from the apiserver; the watches only say which lease to look
+/// at).
 pub async fn run(
     ctx: Arc<Context>,
     cloud: Cloud,
@@ -274,7 +271,6 @@ pub async fn run(
     let by_job = leases.clone();
     let seen_pods: SeenPods = Arc::default();
     let seen = seen_pods.clone();
-    let pod_writer = Writer::<Pod>::default();
     let lctx = Arc::new(LeaseContext {
         base: ctx.clone(),
         cloud,
@@ -284,22 +280,17 @@ pub async fn run(
         reaped: std::sync::Mutex::default(),
         ready: std::sync::Mutex::default(),
         revocations: std::sync::Mutex::default(),
-        pods: pod_writer.as_reader(),
     });
     let sweep = tokio::spawn(sweep::sweep_forever(lctx.clone()));
     let (lane, revocations) = revoke::Lane::channel();
     let lane_task = revoke::Lane::start(lctx.clone(), revocations);
-    // Pods, not only their metadata: the revocation lane decides from the
-    // pod the watch delivers, and the reconciler reads a lease's pod from
-    // the cache, without a GET (four per lifecycle, the apiserver being what
-    // a burst waits for). Both get pods trimmed to what they read. Pages of
-    // 100: pods are listed on every (re)start, and the peak of a page is
-    // what the relist costs in memory.
+    // Whole pods (not only their metadata): the revocation lane decides
+    // from the pod the watch delivers, without a read. Nothing keeps them.
+    // Pages of 100: whole pods are listed on every (re)start, and the peak
+    // of a page is what the relist costs in memory.
     let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(LABEL_LEASE).page_size(100))
         .default_backoff()
-        .modify(trim_pod)
         .inspect(synced.on_init_done("pods"))
-        .reflect(pod_writer)
         .touched_objects();
     // Pod events are read by a task of their own, not by the controller's
     // runner: when every reconcile slot is busy (reaps waiting for IAM's
@@ -389,36 +380,6 @@ async fn read_pods(
         if !leases.get(&key).is_some_and(|l| nothing_to_do(&l, &pod, Timestamp::now())) && refs.send(key).is_err() {
             return;
         }
-    }
-}
-
-/// Keeps of a pod what the lease controller reads (the revocation lane,
-/// the holder checks, binding its uid, lifting its gate, rotation and the
-/// provisioning latency): its metadata but managed fields and annotations,
-/// its scheduling gates, and its phase and containers' states. Ten times
-/// smaller than the pod, so a replica can cache thousands.
-fn trim_pod(pod: &mut Pod) {
-    use k8s_openapi::api::core::v1::{ContainerStatus, PodSpec, PodStatus};
-    pod.metadata.managed_fields = None;
-    pod.metadata.annotations = None;
-    if let Some(spec) = pod.spec.as_mut() {
-        *spec = PodSpec { scheduling_gates: spec.scheduling_gates.take(), ..PodSpec::default() };
-    }
-    if let Some(status) = pod.status.as_mut() {
-        let states = |statuses: Option<Vec<ContainerStatus>>| {
-            statuses.map(|all| {
-                all.into_iter()
-                    .map(|c| ContainerStatus { name: c.name, state: c.state, ..ContainerStatus::default() })
-                    .collect()
-            })
-        };
-        *status = PodStatus {
-            phase: status.phase.take(),
-            container_statuses: states(status.container_statuses.take()),
-            init_container_statuses: states(status.init_container_statuses.take()),
-            ephemeral_container_statuses: states(status.ephemeral_container_statuses.take()),
-            ..PodStatus::default()
-        };
     }
 }
 
@@ -523,21 +484,9 @@ enum Holder {
 }
 
 impl Holder {
-    /// A pod from `pods` (the watch's cache) when it is this lease's (its
-    /// label, and its uid once the lease has recorded one); otherwise, and
-    /// for a Job, from the apiserver. A cached pod is at least as new as the
-    /// event that brought the lease here; a pod the cache does not hold yet
-    /// is never taken for gone.
-    async fn read(lease: &IdentityLease, client: &Client, pods: &Store<Pod>) -> Result<Self> {
+    async fn read(lease: &IdentityLease, client: &Client) -> Result<Self> {
         let namespace = lease.namespace().unwrap_or_default();
         let name = &lease.spec.holder.name;
-        if lease.spec.holder.kind == HolderKind::Pod
-            && let Some(pod) = pods.get(&ObjectRef::new(name).within(&namespace))
-            && pod.labels().get(LABEL_LEASE) == Some(&lease.name_any())
-            && lease.spec.holder.uid.as_ref().is_none_or(|uid| pod.uid().as_ref() == Some(uid))
-        {
-            return Ok(Self::Pod(Some(Box::new(Pod::clone(&pod)))));
-        }
         Ok(match lease.spec.holder.kind {
             HolderKind::Pod => Self::Pod(
                 Api::<Pod>::namespaced(client.clone(), &namespace)
@@ -777,48 +726,6 @@ mod tests {
         assert!(refused("report-x7k2p", &format!("arn:aws:iam::222:role/ephemera/{role}")).contains("account"));
         assert!(refused("report-x7k2p", "arn:aws:iam::111:role/ephemera/admin").contains("spec.roleArn"));
         assert!(refused("report-x7k2p", "not an arn").contains("spec.roleArn"));
-    }
-
-    #[test]
-    fn a_trimmed_pod_keeps_what_the_controller_reads() {
-        let full: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "p", "namespace": "n", "uid": "pu", "labels": {LABEL_LEASE: "l"},
-                         "annotations": {"big": "x".repeat(4096)},
-                         "creationTimestamp": "2026-11-23T09:00:00Z",
-                         "deletionTimestamp": "2026-11-23T10:00:30Z", "deletionGracePeriodSeconds": 30,
-                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs",
-                                              "uid": "rsu", "controller": true}],
-                         "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
-            "spec": {"containers": [{"name": "main", "image": "busybox",
-                                     "env": [{"name": "AWS_ROLE_ARN", "value": "arn"}]}],
-                     "schedulingGates": [{"name": "ephemera.dev/identity-ready"}]},
-            "status": {"phase": "Running", "podIP": "10.0.0.1",
-                       "containerStatuses": [{"name": "main", "image": "busybox", "imageID": "sha", "ready": false,
-                                              "restartCount": 0, "state": {"terminated": {"exitCode": 0,
-                                              "finishedAt": "2026-11-23T10:00:05Z"}}}]},
-        }))
-        .unwrap();
-        let mut trimmed = full.clone();
-        trim_pod(&mut trimmed);
-        let size = |p: &Pod| serde_json::to_string(p).unwrap().len();
-        assert!(size(&trimmed) * 5 < size(&full), "{} of {}", size(&trimmed), size(&full));
-        let now: Timestamp = "2026-11-23T10:00:10Z".parse().unwrap();
-        assert_eq!(end_of_life::pod_ended(&trimmed, now), end_of_life::pod_ended(&full, now));
-        assert_eq!(end_of_life::pod_ended_at(&trimmed, now), end_of_life::pod_ended_at(&full, now));
-        assert!(end_of_life::pod_ended_at(&trimmed, now).is_some(), "its containers' end is kept");
-        for (what, a, b) in [
-            ("uid", json!(trimmed.uid()), json!(full.uid())),
-            ("labels", json!(trimmed.labels()), json!(full.labels())),
-            ("owners", json!(trimmed.owner_references()), json!(full.owner_references())),
-            ("created", json!(trimmed.creation_timestamp()), json!(full.creation_timestamp())),
-            (
-                "gates",
-                json!(trimmed.spec.as_ref().unwrap().scheduling_gates),
-                json!(full.spec.as_ref().unwrap().scheduling_gates),
-            ),
-        ] {
-            assert_eq!(a, b, "{what}");
-        }
     }
 
     #[test]

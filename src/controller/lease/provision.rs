@@ -91,7 +91,7 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
             .await
             .map_err(Error::kube(format!("reading WorkloadIdentity {namespace}/{}", lease.spec.workload_identity)))?,
     };
-    let holder = Holder::read(lease, client, &ctx.pods).await?;
+    let holder = Holder::read(lease, client).await?;
     if let Some(reason) = end_reason(lease, identity.as_ref(), &holder, now, seen) {
         // (A refused lease goes too, and its reap touches nothing it names.)
         return start_reaping(lease, ctx, &reason, workload_ended_at(lease, &holder, now)).await;

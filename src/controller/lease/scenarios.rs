@@ -74,8 +74,6 @@ async fn context_with_sets(
         reaped: std::sync::Mutex::default(),
         ready: std::sync::Mutex::default(),
         revocations: std::sync::Mutex::default(),
-        // Not filled: the scenarios answer the pod reads themselves.
-        pods: kube::runtime::reflector::store().0,
     };
     (Arc::new(ctx), apiserver)
 }

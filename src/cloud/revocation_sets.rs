@@ -331,6 +331,14 @@ impl RevocationSets {
                         admitted.push(tx);
                     }
                 }
+                if !full.is_empty() {
+                    tracing::warn!(
+                        set = self.arns[i],
+                        listed = keys.len(),
+                        beyond = full.len(),
+                        "revocation set full: these roles are revoked one by one (more --revocation-sets hold bigger bursts)"
+                    );
+                }
                 for tx in full {
                     let _ = tx.send(Revoked::Full);
                 }

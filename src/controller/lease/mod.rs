@@ -160,28 +160,37 @@ impl LeaseContext {
     }
 
     /// Denies every session of the lease's role: through its revocation set
-    /// when it has one (one write for all that wait), else (or when the set
-    /// is full or its write failed) with its own deny. When it landed and
-    /// how; `None`: no such role.
+    /// when it can ([`Self::revoke_by_set`]), else with its own deny. When it
+    /// landed and how; `None`: no such role.
     async fn revoke(&self, lease: &IdentityLease, role: &str) -> Result<Option<(std::time::SystemTime, Via)>> {
-        // Only through the set the role was made with, which is the one its
-        // key maps to today (the number of sets may have changed since).
-        if let (Some(sets), Some(set), Some(uid)) =
-            (&self.cloud.revocation_sets, lease.status.as_ref().and_then(|s| s.revocation_set.as_deref()), lease.uid())
-            && let key = crate::cloud::revocation_sets::key_of(&uid)
-            && sets.arn_for(&key) == set
-        {
-            match sets.revoke(&key).await {
-                crate::cloud::revocation_sets::Revoked::At(at) => return Ok(Some((at, Via::Set))),
-                crate::cloud::revocation_sets::Revoked::Full => {
-                    tracing::warn!(lease = %lease.name_any(), set, "the revocation set is full; revoking the role on its own");
-                }
-                crate::cloud::revocation_sets::Revoked::Failed(why) => {
-                    tracing::warn!(lease = %lease.name_any(), set, why, "the revocation set's write failed; revoking the role on its own");
-                }
-            }
+        if let Some(at) = self.revoke_by_set(lease).await {
+            return Ok(Some((at, Via::Set)));
         }
         Ok(self.cloud.provider.revoke(role).await?.map(|at| (at, Via::Inline)))
+    }
+
+    /// Revokes the lease's role through its revocation set (one write for
+    /// all that wait) when the role has one and it is the set its key maps
+    /// to today (the number of sets may have changed since it was made).
+    /// When it landed; `None`: the role must be revoked on its own (no set,
+    /// the set full, its write failed).
+    async fn revoke_by_set(&self, lease: &IdentityLease) -> Option<std::time::SystemTime> {
+        use crate::cloud::revocation_sets::{Revoked, key_of};
+        let sets = self.cloud.revocation_sets.as_ref()?;
+        let set = lease.status.as_ref()?.revocation_set.as_deref()?;
+        let key = key_of(&lease.uid()?);
+        if sets.arn_for(&key) != set {
+            return None;
+        }
+        match sets.revoke(&key).await {
+            Revoked::At(at) => Some(at),
+            // (The set says so once per write, not once per lease.)
+            Revoked::Full => None,
+            Revoked::Failed(why) => {
+                tracing::debug!(lease = %lease.name_any(), set, why, "revoking the role on its own");
+                None
+            }
+        }
     }
 
     fn release_revocation(&self, uid: &str) {

@@ -14,17 +14,16 @@ use std::{sync::Arc, time::SystemTime};
 
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::{ResourceExt, runtime::reflector::ObjectRef};
-// (`Arc` holds the cached lease a revocation was decided from.)
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{
-    LeaseContext,
+    LeaseContext, Via,
     end_of_life::{pod_ended, pod_ended_at},
     trusted_role,
 };
 use crate::api::{HolderKind, IdentityLease, well_known::LABEL_LEASE};
 
-/// Revocations in flight at once (each one IAM call).
+/// Revocations on their own (each one IAM call) in flight at once.
 const CONCURRENCY: usize = 32;
 
 /// A workload that ended, and its role.
@@ -108,32 +107,28 @@ pub(super) fn revocation(
 }
 
 async fn run(ctx: Arc<LeaseContext>, mut rx: mpsc::UnboundedReceiver<Revocation>) {
+    // A revocation through a set only waits for the set's next write (all
+    // that wait share it); one revoked on its own (no set, a full set)
+    // takes one of these slots for its own IAM call.
     let slots = Arc::new(Semaphore::new(CONCURRENCY));
     while let Some(revocation) = rx.recv().await {
-        // A revocation through a set only waits for the set's next write
-        // (all of them share it): it takes no slot.
-        let by_set = ctx.cloud.revocation_sets.is_some()
-            && revocation.of.status.as_ref().is_some_and(|s| s.revocation_set.is_some());
-        let slot = if by_set {
-            None
-        } else {
-            let Ok(slot) = slots.clone().acquire_owned().await else { return };
-            Some(slot)
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            revoke(&ctx, revocation).await;
-            drop(slot);
-        });
+        let (ctx, slots) = (ctx.clone(), slots.clone());
+        tokio::spawn(async move { revoke(&ctx, revocation, &slots).await });
     }
 }
 
-async fn revoke(ctx: &LeaseContext, revocation: Revocation) {
+async fn revoke(ctx: &LeaseContext, revocation: Revocation, slots: &Semaphore) {
     // Claimed first: a second offer (the pod's next event) does nothing.
     if !ctx.claim_revocation(&revocation.uid) {
         return;
     }
-    match ctx.revoke(&revocation.of, &revocation.role).await {
+    let done = if let Some(at) = ctx.revoke_by_set(&revocation.of).await {
+        Ok(Some((at, Via::Set)))
+    } else {
+        let _slot = slots.acquire().await;
+        ctx.cloud.provider.revoke(&revocation.role).await.map(|r| r.map(|at| (at, Via::Inline)))
+    };
+    match done {
         Ok(Some((at, via))) => {
             ctx.record_revocation(&revocation.uid, at, via);
             let window = since(revocation.ended, at);

@@ -134,6 +134,9 @@ struct Set {
     trimming: bool,
     /// Old versions being deleted: IAM still counts them.
     deleting: usize,
+    /// Whether the last write turned revocations away (said once, when it
+    /// starts, not at every write while it lasts).
+    full: bool,
 }
 
 /// Where a role's revocation went.
@@ -331,14 +334,15 @@ impl RevocationSets {
                         admitted.push(tx);
                     }
                 }
-                if !full.is_empty() {
+                if !full.is_empty() && !set.full {
                     tracing::warn!(
                         set = self.arns[i],
                         listed = keys.len(),
                         beyond = full.len(),
-                        "revocation set full: these roles are revoked one by one (more --revocation-sets hold bigger bursts)"
+                        "revocation set full: roles beyond it are revoked one by one until it has room (more --revocation-sets hold bigger bursts)"
                     );
                 }
+                set.full = !full.is_empty();
                 for tx in full {
                     let _ = tx.send(Revoked::Full);
                 }

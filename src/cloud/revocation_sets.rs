@@ -139,6 +139,23 @@ struct Set {
     full: bool,
 }
 
+impl Set {
+    /// The old version to delete before the next one is made, when IAM's
+    /// five would otherwise be exceeded (versions being deleted still count).
+    fn to_make_room(&self) -> Option<String> {
+        (self.older.len() + self.deleting + 1 >= MAX_VERSIONS).then(|| self.older.front().cloned()).flatten()
+    }
+
+    /// Version `made` is the default now; `deleted` (from
+    /// [`Self::to_make_room`]) went before it.
+    fn made(&mut self, deleted: Option<&String>, made: String) {
+        if deleted.is_some() && self.older.front() == deleted {
+            self.older.pop_front();
+        }
+        self.older.push_back(made);
+    }
+}
+
 /// Where a role's revocation went.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Revoked {
@@ -207,15 +224,10 @@ impl RevocationSets {
         for i in stale {
             let (keys, oldest) = {
                 let set = this.sets[i].lock().await;
-                let oldest = (set.older.len() + 1 >= MAX_VERSIONS).then(|| set.older.front().cloned()).flatten();
-                (set.keys.clone(), oldest)
+                (set.keys.clone(), set.to_make_room())
             };
             let version = this.write_version(i, &keys, oldest.as_deref()).await?;
-            let mut set = this.sets[i].lock().await;
-            if oldest.is_some() && set.older.front() == oldest.as_ref() {
-                set.older.pop_front();
-            }
-            set.older.push_back(version);
+            this.sets[i].lock().await.made(oldest.as_ref(), version);
             tracing::info!(set = this.arns[i], "revocation set rewritten with this version's statements");
         }
         Ok(this)
@@ -346,21 +358,13 @@ impl RevocationSets {
                 for tx in full {
                     let _ = tx.send(Revoked::Full);
                 }
-                // Room for the new version: IAM keeps five.
-                let oldest =
-                    (set.older.len() + set.deleting + 1 >= MAX_VERSIONS).then(|| set.older.front().cloned()).flatten();
-                (admitted, keys, oldest)
+                (admitted, keys, set.to_make_room())
             };
             let result = self.write_version(i, &keys, oldest.as_deref()).await;
             let mut set = self.sets[i].lock().await;
             match result {
                 Ok(version) => {
-                    if let Some(old) = &oldest
-                        && set.older.front() == Some(old)
-                    {
-                        set.older.pop_front();
-                    }
-                    set.older.push_back(version);
+                    set.made(oldest.as_ref(), version);
                     set.keys = keys;
                     // Room for the next writes, made while nothing waits:
                     // a revocation then costs one write, not two.

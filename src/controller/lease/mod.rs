@@ -166,6 +166,11 @@ impl LeaseContext {
         if let Some(at) = self.revoke_by_set(lease).await {
             return Ok(Some((at, Via::Set)));
         }
+        self.revoke_on_its_own(role).await
+    }
+
+    /// Denies every session of `role` with its own deny-all inline policy.
+    async fn revoke_on_its_own(&self, role: &str) -> Result<Option<(std::time::SystemTime, Via)>> {
         Ok(self.cloud.provider.revoke(role).await?.map(|at| (at, Via::Inline)))
     }
 

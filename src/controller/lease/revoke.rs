@@ -126,7 +126,7 @@ async fn revoke(ctx: &LeaseContext, revocation: Revocation, slots: &Semaphore) {
         Ok(Some((at, Via::Set)))
     } else {
         let _slot = slots.acquire().await;
-        ctx.cloud.provider.revoke(&revocation.role).await.map(|r| r.map(|at| (at, Via::Inline)))
+        ctx.revoke_on_its_own(&revocation.role).await
     };
     match done {
         Ok(Some((at, via))) => {

@@ -434,18 +434,7 @@ impl Session {
             .send()
             .await
             .expect("AssumeRoleWithWebIdentity while the pod runs");
-        let c = out.credentials.expect("session credentials");
-        let credentials = aws_sdk_iam::config::Credentials::new(
-            c.access_key_id,
-            c.secret_access_key,
-            Some(c.session_token),
-            None,
-            "bench-session",
-        );
-        let sdk = ephemera::cloud::aws::sdk_config().await;
-        let session = Session(aws_sdk_iam::Client::from_conf(
-            aws_sdk_iam::config::Builder::from(&sdk).credentials_provider(credentials).build(),
-        ));
+        let session = Session(TestBed::iam_as(&out.credentials.expect("session credentials")).await);
         assert!(session.usable().await, "a fresh session may call ListAccountAliases");
         session
     }

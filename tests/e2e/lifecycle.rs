@@ -580,17 +580,7 @@ async fn a_workload_allowed_iam_cannot_undo_its_own_revocation() {
     let worker = Worker::running(&bed, &gov).await;
     let name = worker.role.rsplit('/').next().unwrap().to_owned();
     let creds = worker.assume(&bed, "tamper").await.expect("a session while the pod runs");
-    let credentials = aws_sdk_iam::config::Credentials::new(
-        creds.access_key_id(),
-        creds.secret_access_key(),
-        Some(creds.session_token().to_owned()),
-        None,
-        "workload",
-    );
-    let sdk = ephemera::cloud::aws::sdk_config().await;
-    let iam = aws_sdk_iam::Client::from_conf(
-        aws_sdk_iam::config::Builder::from(&sdk).credentials_provider(credentials).build(),
-    );
+    let iam = TestBed::iam_as(&creds).await;
     let code = |e: &dyn aws_sdk_iam::error::ProvideErrorMetadata| e.code().unwrap_or("unknown").to_owned();
     let tag = |k: &str, v: &str| aws_sdk_iam::types::Tag::builder().key(k).value(v).build().unwrap();
 

@@ -84,6 +84,22 @@ impl TestBed {
         }
     }
 
+    /// An IAM client acting as an STS session (a workload's), against the
+    /// test bed's endpoint.
+    pub async fn iam_as(creds: &aws_sdk_sts::types::Credentials) -> aws_sdk_iam::Client {
+        let credentials = aws_sdk_iam::config::Credentials::new(
+            creds.access_key_id(),
+            creds.secret_access_key(),
+            Some(creds.session_token().to_owned()),
+            None,
+            "workload-session",
+        );
+        let sdk = ephemera::cloud::aws::sdk_config().await;
+        aws_sdk_iam::Client::from_conf(
+            aws_sdk_iam::config::Builder::from(&sdk).credentials_provider(credentials).build(),
+        )
+    }
+
     /// A fresh namespace, deleted when the returned guard drops.
     pub async fn namespace(&self, prefix: &str) -> TestNamespace {
         let name = unique_name(prefix);

@@ -134,13 +134,7 @@ async fn answer(
     let (action, role, policy) = (form(&body, "Action"), form(&body, "RoleName"), form(&body, "PolicyName"));
     let mut state = state.lock().unwrap();
     state.calls.push(Call { action: action.clone(), role: role.clone(), policy });
-    let no_such = || {
-        let xml = format!(
-            "<ErrorResponse><Error><Type>Sender</Type><Code>NoSuchEntity</Code>\
-             <Message>The role with name {role} cannot be found.</Message></Error><RequestId>r</RequestId></ErrorResponse>"
-        );
-        Response::builder().status(404).body(Full::new(Bytes::from(xml))).unwrap()
-    };
+    let no_such = || refusal(404, "NoSuchEntity", &format!("The role with name {role} cannot be found."));
     if let Some(answered) = policies(&action, &body, &mut state) {
         return Ok(match answered {
             Ok(result) => ok(&action, &result),
@@ -178,23 +172,13 @@ async fn answer(
         }
         _ => String::new(),
     };
-    let xml = format!(
-        "<{action}Response xmlns=\"https://iam.amazonaws.com/doc/2010-05-08/\"><{action}Result>{result}</{action}Result>\
-         <ResponseMetadata><RequestId>r</RequestId></ResponseMetadata></{action}Response>"
-    );
-    Ok(Response::builder().status(200).header("content-type", "text/xml").body(Full::new(Bytes::from(xml))).unwrap())
+    Ok(ok(&action, &result))
 }
 
 /// IAM's answers for managed policies; `None` for any other action.
 fn policies(action: &str, body: &str, state: &mut State) -> Option<Result<String, Response<Full<Bytes>>>> {
     let arn = form(body, "PolicyArn");
-    let limit = |message: &str| {
-        let xml = format!(
-            "<ErrorResponse><Error><Type>Sender</Type><Code>LimitExceeded</Code><Message>{message}</Message></Error>\
-             <RequestId>r</RequestId></ErrorResponse>"
-        );
-        Response::builder().status(409).body(Full::new(Bytes::from(xml))).unwrap()
-    };
+    let limit = |message: &str| refusal(409, "LimitExceeded", message);
     let result = match action {
         "CreatePolicy" => {
             let arn = format!("arn:aws:iam::111122223333:policy{}{}", form(body, "Path"), form(body, "PolicyName"));
@@ -264,11 +248,16 @@ fn policies(action: &str, body: &str, state: &mut State) -> Option<Result<String
 }
 
 fn no_such(name: &str) -> Response<Full<Bytes>> {
+    refusal(404, "NoSuchEntity", &format!("{name} cannot be found."))
+}
+
+/// IAM's error answer.
+fn refusal(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
     let xml = format!(
-        "<ErrorResponse><Error><Type>Sender</Type><Code>NoSuchEntity</Code>\
-         <Message>{name} cannot be found.</Message></Error><RequestId>r</RequestId></ErrorResponse>"
+        "<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error>\
+         <RequestId>r</RequestId></ErrorResponse>"
     );
-    Response::builder().status(404).body(Full::new(Bytes::from(xml))).unwrap()
+    Response::builder().status(status).body(Full::new(Bytes::from(xml))).unwrap()
 }
 
 fn ok(action: &str, result: &str) -> Response<Full<Bytes>> {

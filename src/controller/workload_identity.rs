@@ -409,7 +409,8 @@ fn violation_message(violations: &[Violation]) -> String {
 }
 
 /// SHA-256 of the effective policy, hex: a short way to see it changed.
-fn policy_digest(statements: &[AwsStatement], managed: &[String]) -> String {
+#[must_use]
+pub fn policy_digest(statements: &[AwsStatement], managed: &[String]) -> String {
     let document = json!({ "statements": statements, "managedPolicyArns": managed });
     let digest = Sha256::digest(document.to_string().as_bytes());
     digest.iter().fold(String::with_capacity(64), |mut hex, b| {

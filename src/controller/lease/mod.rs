@@ -611,6 +611,8 @@ pub(super) struct Made {
     pub role_arn: String,
     /// Its revocation set (its permissions boundary), if it has one.
     pub revocation_set: Option<String>,
+    /// The digest of the policy it was made from.
+    pub policy_digest: String,
 }
 
 async fn write_status(

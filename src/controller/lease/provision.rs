@@ -43,7 +43,7 @@ use crate::{
         aws::{self, RoleSpec, Verdict},
         naming, revocation_sets,
     },
-    controller::workload_identity::{cached_namespace_and_boundaries, evaluate},
+    controller::workload_identity::{cached_namespace_and_boundaries, evaluate, policy_digest},
 };
 
 /// How often a role that is not assumable yet (IAM propagation) is retried.
@@ -112,7 +112,7 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
     if status.phase == Some(LeasePhase::Ready) || made_ready() {
         // Pods of a Job may arrive after the first one: lift their gates too.
         lift_gates(lease, ctx, uid_bound, &holder).await?;
-        if status.phase == Some(LeasePhase::Ready) && status.policy_digest.as_deref() != digest_of(&identity) {
+        if status.phase == Some(LeasePhase::Ready) && identity_moved(&status, &identity) {
             follow_policy(lease, ctx, &identity, &role_name).await?;
         }
         let next = next_look(lease, &holder, &ctx.cloud.rotation, now);
@@ -129,7 +129,7 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
     if let Some(wait) = check_service_account(lease, ctx).await? {
         return Ok(wait);
     }
-    let (spec, rules) = match role_spec(lease, &identity, &role_arn, &role_name, ctx).await {
+    let (spec, rules, digest) = match role_spec(lease, &identity, &role_arn, &role_name, ctx).await {
         Ok(found) => found,
         Err(e) => {
             write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "cannot provision", None).await?;
@@ -140,14 +140,14 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
     if let Some(fence) = &ctx.base.fence {
         fence.check().await?;
     }
-    let boundary = make_role(lease, ctx, &spec, &identity).await?;
+    let boundary = make_role(lease, ctx, &spec, &digest).await?;
     // The role exists now. Every way out of here either confirms the lease
     // was still live after the role was made (the Ready status write answers
     // with the lease) or asks the apiserver; a lease gone or being deleted
     // by then was reaped while the role was being made (by another replica,
     // while this one was frozen past its leadership), and its role would
     // otherwise wait for the sweep.
-    let made = Made::of(boundary, &role_arn, &ctx.cloud);
+    let made = Made::of(boundary, &role_arn, &ctx.cloud, digest);
     let outcome = prove_and_lift(lease, ctx, &identity, &made, &rules, uid_bound, &holder).await;
     let live = match &outcome {
         Ok(Proven::Ready { deleting }) => !deleting,
@@ -194,11 +194,12 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
 
 impl Made {
     /// What the Ready status records of a role with permissions boundary
-    /// `boundary` (the one IAM says it has): its ARN, and its revocation set
-    /// when that is its boundary.
-    fn of(boundary: Option<String>, role_arn: &str, cloud: &Cloud) -> Made {
+    /// `boundary` (the one IAM says it has), made from the policy of
+    /// `policy_digest`: its ARN, its revocation set when that is its
+    /// boundary, and the digest.
+    fn of(boundary: Option<String>, role_arn: &str, cloud: &Cloud, policy_digest: String) -> Made {
         let revocation_set = boundary.filter(|pb| cloud.revocation_sets.as_ref().is_some_and(|s| s.is_set(pb)));
-        Made { role_arn: role_arn.to_owned(), revocation_set }
+        Made { role_arn: role_arn.to_owned(), revocation_set, policy_digest }
     }
 }
 
@@ -222,7 +223,7 @@ pub(super) async fn prove_and_lift(
     uid_bound: bool,
     holder: &Holder,
 ) -> Result<Proven> {
-    let role_arn = made.role_arn.as_str();
+    let (role_arn, digest) = (made.role_arn.as_str(), made.policy_digest.as_str());
     let client = &ctx.base.client;
     let namespace = lease.namespace().unwrap_or_default();
     ensure_rbac(lease, client, rules).await?;
@@ -237,16 +238,15 @@ pub(super) async fn prove_and_lift(
         }
         tracing::debug!(lease = %lease.name_any(), code, "STS does not accept the new role yet");
         let status = lease.status.clone().unwrap_or_default();
-        if status.phase != Some(LeasePhase::Provisioning) || status.policy_digest.as_deref() != digest_of(identity) {
+        if status.phase != Some(LeasePhase::Provisioning) || status.policy_digest.as_deref() != Some(digest) {
             let waiting = "role made; waiting for STS to accept it (IAM propagation)";
-            write_status(lease, ctx, LeasePhase::Provisioning, None, None, waiting, digest_of(identity)).await?;
+            write_status(lease, ctx, LeasePhase::Provisioning, None, None, waiting, Some(digest)).await?;
         }
         return Ok(Proven::Waiting);
     }
     lift_gates(lease, ctx, uid_bound, holder).await?;
     let written =
-        write_status(lease, ctx, LeasePhase::Ready, Some(made), None, "role verified usable", digest_of(identity))
-            .await?;
+        write_status(lease, ctx, LeasePhase::Ready, Some(made), None, "role verified usable", Some(digest)).await?;
     Ok(Proven::Ready { deleting: written.meta().deletion_timestamp.is_some() })
 }
 
@@ -259,12 +259,11 @@ pub(super) async fn make_role(
     lease: &IdentityLease,
     ctx: &LeaseContext,
     spec: &RoleSpec,
-    identity: &WorkloadIdentity,
+    digest: &str,
 ) -> Result<Option<String>> {
     let status = lease.status.clone().unwrap_or_default();
     if status.phase == Some(LeasePhase::Provisioning)
-        && status.policy_digest.is_some()
-        && status.policy_digest.as_deref() == digest_of(identity)
+        && status.policy_digest.as_deref() == Some(digest)
         && let Some(boundary) = ctx.cloud.provider.owned_role_boundary(&spec.name, &spec.owner).await?
     {
         tracing::debug!(lease = %lease.name_any(), "role made on an earlier pass; proving it again");
@@ -284,6 +283,13 @@ pub(super) async fn make_role(
     }
 }
 
+/// Whether the identity's effective permissions differ from those the
+/// lease's role was made from. (An identity its controller has not digested
+/// yet has nothing to follow: the role was made from the same clamp.)
+fn identity_moved(status: &crate::api::IdentityLeaseStatus, identity: &WorkloadIdentity) -> bool {
+    digest_of(identity).is_some_and(|d| status.policy_digest.as_deref() != Some(d))
+}
+
 /// The identity's effective permissions, as its controller digested them
 /// (`status.effective.policyDigest`); `None` until it has.
 pub(super) fn digest_of(identity: &WorkloadIdentity) -> Option<&str> {
@@ -300,7 +306,7 @@ pub(super) async fn follow_policy(
     role_name: &str,
 ) -> Result<()> {
     let role_arn = lease.spec.role_arn.clone().unwrap_or_default(); // checked by `trusted_role`
-    let (spec, rules) = match role_spec(lease, identity, &role_arn, role_name, ctx).await {
+    let (spec, rules, digest) = match role_spec(lease, identity, &role_arn, role_name, ctx).await {
         Ok(found) => found,
         Err(e) => {
             // The live role keeps the permissions it has; the user is told why
@@ -320,13 +326,12 @@ pub(super) async fn follow_policy(
         ctx.cloud.provider.update_permissions(&spec).await?;
         ensure_rbac(lease, &ctx.base.client, &rules).await?;
     }
-    let digest = digest_of(identity);
     let note = format!(
         "the role's permissions follow WorkloadIdentity {} as its boundaries allow now (policy digest {})",
         identity.name_any(),
-        digest.unwrap_or_default().chars().take(12).collect::<String>()
+        digest.chars().take(12).collect::<String>()
     );
-    write_status(lease, ctx, LeasePhase::Ready, None, None, &note, digest).await?;
+    write_status(lease, ctx, LeasePhase::Ready, None, None, &note, Some(&digest)).await?;
     if !first {
         tracing::info!(lease = %lease.name_any(), role = role_name, "re-applied the role's permissions");
         publish(ctx, lease, EventType::Normal, "PolicyUpdated", note).await;
@@ -385,14 +390,19 @@ pub(super) async fn still_live(lease: &IdentityLease, ctx: &LeaseContext) -> Res
     Ok(now.is_some_and(|now| now.uid() == lease.uid() && now.meta().deletion_timestamp.is_none()))
 }
 
-/// What the role is made of: the identity clamped to today's boundaries.
+/// What the role is made of: the identity clamped to today's boundaries,
+/// its Kubernetes rules, and the policy digest the lease records: the
+/// identity's, as its controller wrote it, or, for an identity made a moment
+/// ago that it has not digested yet, that of this clamp (the same function
+/// of the same inputs), so a Ready lease always says what its role was made
+/// from.
 pub(super) async fn role_spec(
     lease: &IdentityLease,
     identity: &WorkloadIdentity,
     role_arn: &str,
     role_name: &str,
     ctx: &LeaseContext,
-) -> Result<(RoleSpec, Vec<crate::api::KubernetesRule>)> {
+) -> Result<(RoleSpec, Vec<crate::api::KubernetesRule>, String)> {
     let namespace = lease.namespace().unwrap_or_default();
     let (labels, boundaries) = cached_namespace_and_boundaries(&ctx.base, &namespace).await?;
     let eval = evaluate(&identity.spec, &labels, &boundaries);
@@ -465,7 +475,9 @@ pub(super) async fn role_spec(
             })
         })
         .collect();
-    Ok((spec, rules))
+    let digest =
+        digest_of(identity).map_or_else(|| policy_digest(&eval.statements, &eval.managed_policy_arns), str::to_owned);
+    Ok((spec, rules, digest))
 }
 
 /// Role + RoleBinding for the identity's Kubernetes rules, owned by the lease.

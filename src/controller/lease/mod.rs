@@ -120,6 +120,9 @@ struct LeaseContext {
     /// and how), or is denying (`None`): the reap does not revoke them again,
     /// nor count their credential window twice.
     revocations: std::sync::Mutex<std::collections::HashMap<String, Option<(std::time::SystemTime, Via)>>>,
+    /// `WorkloadIdentity` objects as this controller's own watch has them (see
+    /// [`LeaseContext::identity`]).
+    identities: Store<WorkloadIdentity>,
 }
 
 /// How a role's sessions were denied.
@@ -196,6 +199,13 @@ impl LeaseContext {
                 None
             }
         }
+    }
+
+    /// A lease's identity from the caches: this controller's watch (which
+    /// woke the lease when it changed), else the identity controller's.
+    fn identity(&self, lease: &IdentityLease) -> Option<Arc<WorkloadIdentity>> {
+        let key = ObjectRef::new(&lease.spec.workload_identity).within(&lease.namespace().unwrap_or_default());
+        self.identities.get(&key).or_else(|| self.base.identities.get(&key))
     }
 
     fn release_revocation(&self, uid: &str) {
@@ -285,6 +295,7 @@ pub async fn run(
     let by_job = leases.clone();
     let seen_pods: SeenPods = Arc::default();
     let seen = seen_pods.clone();
+    let identity_writer = Writer::<WorkloadIdentity>::default();
     let lctx = Arc::new(LeaseContext {
         base: ctx.clone(),
         cloud,
@@ -294,6 +305,7 @@ pub async fn run(
         reaped: std::sync::Mutex::default(),
         ready: std::sync::Mutex::default(),
         revocations: std::sync::Mutex::default(),
+        identities: identity_writer.as_reader(),
     });
     let sweep = tokio::spawn(sweep::sweep_forever(lctx.clone()));
     let (lane, revocations) = revoke::Lane::channel();
@@ -320,9 +332,13 @@ pub async fn run(
         .touched_objects();
     // A WorkloadIdentity's effective permissions (its status.policyDigest,
     // which follows its boundaries) reach the live roles made from it.
+    // Kept in a store of its own, which the reconciles it triggers read: the
+    // identity controller's store, another watch of the same objects, may
+    // not have seen the change yet, and the lease would then never follow.
     let by_identity = leases.clone();
     let identities = watcher(Api::<WorkloadIdentity>::all(client.clone()), watcher::Config::default())
         .default_backoff()
+        .reflect(identity_writer)
         .touched_objects();
     let stream = Controller::for_stream(lease_events, leases)
         .watches_stream(identities, move |identity| {

@@ -19,7 +19,6 @@ use kube::{
     runtime::{
         controller::Action,
         events::{Event, EventType},
-        reflector::ObjectRef,
     },
 };
 use serde_json::json;
@@ -82,7 +81,7 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .contains(&(namespace.clone(), name.clone()));
-    let cached = ctx.base.identities.get(&ObjectRef::new(&lease.spec.workload_identity).within(&namespace));
+    let cached = ctx.identity(lease);
     let identity = match cached {
         Some(identity) => Some(WorkloadIdentity::clone(&identity)),
         // Not cached (yet): the apiserver decides whether it exists.

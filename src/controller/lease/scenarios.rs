@@ -74,6 +74,8 @@ async fn context_with_sets(
         reaped: std::sync::Mutex::default(),
         ready: std::sync::Mutex::default(),
         revocations: std::sync::Mutex::default(),
+        // Not filled: the identity controller's cache above serves.
+        identities: kube::runtime::reflector::store().0,
     };
     (Arc::new(ctx), apiserver)
 }

@@ -277,30 +277,58 @@ impl Ready {
 /// the one-off Normal Events of a lifecycle (`Ready`, `Reaped`, `IdentityReady`):
 /// a burst of 5,000 pods kept some 15,000 of them, each publish scanning all.
 /// One-off Events go through a recorder that is dropped at once.
+///
+/// An Event is sent in the background: a reconciliation does not wait for
+/// the apiserver to store it (in a burst, two Events per lease were two
+/// round trips on every provisioning's way to Ready). At most
+/// [`EVENTS_IN_FLIGHT`] are in flight; beyond that `publish` waits for a
+/// slot, so a slow apiserver slows the publisher instead of piling Events
+/// up in memory.
 pub struct Events {
     client: Client,
     reporter: Reporter,
     recurring: Recorder,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Events being sent at once, at most.
+pub const EVENTS_IN_FLIGHT: usize = 32;
 
 impl Events {
     /// Events reported as `reporter` (controller name, replica).
     #[must_use]
     pub fn new(client: Client, reporter: Reporter) -> Self {
-        Self { recurring: Recorder::new(client.clone(), reporter.clone()), client, reporter }
+        Self {
+            recurring: Recorder::new(client.clone(), reporter.clone()),
+            client,
+            reporter,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(EVENTS_IN_FLIGHT)),
+        }
     }
 
-    /// Publishes `ev` on `on`; a failure is logged, never fatal (an Event is
-    /// a courtesy to users, not state).
+    /// Sends `ev` on `on` in the background, once a slot is free; a failure
+    /// is logged, never fatal (an Event is a courtesy to users, not state).
     pub async fn publish(&self, ev: &Event, on: &ObjectReference) {
-        let result = if ev.type_ == EventType::Warning {
-            self.recurring.publish(ev, on).await
+        let Ok(slot) = self.in_flight.clone().acquire_owned().await else { return };
+        let recorder = if ev.type_ == EventType::Warning {
+            self.recurring.clone()
         } else {
-            Recorder::new(self.client.clone(), self.reporter.clone()).publish(ev, on).await
+            Recorder::new(self.client.clone(), self.reporter.clone())
         };
-        if let Err(e) = result {
-            tracing::debug!(error = %e, reason = ev.reason, "could not publish an Event");
-        }
+        let on = on.clone();
+        let ev = Event {
+            type_: ev.type_,
+            reason: ev.reason.clone(),
+            note: ev.note.clone(),
+            action: ev.action.clone(),
+            secondary: ev.secondary.clone(),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&ev, &on).await {
+                tracing::debug!(error = %e, reason = ev.reason, "could not publish an Event");
+            }
+            drop(slot);
+        });
     }
 }
 

@@ -607,17 +607,16 @@ mod tests {
         .await;
         fake_apiserver::expect(&mut apiserver, "GET", "/apis/ephemera.dev/v1alpha1/identityboundaries",
             json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityBoundaryList", "metadata": {}, "items": [b]})).await;
-        let event = fake_apiserver::expect(
-            &mut apiserver,
-            "POST",
-            "/apis/events.k8s.io/v1/namespaces/team-a/events",
-            json!({}),
-        )
+        // The Event goes in the background: in either order.
+        let written = fake_apiserver::expect_each(&mut apiserver, &[
+            ("POST", "/apis/events.k8s.io/v1/namespaces/team-a/events", json!({})),
+            ("PATCH", "/apis/ephemera.dev/v1alpha1/namespaces/team-a/workloadidentities/reader/status",
+             json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity", "metadata": {"name": "reader"}, "spec": {}})),
+        ])
         .await;
+        let (event, patch) = (&written[0], &written[1]);
         assert_eq!(event["reason"], "BoundaryViolation");
         assert_eq!(event["type"], "Warning");
-        let patch = fake_apiserver::expect(&mut apiserver, "PATCH", "/apis/ephemera.dev/v1alpha1/namespaces/team-a/workloadidentities/reader/status",
-            json!({"apiVersion": "ephemera.dev/v1alpha1", "kind": "WorkloadIdentity", "metadata": {"name": "reader"}, "spec": {}})).await;
         let conditions = patch["status"]["conditions"].as_array().unwrap();
         let violation = conditions.iter().find(|c| c["type"] == "BoundaryViolation").unwrap();
         assert_eq!(violation["status"], "True");

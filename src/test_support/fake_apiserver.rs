@@ -45,3 +45,34 @@ pub async fn expect_status(
     );
     serde_json::from_slice(&request_body).unwrap_or(serde_json::Value::Null)
 }
+
+/// Expects the calls `expected` (`method`, `path...`, answer), in any order
+/// (the code under test makes them concurrently, or sends Events in the
+/// background), answers each (200); returns the request bodies in the order
+/// of `expected`.
+pub async fn expect_each(
+    handle: &mut Apiserver,
+    expected: &[(&str, &str, serde_json::Value)],
+) -> Vec<serde_json::Value> {
+    let mut bodies = vec![None; expected.len()];
+    for _ in expected {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), handle.next_request());
+        let (request, responder) = next
+            .await
+            .unwrap_or_else(|_| panic!("not every call of {expected:?} within 10 s: the code under test stopped short"))
+            .expect("the code under test made another request");
+        let index = expected
+            .iter()
+            .enumerate()
+            .position(|(i, (method, path, _))| {
+                bodies[i].is_none() && request.method().as_str() == *method && request.uri().path().starts_with(path)
+            })
+            .unwrap_or_else(|| panic!("unexpected {} {}", request.method(), request.uri()));
+        let request_body = request.into_body().collect_bytes().await.unwrap();
+        responder.send_response(
+            Response::builder().status(200).body(Body::from(serde_json::to_vec(&expected[index].2).unwrap())).unwrap(),
+        );
+        bodies[index] = Some(serde_json::from_slice(&request_body).unwrap_or(serde_json::Value::Null));
+    }
+    bodies.into_iter().map(Option::unwrap_or_default).collect()
+}

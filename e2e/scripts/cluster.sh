@@ -178,7 +178,7 @@ command_of() {
         --service-account-issuer "$ISSUER" \
         --service-account-key-file "$PKI/sa.pub" \
         --service-account-signing-key-file "$PKI/sa.key" \
-        --allow-privileged=true --profiling=false
+        --allow-privileged=true --profiling=${EPHEMERA_APISERVER_PROFILING:-false}
       ;;
     kube-controller-manager)
       echo "$BIN/kube-controller-manager" \

@@ -26,7 +26,7 @@ use serde_json::json;
 use super::{
     Cloud, Holder, LeaseContext, Made,
     end_of_life::{end_reason, lease_age, next_look, workload_ended_at},
-    owned_by, owner_ref, publish,
+    owned_by, owner_ref, publish, read_trusting_cache_if,
     reap::start_reaping,
     refuse, role_owner,
     rotate::rotate_if_due,
@@ -47,20 +47,30 @@ use crate::{
 
 /// How often a role that is not assumable yet (IAM propagation) is retried.
 pub(super) const VERIFY_RETRY: Duration = Duration::from_millis(500);
+/// The lease's ServiceAccount as the apiserver has it now (read beside the
+/// holder, before anything is made for it).
+async fn read_service_account(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Option<ServiceAccount>> {
+    let namespace = lease.namespace().unwrap_or_default();
+    let accounts = Api::<ServiceAccount>::namespaced(ctx.base.client.clone(), &namespace);
+    read_trusting_cache_if(&accounts, &lease.spec.service_account, |sa| owned_by(sa, lease))
+        .await
+        .map_err(Error::kube(format!("reading ServiceAccount {namespace}/{}", lease.spec.service_account)))
+}
+
 /// The lease's ServiceAccount must be the one the webhook made for it
 /// (owned by the lease's uid): someone else's of that name is never bound
 /// to or deleted. `Some`: what to do instead of provisioning.
-pub(super) async fn check_service_account(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Option<Action>> {
-    let namespace = lease.namespace().unwrap_or_default();
-    let found = Api::<ServiceAccount>::namespaced(ctx.base.client.clone(), &namespace)
-        .get_opt(&lease.spec.service_account)
-        .await
-        .map_err(Error::kube(format!("reading ServiceAccount {namespace}/{}", lease.spec.service_account)))?;
+pub(super) async fn check_service_account(
+    lease: &IdentityLease,
+    ctx: &LeaseContext,
+    found: Option<ServiceAccount>,
+) -> Result<Option<Action>> {
     match found {
         Some(sa) if owned_by(&sa, lease) => Ok(None),
         Some(_) => {
             let why = format!(
-                "ServiceAccount {namespace}/{} is not owned by this lease: it was not made for it",
+                "ServiceAccount {}/{} is not owned by this lease: it was not made for it",
+                lease.namespace().unwrap_or_default(),
                 lease.spec.service_account
             );
             refuse(lease, ctx, why).await.map(Some)
@@ -76,21 +86,33 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
     let name = lease.name_any();
     let now = Timestamp::now();
 
-    let seen = ctx
+    let seen_version = ctx
         .seen_pods
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .contains(&(namespace.clone(), name.clone()));
-    let cached = ctx.identity(lease);
-    let identity = match cached {
-        Some(identity) => Some(WorkloadIdentity::clone(&identity)),
-        // Not cached (yet): the apiserver decides whether it exists.
-        None => Api::<WorkloadIdentity>::namespaced(client.clone(), &namespace)
-            .get_opt(&lease.spec.workload_identity)
-            .await
-            .map_err(Error::kube(format!("reading WorkloadIdentity {namespace}/{}", lease.spec.workload_identity)))?,
+        .get(&(namespace.clone(), name.clone()))
+        .cloned();
+    let seen = seen_version.is_some();
+    let status = lease.status.clone().unwrap_or_default();
+    let ready = status.phase == Some(LeasePhase::Ready)
+        || lease
+            .uid()
+            .is_some_and(|uid| ctx.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&uid));
+    // The reads this pass needs, at once: the identity (when not cached
+    // yet, the apiserver decides whether it exists), the holder, and, for a
+    // lease still to provision, its ServiceAccount.
+    let identity = async {
+        match ctx.identity(lease) {
+            Some(identity) => Ok(Some(WorkloadIdentity::clone(&identity))),
+            None => Api::<WorkloadIdentity>::namespaced(client.clone(), &namespace)
+                .get_opt(&lease.spec.workload_identity)
+                .await
+                .map_err(Error::kube(format!("reading WorkloadIdentity {namespace}/{}", lease.spec.workload_identity))),
+        }
     };
-    let holder = Holder::read(lease, client).await?;
+    let account = async { if ready { Ok(None) } else { read_service_account(lease, ctx).await.map(Some) } };
+    let (identity, holder, account) =
+        tokio::try_join!(identity, Holder::read(lease, client, seen_version.as_deref()), account)?;
     if let Some(reason) = end_reason(lease, identity.as_ref(), &holder, now, seen) {
         // (A refused lease goes too, and its reap touches nothing it names.)
         return start_reaping(lease, ctx, &reason, workload_ended_at(lease, &holder, now)).await;
@@ -100,15 +122,9 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
         Err(why) => return refuse(lease, ctx, why).await,
     };
     let Some(identity) = identity else { return Ok(Action::await_change()) };
-    let uid_bound = bind_holder_uid(lease, client, &holder).await?;
 
-    let status = lease.status.clone().unwrap_or_default();
-    let made_ready = || {
-        lease
-            .uid()
-            .is_some_and(|uid| ctx.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&uid))
-    };
-    if status.phase == Some(LeasePhase::Ready) || made_ready() {
+    if ready {
+        let uid_bound = bind_holder_uid(lease, client, &holder).await?;
         // Pods of a Job may arrive after the first one: lift their gates too.
         lift_gates(lease, ctx, uid_bound, &holder).await?;
         if status.phase == Some(LeasePhase::Ready) && identity_moved(&status, &identity) {
@@ -125,7 +141,7 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
     // proven in one pass goes from Pending to Ready (one status write, one
     // reconcile fewer per pod); Provisioning shows while something waits.
     let role_arn = lease.spec.role_arn.clone().unwrap_or_default(); // checked by `trusted_role`
-    if let Some(wait) = check_service_account(lease, ctx).await? {
+    if let Some(wait) = check_service_account(lease, ctx, account.flatten()).await? {
         return Ok(wait);
     }
     let (spec, rules, digest) = match role_spec(lease, &identity, &role_arn, &role_name, ctx).await {
@@ -139,15 +155,14 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
     if let Some(fence) = &ctx.base.fence {
         fence.check().await?;
     }
-    let boundary = make_role(lease, ctx, &spec, &digest).await?;
-    // The role exists now. Every way out of here either confirms the lease
-    // was still live after the role was made (the Ready status write answers
-    // with the lease) or asks the apiserver; a lease gone or being deleted
-    // by then was reaped while the role was being made (by another replica,
-    // while this one was frozen past its leadership), and its role would
-    // otherwise wait for the sweep.
-    let made = Made::of(boundary, &role_arn, &ctx.cloud, digest);
-    let outcome = prove_and_lift(lease, ctx, &identity, &made, &rules, uid_bound, &holder).await;
+    // The role exists after this (unless making it failed). Every way out of
+    // here either confirms the lease was still live after the role was made
+    // (the Ready status write answers with the lease) or asks the apiserver;
+    // a lease gone or being deleted by then was reaped while the role was
+    // being made (by another replica, while this one was frozen past its
+    // leadership), and its role would otherwise wait for the sweep.
+    let role = RolePlan { spec: &spec, rules: &rules, digest, arn: &role_arn };
+    let outcome = Box::pin(make_and_prove(lease, ctx, &identity, role, &holder)).await?;
     let live = match &outcome {
         Ok(Proven::Ready { deleting }) => !deleting,
         // Cannot tell (apiserver unreachable): keep the role, report the
@@ -177,18 +192,48 @@ pub(super) async fn apply(lease: &IdentityLease, ctx: &LeaseContext) -> Result<A
                 let took = Timestamp::now().duration_since(created.0).as_secs_f64().max(0.0);
                 ctx.base.metrics.provision_latency.observe(took);
             }
-            publish(
-                ctx,
-                lease,
-                EventType::Normal,
-                "Ready",
-                format!("role {role_arn} verified; scheduling gate lifted"),
-            )
-            .await;
+            // (The pod's `IdentityReady` Event, naming the lease, says it
+            // where users look; the lease's Ready condition records it.)
             tracing::info!(namespace, lease = name, role = role_arn, "lease ready");
             Ok(Action::requeue(next_look(lease, &holder, &ctx.cloud.rotation, now)))
         }
     }
+}
+
+/// What a lease's role is made of (see [`role_spec`]).
+struct RolePlan<'a> {
+    spec: &'a RoleSpec,
+    rules: &'a [crate::api::KubernetesRule],
+    digest: String,
+    arn: &'a str,
+}
+
+/// Makes the role and proves it. What depends on nothing else goes at once:
+/// the role, the pod's uid recorded on the lease (before its gate can go),
+/// a token of the pod's account to prove the role with, and the RBAC.
+/// `Err`: the role could not be made; else how far proving it got.
+async fn make_and_prove(
+    lease: &IdentityLease,
+    ctx: &LeaseContext,
+    identity: &WorkloadIdentity,
+    role: RolePlan<'_>,
+    holder: &Holder,
+) -> Result<Result<Proven>> {
+    let client = &ctx.base.client;
+    let namespace = lease.namespace().unwrap_or_default();
+    let (made, uid_bound, token, rbac) = tokio::join!(
+        make_role(lease, ctx, role.spec, &role.digest),
+        bind_holder_uid(lease, client, holder),
+        token_for(client, &namespace, &lease.spec.service_account, &identity.spec.token.audience),
+        ensure_rbac(lease, client, role.rules),
+    );
+    let made = Made::of(made?, role.arn, &ctx.cloud, role.digest);
+    Ok(match (uid_bound, token, rbac) {
+        (Ok(uid_bound), Ok(token), Ok(())) => {
+            prove_and_lift(lease, ctx, identity, &made, &token, uid_bound, holder).await
+        }
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Err(e),
+    })
 }
 
 impl Made {
@@ -211,24 +256,21 @@ pub(super) enum Proven {
     Waiting,
 }
 
-/// With the role made: RBAC, then Ready only once STS really accepts a
-/// token of the pod's account; then the gates go.
+/// With the role made and the RBAC applied: Ready only once STS really
+/// accepts `token` (one of the pod's account); then the gates go.
 pub(super) async fn prove_and_lift(
     lease: &IdentityLease,
     ctx: &LeaseContext,
     identity: &WorkloadIdentity,
     made: &Made,
-    rules: &[crate::api::KubernetesRule],
+    token: &str,
     uid_bound: bool,
     holder: &Holder,
 ) -> Result<Proven> {
     let (role_arn, digest) = (made.role_arn.as_str(), made.policy_digest.as_str());
-    let client = &ctx.base.client;
     let namespace = lease.namespace().unwrap_or_default();
-    ensure_rbac(lease, client, rules).await?;
-    let token = token_for(client, &namespace, &lease.spec.service_account, &identity.spec.token.audience).await?;
     let session = naming::session_name(&namespace, &format!("ephemera-verify-{}", lease.name_any()));
-    if let Verdict::Refused { code, message } = ctx.cloud.provider.verify(role_arn, &session, &token).await? {
+    if let Verdict::Refused { code, message } = ctx.cloud.provider.verify(role_arn, &session, token).await? {
         if let Some(e) = refusal_error(lease, &ctx.cloud, identity, &code, &message) {
             write_status(lease, ctx, LeasePhase::Provisioning, None, Some(&e), "role made; STS refuses it", None)
                 .await?;
@@ -243,9 +285,10 @@ pub(super) async fn prove_and_lift(
         }
         return Ok(Proven::Waiting);
     }
-    lift_gates(lease, ctx, uid_bound, holder).await?;
-    let written =
-        write_status(lease, ctx, LeasePhase::Ready, Some(made), None, "role verified usable", Some(digest)).await?;
+    // Both at once: a gate that failed to go is lifted by the next pass,
+    // which finds the lease Ready.
+    let ready = write_status(lease, ctx, LeasePhase::Ready, Some(made), None, "role verified usable", Some(digest));
+    let ((), written) = tokio::try_join!(lift_gates(lease, ctx, uid_bound, holder), ready)?;
     Ok(Proven::Ready { deleting: written.meta().deletion_timestamp.is_some() })
 }
 

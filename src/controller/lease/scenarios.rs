@@ -76,6 +76,7 @@ async fn context_with_sets(
         revocations: std::sync::Mutex::default(),
         // Not filled: the identity controller's cache above serves.
         identities: kube::runtime::reflector::store().0,
+        turns: tokio::sync::Semaphore::new(LEASE_CONCURRENCY),
     };
     (Arc::new(ctx), apiserver)
 }

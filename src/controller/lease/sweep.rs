@@ -120,7 +120,7 @@ pub(super) fn forget_gone(ctx: &LeaseContext) {
     ctx.reaped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|uid| uids.contains(uid));
     ctx.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|uid| uids.contains(uid));
     ctx.revocations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|uid, _| uids.contains(uid));
-    ctx.seen_pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|key| live.contains(key));
+    ctx.seen_pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|key, _| live.contains(key));
     ctx.failures
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

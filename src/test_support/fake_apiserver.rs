@@ -54,6 +54,15 @@ pub async fn expect_each(
     handle: &mut Apiserver,
     expected: &[(&str, &str, serde_json::Value)],
 ) -> Vec<serde_json::Value> {
+    let with_status: Vec<_> = expected.iter().map(|(m, p, b)| (*m, *p, 200, b.clone())).collect();
+    expect_each_status(handle, &with_status).await
+}
+
+/// [`expect_each`], each answered with its status.
+pub async fn expect_each_status(
+    handle: &mut Apiserver,
+    expected: &[(&str, &str, u16, serde_json::Value)],
+) -> Vec<serde_json::Value> {
     let mut bodies = vec![None; expected.len()];
     for _ in expected {
         let next = tokio::time::timeout(std::time::Duration::from_secs(10), handle.next_request());
@@ -64,13 +73,14 @@ pub async fn expect_each(
         let index = expected
             .iter()
             .enumerate()
-            .position(|(i, (method, path, _))| {
+            .position(|(i, (method, path, _, _))| {
                 bodies[i].is_none() && request.method().as_str() == *method && request.uri().path().starts_with(path)
             })
             .unwrap_or_else(|| panic!("unexpected {} {}", request.method(), request.uri()));
         let request_body = request.into_body().collect_bytes().await.unwrap();
+        let (_, _, status, answer) = &expected[index];
         responder.send_response(
-            Response::builder().status(200).body(Body::from(serde_json::to_vec(&expected[index].2).unwrap())).unwrap(),
+            Response::builder().status(*status).body(Body::from(serde_json::to_vec(answer).unwrap())).unwrap(),
         );
         bodies[index] = Some(serde_json::from_slice(&request_body).unwrap_or(serde_json::Value::Null));
     }

@@ -16,7 +16,9 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{LeaseContext, Via, owned_by, publish, revoke::since, role_owner, trusted_role, write_status};
+use super::{
+    LeaseContext, Via, owned_by, publish, read_trusting_cache_if, revoke::since, role_owner, trusted_role, write_status,
+};
 use crate::{
     Error, Result,
     api::{IdentityLease, LeasePhase},
@@ -99,9 +101,15 @@ pub(super) async fn reap(lease: &IdentityLease, ctx: &LeaseContext) -> Result<Ac
             return Err(e);
         }
     }
-    delete_if_owned::<RoleBinding>(client, lease, &name).await?;
-    delete_if_owned::<Role>(client, lease, &name).await?;
-    delete_if_owned::<ServiceAccount>(client, lease, &lease.spec.service_account).await?;
+    // At once: each is looked up and deleted on its own terms. (The
+    // ServiceAccount, which the webhook always makes, is looked up in the
+    // apiserver's watch cache first; the Role and RoleBinding, which most
+    // identities never have, in etcd: a miss in the cache is read again.)
+    tokio::try_join!(
+        delete_if_owned::<RoleBinding>(client, lease, &name, false),
+        delete_if_owned::<Role>(client, lease, &name, false),
+        delete_if_owned::<ServiceAccount>(client, lease, &lease.spec.service_account, true),
+    )?;
     if let Some(window) = since_end(std::time::SystemTime::now()) {
         ctx.base.metrics.ghost_window.observe(window);
     }
@@ -176,7 +184,14 @@ const LANE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Deletes `name` if it is there and owned by `lease` (by uid; the delete
 /// is conditional on the uid read, so a replacement is never hit).
-pub(super) async fn delete_if_owned<K>(client: &Client, lease: &IdentityLease, name: &str) -> Result<()>
+/// `from_cache`: an owned copy in the apiserver's watch cache will do (see
+/// [`read_trusting_cache_if`]; a stale one fails the uid precondition).
+pub(super) async fn delete_if_owned<K>(
+    client: &Client,
+    lease: &IdentityLease,
+    name: &str,
+    from_cache: bool,
+) -> Result<()>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     K::DynamicType: Default,
@@ -184,8 +199,12 @@ where
     let namespace = lease.namespace().unwrap_or_default();
     let kind = K::kind(&K::DynamicType::default()).into_owned();
     let api = Api::<K>::namespaced(client.clone(), &namespace);
-    let Some(found) = api.get_opt(name).await.map_err(Error::kube(format!("reading {kind} {namespace}/{name}")))?
-    else {
+    let found = if from_cache {
+        read_trusting_cache_if(&api, name, |found| owned_by(found, lease)).await
+    } else {
+        api.get_opt(name).await
+    };
+    let Some(found) = found.map_err(Error::kube(format!("reading {kind} {namespace}/{name}")))? else {
         return Ok(());
     };
     if !owned_by(&found, lease) {

@@ -200,29 +200,21 @@ async fn a_ready_leases_role_is_revoked_first_then_deleted_without_a_second_look
         let (l, ctx) = (l.clone(), ctx.clone());
         async move { reap::reap(&l, &ctx).await }
     });
-    // RBAC and the ServiceAccount: read, and deleted only when owned.
-    fake_apiserver::expect_status(
-        &mut apiserver,
-        "GET",
-        "/apis/rbac.authorization.k8s.io/v1/namespaces/team-a/rolebindings/reader-x7k2p",
-        404,
-        not_found(),
-    )
-    .await;
-    fake_apiserver::expect_status(
-        &mut apiserver,
-        "GET",
-        "/apis/rbac.authorization.k8s.io/v1/namespaces/team-a/roles/reader-x7k2p",
-        404,
-        not_found(),
-    )
-    .await;
+    // RBAC and the ServiceAccount: read (at once), and deleted only when
+    // owned (the RBAC is not there: no Role for an identity without rules).
     let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount",
                     "metadata": {"name": name, "namespace": "team-a", "uid": "sa-uid",
                                  "ownerReferences": [{"apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
                                                       "name": name, "uid": format!("{name}-uid")}]}});
-    fake_apiserver::expect(&mut apiserver, "GET", "/api/v1/namespaces/team-a/serviceaccounts/reader-x7k2p", sa.clone())
-        .await;
+    fake_apiserver::expect_each_status(
+        &mut apiserver,
+        &[
+            ("GET", "/apis/rbac.authorization.k8s.io/v1/namespaces/team-a/rolebindings/reader-x7k2p", 404, not_found()),
+            ("GET", "/apis/rbac.authorization.k8s.io/v1/namespaces/team-a/roles/reader-x7k2p", 404, not_found()),
+            ("GET", "/api/v1/namespaces/team-a/serviceaccounts/reader-x7k2p", 200, sa.clone()),
+        ],
+    )
+    .await;
     let delete =
         fake_apiserver::expect(&mut apiserver, "DELETE", "/api/v1/namespaces/team-a/serviceaccounts/reader-x7k2p", sa)
             .await;
@@ -337,14 +329,20 @@ async fn the_sweep_deletes_only_this_clusters_roles_whose_lease_is_gone() {
 /// the `Reaped` Event.
 async fn serve_reap(apiserver: &mut Apiserver, name: &str) {
     let rbac = "/apis/rbac.authorization.k8s.io/v1/namespaces/team-a";
-    fake_apiserver::expect_status(apiserver, "GET", &format!("{rbac}/rolebindings/{name}"), 404, not_found()).await;
-    fake_apiserver::expect_status(apiserver, "GET", &format!("{rbac}/roles/{name}"), 404, not_found()).await;
     let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount",
                     "metadata": {"name": name, "namespace": "team-a", "uid": "sa-uid",
                                  "ownerReferences": [{"apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
                                                       "name": name, "uid": format!("{name}-uid")}]}});
     let path = format!("/api/v1/namespaces/team-a/serviceaccounts/{name}");
-    fake_apiserver::expect(apiserver, "GET", &path, sa.clone()).await;
+    fake_apiserver::expect_each_status(
+        apiserver,
+        &[
+            ("GET", &format!("{rbac}/rolebindings/{name}"), 404, not_found()),
+            ("GET", &format!("{rbac}/roles/{name}"), 404, not_found()),
+            ("GET", &path, 200, sa.clone()),
+        ],
+    )
+    .await;
     fake_apiserver::expect(apiserver, "DELETE", &path, sa).await;
     let event =
         fake_apiserver::expect(apiserver, "POST", "/apis/events.k8s.io/v1/namespaces/team-a/events", json!({})).await;

@@ -511,6 +511,9 @@ async fn reconcile(lease: Arc<IdentityLease>, ctx: Arc<LeaseContext>) -> Result<
         turn = ctx.turns.acquire() => turn.map_err(|e| Error::Unexpected(format!("reconcile turns: {e}")))?,
         () = ctx.base.stop.stopped() => return Ok(Action::await_change()),
     };
+    // The lease as the cache has it now, not as it was when it began to
+    // wait (it may have been deleted, or reaped and gone, meanwhile).
+    let Some(lease) = ctx.leases.get(&ObjectRef::from_obj(&*lease)) else { return Ok(Action::await_change()) };
     // Boxed: a lease waiting for its turn holds a small future, not the
     // whole reconcile's state.
     let done = Box::pin(reconcile_now(lease, ctx.clone())).await;

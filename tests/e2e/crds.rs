@@ -2,7 +2,10 @@
 //! input with a message that names the field, the examples apply cleanly, and
 //! `kubectl explain` / `kubectl get ephemera` show what the docs promise.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use kube::{
     Api, Client, ResourceExt,
@@ -85,7 +88,9 @@ async fn the_examples_apply_cleanly_and_kubectl_shows_them() {
         assert!(get.contains(name), "`kubectl get ephemera` lists {name}:\n{get}");
     }
     assert!(get.contains("SCOPE") && get.contains("LEASES"), "printer columns:\n{get}");
-    let explain = kubectl(&["explain", "workloadidentity.spec.scope"]);
+    // The apiserver publishes a CRD's OpenAPI schema a moment after the CRD
+    // is served (CI once asked in between: "couldn't find resource").
+    let explain = kubectl_within(Duration::from_secs(30), &["explain", "workloadidentity.spec.scope"]).await;
     assert!(explain.contains("each pod gets its own identity"), "`kubectl explain` shows the field docs:\n{explain}");
 
     cleanup_cluster_scoped(&bed.client, &all_docs).await;
@@ -142,6 +147,26 @@ fn yaml_documents(text: &str) -> Vec<serde_json::Value> {
 
 fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// [`kubectl`], asked again every 500 ms until it succeeds or `limit` passed.
+async fn kubectl_within(limit: Duration, args: &[&str]) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let out = std::process::Command::new("kubectl")
+            .args(args)
+            .output()
+            .expect("kubectl on PATH (source .ephemera/dev.env)");
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "kubectl {args:?} failed for {limit:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 fn kubectl(args: &[&str]) -> String {

@@ -125,10 +125,6 @@ struct LeaseContext {
     identities: Store<WorkloadIdentity>,
     /// Turns to reconcile, [`LEASE_CONCURRENCY`] at once, granted in order.
     turns: tokio::sync::Semaphore,
-    /// Leases whose reconcile waits for its turn: it will read the lease and
-    /// its pod as they are when it gets it, so a pod event meanwhile asks
-    /// for nothing more (see [`LeaseContext::looks_soon`]).
-    waiting: std::sync::Mutex<std::collections::HashSet<ObjectRef<IdentityLease>>>,
 }
 
 /// How a role's sessions were denied.
@@ -212,16 +208,6 @@ impl LeaseContext {
     fn identity(&self, lease: &IdentityLease) -> Option<Arc<WorkloadIdentity>> {
         let key = ObjectRef::new(&lease.spec.workload_identity).within(&lease.namespace().unwrap_or_default());
         self.identities.get(&key).or_else(|| self.base.identities.get(&key))
-    }
-
-    /// Whether the lease's reconcile is waiting for its turn. The runner
-    /// queues another reconcile for each event that arrives while one runs
-    /// (here: waits), and that one would only repeat the look. Checked
-    /// after the pod's version is recorded in `seen_pods`, and a waiting
-    /// reconcile leaves this set before it reads that version, so the look
-    /// to come sees the event's pod or a newer one.
-    fn looks_soon(&self, lease: &ObjectRef<IdentityLease>) -> bool {
-        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(lease)
     }
 
     fn release_revocation(&self, uid: &str) {
@@ -334,7 +320,6 @@ pub async fn run(
         revocations: std::sync::Mutex::default(),
         identities: identity_writer.as_reader(),
         turns: tokio::sync::Semaphore::new(LEASE_CONCURRENCY),
-        waiting: std::sync::Mutex::default(),
     });
     let sweep = tokio::spawn(sweep::sweep_forever(lctx.clone()));
     let (lane, revocations) = revoke::Lane::channel();
@@ -436,15 +421,13 @@ async fn read_pods(
             // refused after the webhook ran) ends now that the name went
             // to another lease: wake it.
             for other in leases.state().iter().filter(|l| waits_for_name_of(l, &pod, &lease)) {
-                let other = ObjectRef::from_obj(&**other);
-                if !ctx.looks_soon(&other) && refs.send(other).is_err() {
+                if refs.send(ObjectRef::from_obj(&**other)).is_err() {
                     return;
                 }
             }
         }
         let key = ObjectRef::new(&lease).within(&ns);
-        let idle = leases.get(&key).is_some_and(|l| nothing_to_do(&l, &pod, Timestamp::now()));
-        if !idle && !ctx.looks_soon(&key) && refs.send(key).is_err() {
+        if !leases.get(&key).is_some_and(|l| nothing_to_do(&l, &pod, Timestamp::now())) && refs.send(key).is_err() {
             return;
         }
     }
@@ -524,41 +507,18 @@ impl Synced {
 /// Waits for the lease's turn (see [`LEASE_CONCURRENCY`]), then reconciles.
 /// A controller told to stop gives up the wait: the next leader looks.
 async fn reconcile(lease: Arc<IdentityLease>, ctx: Arc<LeaseContext>) -> Result<Action> {
-    let key = ObjectRef::from_obj(&*lease);
-    let waiting = Waiting::new(&ctx, key.clone());
     let turn = tokio::select! {
         turn = ctx.turns.acquire() => turn.map_err(|e| Error::Unexpected(format!("reconcile turns: {e}")))?,
         () = ctx.base.stop.stopped() => return Ok(Action::await_change()),
     };
-    drop(waiting);
     // The lease as the cache has it now, not as it was when it began to
     // wait (it may have been deleted, or reaped and gone, meanwhile).
-    let Some(lease) = ctx.leases.get(&key) else { return Ok(Action::await_change()) };
+    let Some(lease) = ctx.leases.get(&ObjectRef::from_obj(&*lease)) else { return Ok(Action::await_change()) };
     // Boxed: a lease waiting for its turn holds a small future, not the
     // whole reconcile's state.
     let done = Box::pin(reconcile_now(lease, ctx.clone())).await;
     drop(turn);
     done
-}
-
-/// A lease in [`LeaseContext::waiting`] while this lives (however the wait
-/// ends: its turn, a stop, or the future dropped).
-struct Waiting<'a> {
-    ctx: &'a LeaseContext,
-    lease: ObjectRef<IdentityLease>,
-}
-
-impl<'a> Waiting<'a> {
-    fn new(ctx: &'a LeaseContext, lease: ObjectRef<IdentityLease>) -> Self {
-        ctx.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(lease.clone());
-        Self { ctx, lease }
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.ctx.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.lease);
-    }
 }
 
 async fn reconcile_now(lease: Arc<IdentityLease>, ctx: Arc<LeaseContext>) -> Result<Action> {

@@ -77,7 +77,6 @@ async fn context_with_sets(
         // Not filled: the identity controller's cache above serves.
         identities: kube::runtime::reflector::store().0,
         turns: tokio::sync::Semaphore::new(LEASE_CONCURRENCY),
-        waiting: std::sync::Mutex::default(),
     };
     (Arc::new(ctx), apiserver)
 }
@@ -403,24 +402,4 @@ async fn a_role_is_revoked_through_its_set_only_when_that_is_the_set_its_key_map
         assert!(calls.iter().any(|c| c == "DeleteRole"), "{calls:?}");
         assert!(!iam.has_role(&role_of(name)));
     }
-}
-
-#[tokio::test]
-async fn a_pod_event_for_a_lease_waiting_for_its_turn_asks_for_no_second_look() {
-    let iam = FakeIam::start().await;
-    let l = lease("reader-x7k2p", &format!("arn:aws:iam::{ACCOUNT}:role/ephemera/{}", role_of("reader-x7k2p")), true);
-    let (ctx, _apiserver) = context(&iam, std::slice::from_ref(&l), &[reader()]).await;
-    let key = ObjectRef::from_obj(&l);
-    // Every turn taken: the lease's reconcile waits.
-    let busy = ctx.turns.acquire_many(u32::try_from(LEASE_CONCURRENCY).unwrap()).await.unwrap();
-    let run = tokio::spawn({
-        let (l, ctx) = (Arc::new(l.clone()), ctx.clone());
-        async move { reconcile(l, ctx).await }
-    });
-    tokio::task::yield_now().await;
-    assert!(ctx.looks_soon(&key), "waiting for its turn, it will look at the pod as it is then");
-    run.abort();
-    let _ = run.await;
-    assert!(!ctx.looks_soon(&key), "a wait that ended (here: dropped) leaves the set");
-    drop(busy);
 }

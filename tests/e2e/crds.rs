@@ -14,7 +14,7 @@ use kube::{
     discovery::{self, Scope},
 };
 
-use crate::support::{TestBed, ensure_crds, unique_name};
+use crate::support::{TestBed, ensure_crds, unique_name, wait_until};
 
 #[tokio::test]
 async fn every_invalid_resource_is_rejected_with_a_message_naming_the_field() {
@@ -90,7 +90,11 @@ async fn the_examples_apply_cleanly_and_kubectl_shows_them() {
     assert!(get.contains("SCOPE") && get.contains("LEASES"), "printer columns:\n{get}");
     // The apiserver publishes a CRD's OpenAPI schema a moment after the CRD
     // is served (CI once asked in between: "couldn't find resource").
-    let explain = kubectl_within(Duration::from_secs(30), &["explain", "workloadidentity.spec.scope"]).await;
+    let args = ["explain", "workloadidentity.spec.scope"];
+    let explain = wait_until("`kubectl explain` to know WorkloadIdentity", Duration::from_secs(30), || async {
+        try_kubectl(&args).inspect_err(|e| eprintln!("kubectl {args:?}: {e}")).ok()
+    })
+    .await;
     assert!(explain.contains("each pod gets its own identity"), "`kubectl explain` shows the field docs:\n{explain}");
 
     cleanup_cluster_scoped(&bed.client, &all_docs).await;
@@ -149,29 +153,17 @@ fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// [`kubectl`], asked again every 500 ms until it succeeds or `limit` passed.
-async fn kubectl_within(limit: Duration, args: &[&str]) -> String {
-    let start = std::time::Instant::now();
-    loop {
-        let out = std::process::Command::new("kubectl")
-            .args(args)
-            .output()
-            .expect("kubectl on PATH (source .ephemera/dev.env)");
-        if out.status.success() {
-            return String::from_utf8_lossy(&out.stdout).into_owned();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "kubectl {args:?} failed for {limit:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+fn kubectl(args: &[&str]) -> String {
+    try_kubectl(args).unwrap_or_else(|e| panic!("kubectl {args:?} failed: {e}"))
 }
 
-fn kubectl(args: &[&str]) -> String {
+/// kubectl's output, or its error output when it fails.
+fn try_kubectl(args: &[&str]) -> Result<String, String> {
     let out =
         std::process::Command::new("kubectl").args(args).output().expect("kubectl on PATH (source .ephemera/dev.env)");
-    assert!(out.status.success(), "kubectl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }

@@ -163,6 +163,8 @@ async fn lifecycle_latencies() {
         }
         lifted
     });
+    let cpu_before =
+        CpuUse::sample(&[("ephemera", &[controller.pid(), webhook.pid()]), ("this benchmark", &[std::process::id()])]);
     let start = Instant::now();
     let create_times = futures::stream::iter(0..n)
         .map(|i| {
@@ -186,6 +188,9 @@ async fn lifecycle_latencies() {
     let all_created = start.elapsed();
     let lifted = tokio::time::timeout(Duration::from_mins(10), gates).await.expect("all gates lifted").unwrap();
     let all_ready = start.elapsed();
+    let cpu_burst =
+        CpuUse::sample(&[("ephemera", &[controller.pid(), webhook.pid()]), ("this benchmark", &[std::process::id()])])
+            .since(&cpu_before);
     let mut provision: Vec<Duration> = lifted.iter().map(|(k, t)| t.duration_since(created[k])).collect();
     provision.sort();
     let rss_peak = controller.rss_mib();
@@ -324,6 +329,7 @@ async fn lifecycle_latencies() {
         all_ready.as_secs_f64(),
         all_created.as_secs_f64()
     );
+    cpu_burst.print(&format!("CPU while the burst was provisioned (first pod created -> all {n} ready)"), all_ready, n);
     println!(
         "  credential window (pod Succeeded -> its session refused; {} sampled pods): p50 {:.0} ms, max {:.0} ms (the refusing call itself took p50 {:.0} ms, max {:.0} ms)",
         credential.len(),
@@ -349,6 +355,80 @@ async fn lifecycle_latencies() {
     print_where_time_went("the restarted controller: relist, then reaping", &reaping);
     println!("  relist and reaping: {}", per_lifecycle(cloud_calls(&reaping), n));
     assert!(remaining.is_empty(), "roles left behind: {remaining:?}");
+}
+
+/// CPU time (user + system) the machine and the test bed's processes spent,
+/// from `/proc`: the test bed shares this machine, so a phase's figure is
+/// what it cost the whole cluster, and which process paid. Clock ticks are
+/// `USER_HZ`, 100 a second on Linux.
+struct CpuUse {
+    machine: u64,
+    by_process: Vec<(String, u64)>,
+}
+
+impl CpuUse {
+    /// The machine's busy time, each test-bed process's (from the bed's
+    /// `pids/` beside `$KUBECONFIG`) and each of `extra`'s (name, pids).
+    fn sample(extra: &[(&str, &[u32])]) -> CpuUse {
+        let ticks_of = |pid: u32| -> u64 {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+            // Fields after the parenthesised command: utime and stime are the 12th and 13th.
+            let fields: Vec<&str> =
+                stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default().split_whitespace().collect();
+            fields.get(11..13).map_or(0, |t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
+        };
+        // `cpu` line: user nice system idle iowait irq softirq steal (guest time is already in user).
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let f: Vec<u64> =
+                    s.lines().next()?.split_whitespace().skip(1).take(8).filter_map(|v| v.parse().ok()).collect();
+                Some(f.iter().sum::<u64>() - f.get(3)? - f.get(4)?)
+            })
+            .unwrap_or(0);
+        let mut by_process: Vec<(String, u64)> = Vec::new();
+        let pids = std::env::var("KUBECONFIG")
+            .ok()
+            .and_then(|k| std::path::Path::new(&k).parent().map(|d| d.join("pids")))
+            .and_then(|d| std::fs::read_dir(d).ok());
+        for entry in pids.into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().trim_end_matches(".pid").to_owned();
+            let pid = std::fs::read_to_string(entry.path()).ok().and_then(|p| p.trim().parse().ok());
+            by_process.push((name, pid.map_or(0, ticks_of)));
+        }
+        for (name, pids) in extra {
+            by_process.push(((*name).to_owned(), pids.iter().map(|p| ticks_of(*p)).sum()));
+        }
+        CpuUse { machine, by_process }
+    }
+
+    fn since(&self, before: &CpuUse) -> CpuUse {
+        let earlier = |name: &str| before.by_process.iter().find(|(n, _)| n == name).map_or(0, |(_, t)| *t);
+        CpuUse {
+            machine: self.machine.saturating_sub(before.machine),
+            by_process: self.by_process.iter().map(|(n, t)| (n.clone(), t.saturating_sub(earlier(n)))).collect(),
+        }
+    }
+
+    #[allow(clippy::cast_precision_loss)]
+    fn print(&self, phase: &str, took: Duration, n: usize) {
+        let secs = |ticks: u64| ticks as f64 / 100.0;
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let mut rows = self.by_process.clone();
+        rows.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
+        let listed: u64 = rows.iter().map(|(_, t)| t).sum();
+        let rows: Vec<String> =
+            rows.iter().filter(|(_, t)| *t > 0).map(|(name, t)| format!("{name} {:.1}", secs(*t))).collect();
+        println!(
+            "  {phase}: machine {:.1} core-s of {:.1} ({:.0} %), {:.1} ms per pod; {}, rest {:.1} (core-s)",
+            secs(self.machine),
+            took.as_secs_f64() * cores as f64,
+            secs(self.machine) / (took.as_secs_f64() * cores as f64) * 100.0,
+            secs(self.machine) * 1e3 / n as f64,
+            rows.join(", "),
+            secs(self.machine.saturating_sub(listed)),
+        );
+    }
 }
 
 /// Calls and mean latencies by cloud operation and by controller, from a

@@ -443,6 +443,11 @@ impl EphemeraProcess {
         EphemeraProcess { child, log }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Its resident memory in MiB, from `/proc`.
     pub fn rss_mib(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
@@ -583,6 +588,11 @@ pub struct Webhook {
 }
 
 impl Webhook {
+    /// The webhook process's id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// The webhook for cluster `e2e` (the host-process controllers' usual name).
     pub async fn start(client: &Client) -> Webhook {
         Self::start_for(client, "e2e").await

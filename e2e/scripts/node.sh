@@ -9,6 +9,7 @@
 #     from $POD_CIDR; IPAM data and CNI config live under $NODE_DIR
 #   - containerd's root under $NODE_DIR, its state and socket under $NODE_RUN
 #   - every pod cgroup under /sys/fs/cgroup/<controller>/ephemera (kubelet cgroupRoot)
+#   - kube-router's CPU cap: the cgroup /sys/fs/cgroup/cpu/$KUBE_ROUTER_CGROUP
 #   - iptables chains KUBE-* (kubelet, kube-proxy, kube-router) and CNI-*
 #     (bridge, portmap); kube-router's ipsets KUBE-SRC-*, KUBE-DST-*
 #   - 169.254.169.254 on the bridge: the instance-metadata address is this
@@ -29,6 +30,15 @@ NODE_SYSCTLS=(vm.overcommit_memory kernel.panic kernel.panic_on_oops net.ipv4.ip
 # Directories outside the test bed's own that the kubelet and libcni create.
 NODE_HOST_DIRS=(/var/log/containers /var/lib/cni/results /var/lib/cni /run/containerd/s /run/containerd
   /etc/cni/net.d /etc/cni /var/lib/kubelet/device-plugins /var/lib/kubelet)
+# kube-router resyncs every NetworkPolicy after each pod's phase or address
+# changes anywhere in the cluster, forking about 30 iptables processes per
+# sync: a burst of 500 pods on the kwok node cost it 7 of the burst's 25
+# CPU-seconds on this 2-core machine, where on a real cluster it has the
+# node's CPUs to itself. It is capped at what its DaemonSet manifests request
+# (250m) so it cannot starve the control plane it shares the machine with;
+# EPHEMERA_KUBE_ROUTER_MILLICPU=0 lifts the cap.
+KUBE_ROUTER_MILLICPU=${EPHEMERA_KUBE_ROUTER_MILLICPU:-250}
+KUBE_ROUTER_CGROUP=ephemera-kube-router
 # Debian packages the node runs on; installed when missing, never assumed.
 NODE_PACKAGES=(containerd runc containernetworking-plugins iptables nftables conntrack ipset)
 
@@ -301,10 +311,27 @@ subjects:
 - {apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:kube-router"}
 RBAC
   if start kube-router; then
+    cap_kube_router
     node_wait kube-router 30 kube_router_ready
   fi
   node_wait kubelet 60 node_ready
   ok "node $NODE_NAME Ready after $((SECONDS - t0))s (pods on $POD_CIDR, node address $NODE_IP, NetworkPolicies enforced)"
+}
+
+# cap_kube_router: kube-router (and the iptables processes it forks from now
+# on) into a cgroup of its own with a CPU quota of KUBE_ROUTER_MILLICPU.
+cap_kube_router() {
+  local cg=/sys/fs/cgroup/cpu/$KUBE_ROUTER_CGROUP
+  ((KUBE_ROUTER_MILLICPU > 0)) || { info "kube-router's CPU is not capped (EPHEMERA_KUBE_ROUTER_MILLICPU=0)"; return; }
+  if [[ ! -e /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]]; then
+    info "no cgroup v1 cpu controller here: kube-router's CPU is not capped"
+    return
+  fi
+  mkdir -p "$cg"
+  echo 100000 >"$cg/cpu.cfs_period_us"
+  echo $((KUBE_ROUTER_MILLICPU * 100)) >"$cg/cpu.cfs_quota_us"
+  cat "$PIDS/kube-router.pid" >"$cg/cgroup.procs" || node_fail "capping kube-router's CPU failed" "$LOGS/kube-router.log"
+  info "kube-router capped at ${KUBE_ROUTER_MILLICPU}m CPU (EPHEMERA_KUBE_ROUTER_MILLICPU=0 lifts the cap)"
 }
 
 # import_images ARCHIVE...: OCI archives into containerd's k8s.io namespace;
@@ -378,7 +405,11 @@ remove_node_mounts() {
 }
 
 remove_node_cgroups() {
-  local h
+  local h cg=/sys/fs/cgroup/cpu/$KUBE_ROUTER_CGROUP
+  if [[ -d $cg ]]; then
+    xargs -r kill -KILL <"$cg/cgroup.procs" 2>/dev/null || true
+    rmdir "$cg" 2>/dev/null || info "could not remove the cgroup $cg"
+  fi
   while read -r h; do
     [[ -d $h/ephemera ]] || continue
     # Anything still in a pod cgroup is ours and must go first.

@@ -88,11 +88,14 @@ main() {
 # reached through its ClusterIP from another pod on the node: exercises
 # containerd, runc, CNI (bridge, IPAM, portmap), kube-proxy and cgroups.
 run_workload() {
-  local log=$OUT/workload-$1.log
   # shellcheck source=/dev/null
   source "$STATE/dev.env"
-  {
-    kubectl apply -f - <<YAML
+  serve_and_fetch >"$OUT/workload-$1.log" 2>&1
+}
+
+# serve_and_fetch: fails unless the client pod fetched from the Service.
+serve_and_fetch() {
+  kubectl apply -f - <<YAML || return 1
 apiVersion: v1
 kind: Pod
 metadata: {name: host-check, namespace: default, labels: {app: host-check}}
@@ -113,15 +116,22 @@ spec:
   selector: {app: host-check}
   ports: [{port: 80, targetPort: 8080}]
 YAML
-    kubectl wait --for=condition=Ready pod/host-check --timeout=60s
-    local ip
-    ip=$(kubectl get service host-check -o jsonpath='{.spec.clusterIP}')
-    kubectl run host-check-client --restart=Never --image="$EPHEMERA_SDK_PROBE_IMAGE" --image-pull-policy=Never \
-      --overrides="{\"spec\":{\"nodeSelector\":{\"$NODE_TAINT_KEY\":\"true\"},\"tolerations\":[{\"key\":\"$NODE_TAINT_KEY\",\"operator\":\"Exists\"}]}}" \
-      -- --aws=false --fetch "http://$ip/"
-    kubectl wait --for=jsonpath='{.status.phase}'=Succeeded pod/host-check-client --timeout=60s
-    kubectl logs host-check-client
-  } >"$log" 2>&1
+  kubectl wait --for=condition=Ready pod/host-check --timeout=60s || return 1
+  local ip start=$SECONDS
+  ip=$(kubectl get service host-check -o jsonpath='{.spec.clusterIP}') || return 1
+  # kube-proxy programs the Service a moment after its endpoint is ready;
+  # until then the ClusterIP refuses connections.
+  until [[ $(iptables -w -t nat -S KUBE-SERVICES 2>/dev/null) == *"-d $ip/32"* ]]; do
+    ((SECONDS - start < 30)) || { echo "kube-proxy did not program $ip in 30 s"; return 1; }
+    sleep 0.2
+  done
+  kubectl run host-check-client --restart=Never --image="$EPHEMERA_SDK_PROBE_IMAGE" --image-pull-policy=Never \
+    --overrides="{\"spec\":{\"nodeSelector\":{\"$NODE_TAINT_KEY\":\"true\"},\"tolerations\":[{\"key\":\"$NODE_TAINT_KEY\",\"operator\":\"Exists\"}]}}" \
+    -- --aws=false --fetch "http://$ip/" || return 1
+  local served=0
+  kubectl wait --for=jsonpath='{.status.phase}'=Succeeded pod/host-check-client --timeout=60s || served=1
+  kubectl logs host-check-client
+  return $served
 }
 
 main "$@"

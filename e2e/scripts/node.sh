@@ -8,8 +8,8 @@
 #   - one bridge ($NODE_BRIDGE) holding the node address; pods get addresses
 #     from $POD_CIDR; IPAM data and CNI config live under $NODE_DIR
 #   - containerd's root under $NODE_DIR, its state and socket under $NODE_RUN
-#   - every pod cgroup under /sys/fs/cgroup/<controller>/ephemera (kubelet cgroupRoot)
-#   - kube-router's CPU cap: the cgroup /sys/fs/cgroup/cpu/$KUBE_ROUTER_CGROUP
+#   - every pod cgroup under /sys/fs/cgroup/<controller>/ephemera (kubelet
+#     cgroupRoot), and kube-router's CPU cap in /sys/fs/cgroup/cpu/ephemera/kube-router
 #   - iptables chains KUBE-* (kubelet, kube-proxy, kube-router) and CNI-*
 #     (bridge, portmap); kube-router's ipsets KUBE-SRC-*, KUBE-DST-*
 #   - 169.254.169.254 on the bridge: the instance-metadata address is this
@@ -38,7 +38,6 @@ NODE_HOST_DIRS=(/var/log/containers /var/lib/cni/results /var/lib/cni /run/conta
 # (250m) so it cannot starve the control plane it shares the machine with;
 # EPHEMERA_KUBE_ROUTER_MILLICPU=0 lifts the cap.
 KUBE_ROUTER_MILLICPU=${EPHEMERA_KUBE_ROUTER_MILLICPU:-250}
-KUBE_ROUTER_CGROUP=ephemera-kube-router
 # Debian packages the node runs on; installed when missing, never assumed.
 NODE_PACKAGES=(containerd runc containernetworking-plugins iptables nftables conntrack ipset)
 
@@ -319,17 +318,21 @@ RBAC
 }
 
 # cap_kube_router: kube-router (and the iptables processes it forks from now
-# on) into a cgroup of its own with a CPU quota of KUBE_ROUTER_MILLICPU.
+# on) into a cgroup of its own with a CPU quota of KUBE_ROUTER_MILLICPU,
+# under the node's cgroup root (remove_node_cgroups takes it away).
 cap_kube_router() {
-  local cg=/sys/fs/cgroup/cpu/$KUBE_ROUTER_CGROUP
+  local cg=/sys/fs/cgroup/cpu/ephemera/kube-router
   ((KUBE_ROUTER_MILLICPU > 0)) || { info "kube-router's CPU is not capped (EPHEMERA_KUBE_ROUTER_MILLICPU=0)"; return; }
   if [[ ! -e /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]]; then
     info "no cgroup v1 cpu controller here: kube-router's CPU is not capped"
     return
   fi
   mkdir -p "$cg"
-  echo 100000 >"$cg/cpu.cfs_period_us"
-  echo $((KUBE_ROUTER_MILLICPU * 100)) >"$cg/cpu.cfs_quota_us"
+  # A 10 ms period: when throttled it pauses for milliseconds, not for most
+  # of 100 ms (its watches must keep being read, or the apiserver holds
+  # every pod watcher's events back while its buffer is full).
+  echo 10000 >"$cg/cpu.cfs_period_us"
+  echo $((KUBE_ROUTER_MILLICPU * 10)) >"$cg/cpu.cfs_quota_us"
   cat "$PIDS/kube-router.pid" >"$cg/cgroup.procs" || node_fail "capping kube-router's CPU failed" "$LOGS/kube-router.log"
   info "kube-router capped at ${KUBE_ROUTER_MILLICPU}m CPU (EPHEMERA_KUBE_ROUTER_MILLICPU=0 lifts the cap)"
 }
@@ -405,11 +408,7 @@ remove_node_mounts() {
 }
 
 remove_node_cgroups() {
-  local h cg=/sys/fs/cgroup/cpu/$KUBE_ROUTER_CGROUP
-  if [[ -d $cg ]]; then
-    xargs -r kill -KILL <"$cg/cgroup.procs" 2>/dev/null || true
-    rmdir "$cg" 2>/dev/null || info "could not remove the cgroup $cg"
-  fi
+  local h
   while read -r h; do
     [[ -d $h/ephemera ]] || continue
     # Anything still in a pod cgroup is ours and must go first.

@@ -4,7 +4,7 @@
 //! status. Any boundary change, or a namespace's labels changing, re-evaluates
 //! the identities it may affect.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{borrow::Borrow, collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
@@ -233,10 +233,10 @@ pub struct Evaluation {
 /// Clamps `spec` to the boundaries among `boundaries` that govern a namespace
 /// with `labels`. Several boundaries: the identity gets what all of them allow.
 #[must_use]
-pub fn evaluate(
+pub fn evaluate<B: Borrow<IdentityBoundary>>(
     spec: &WorkloadIdentitySpec,
     labels: &BTreeMap<String, String>,
-    boundaries: &[IdentityBoundary],
+    boundaries: &[B],
 ) -> Evaluation {
     let mut eval = Evaluation { token_ttl: spec.token.ttl, ..Evaluation::default() };
     let requested = spec.aws.as_ref().map(|a| a.statements.clone()).unwrap_or_default();
@@ -314,13 +314,13 @@ pub fn evaluate(
 /// namespace with `labels`, sorted by name, and the names of those whose
 /// selector cannot be evaluated.
 #[must_use]
-pub fn governing_boundaries<'a>(
+pub fn governing_boundaries<'a, B: Borrow<IdentityBoundary>>(
     labels: &BTreeMap<String, String>,
-    boundaries: &'a [IdentityBoundary],
+    boundaries: &'a [B],
 ) -> (Vec<&'a IdentityBoundary>, Vec<String>) {
     let mut governing: Vec<&IdentityBoundary> = Vec::new();
     let mut invalid = Vec::new();
-    for boundary in boundaries.iter().filter(|b| b.meta().deletion_timestamp.is_none()) {
+    for boundary in boundaries.iter().map(Borrow::borrow).filter(|b| b.meta().deletion_timestamp.is_none()) {
         match Selector::try_from(boundary.spec.namespace_selector.clone()) {
             Ok(selector) if selector.matches(labels) => governing.push(boundary),
             Ok(_) => {}
@@ -477,7 +477,7 @@ mod tests {
             r#"spec.aws.statements[0].actions: "s3:PutObject" is not allowed by IdentityBoundary narrow"#
         );
 
-        let eval = evaluate(&spec, &labels("c"), &[]);
+        let eval = evaluate::<IdentityBoundary>(&spec, &labels("c"), &[]);
         assert!(eval.governing.is_empty());
         let status = status_for(&eval, &WorkloadIdentityStatus::default(), Some(1), 0);
         assert!(!is_true(&status.conditions, cond::READY));

@@ -32,11 +32,11 @@ pub const MAX_ACCESS_CHECKS: usize = 500;
 ///
 /// # Errors
 /// The denial message, one violation per line.
-pub fn check_boundaries(
+pub fn check_boundaries<B: std::borrow::Borrow<IdentityBoundary>>(
     spec: &WorkloadIdentitySpec,
     namespace: &str,
     namespace_labels: &BTreeMap<String, String>,
-    boundaries: &[IdentityBoundary],
+    boundaries: &[B],
 ) -> Result<Vec<String>, String> {
     let eval = evaluate(spec, namespace_labels, boundaries);
     if eval.governing.is_empty() {

@@ -7,7 +7,7 @@
 //! lands on the same lease and ServiceAccount instead of making new ones. Job
 //! pods share a lease named from the Job's uid.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
     api::core::v1::{Pod, ServiceAccount},
@@ -43,12 +43,12 @@ pub struct Environment<'a> {
     pub namespace: &'a str,
     /// Its labels.
     pub namespace_labels: &'a BTreeMap<String, String>,
-    /// Every `IdentityBoundary`.
-    pub boundaries: &'a [IdentityBoundary],
+    /// Every `IdentityBoundary`, as the cache holds them (shared, not copied).
+    pub boundaries: &'a [Arc<IdentityBoundary>],
     /// The `WorkloadIdentity`s of the namespace.
-    pub identities: &'a [WorkloadIdentity],
-    /// Names of the `IdentityLease`s of the namespace.
-    pub leases: &'a [String],
+    pub identities: &'a [Arc<WorkloadIdentity>],
+    /// The `IdentityLease`s of the namespace, looked up by name.
+    pub leases: &'a dyn NamespaceLeases,
     /// AWS account, partition and cluster name for role ARNs.
     pub aws: &'a AwsTarget,
     /// Now, for lease expiry.
@@ -96,6 +96,27 @@ pub enum Decision {
 #[must_use]
 pub fn asks_to_skip(pod: &Pod) -> bool {
     pod.labels().get(LABEL_SKIP).map(String::as_str) == Some("true")
+}
+
+/// The `IdentityLease`s of the pod's namespace, as admission asks about
+/// them: looked up by name in the cache rather than listed on every request
+/// (a namespace may hold thousands).
+pub trait NamespaceLeases: std::fmt::Debug + Sync {
+    /// Whether a lease of this name exists.
+    fn contains(&self, name: &str) -> bool;
+    /// How many there are (asked only when a boundary caps them).
+    fn count(&self) -> usize;
+}
+
+/// A list of lease names (tests and tools).
+impl NamespaceLeases for Vec<String> {
+    fn contains(&self, name: &str) -> bool {
+        self.iter().any(|l| l == name)
+    }
+
+    fn count(&self) -> usize {
+        self.len()
+    }
 }
 
 /// Decides what `pod` gets. Pure: everything it reads is in `env`.
@@ -327,7 +348,7 @@ fn managed_labels(lease: &str, identity: &str) -> BTreeMap<String, String> {
 /// The identity a pod asks for: by label (which must exist) or by the
 /// identities' selectors (at most one may match).
 fn select_identity<'a>(pod: &Pod, env: &Environment<'a>) -> Result<Option<&'a WorkloadIdentity>, String> {
-    let live = || env.identities.iter().filter(|wi| wi.meta().deletion_timestamp.is_none());
+    let live = || env.identities.iter().map(|wi| &**wi).filter(|wi| wi.meta().deletion_timestamp.is_none());
     if let Some(name) = pod.labels().get(LABEL_IDENTITY) {
         return live().find(|wi| wi.name_any() == *name).map(Some).ok_or_else(|| {
             format!("metadata.labels[{LABEL_IDENTITY}]: no WorkloadIdentity {name:?} in namespace {}", env.namespace)
@@ -400,7 +421,7 @@ fn skip(pod: &Pod, governing: &[&IdentityBoundary], env: &Environment<'_>) -> Re
 
 fn foreign_service_account(pod: &Pod, env: &Environment<'_>, own: Option<&str>) -> Option<String> {
     let sa = pod.spec.as_ref()?.service_account_name.as_deref()?;
-    (env.leases.iter().any(|l| l == sa) && Some(sa) != own).then(|| {
+    (env.leases.contains(sa) && Some(sa) != own).then(|| {
         format!(
             "spec.serviceAccountName: {sa:?} belongs to another workload's IdentityLease; identities are not shared"
         )
@@ -427,9 +448,10 @@ fn role_arn(governing: &[&IdentityBoundary], env: &Environment<'_>, lease_name: 
 
 /// The namespace holds as many leases as a boundary's `maxLeases` allows.
 fn over_lease_quota(governing: &[&IdentityBoundary], env: &Environment<'_>) -> Option<String> {
-    let held = env.leases.len();
+    let mut held = None;
     governing.iter().find_map(|b| {
         let max = usize::try_from(b.spec.max_leases?).unwrap_or(0);
+        let held = *held.get_or_insert_with(|| env.leases.count());
         (held >= max).then(|| {
             format!(
                 "namespace {} holds {held} IdentityLeases, the most IdentityBoundary {} allows (spec.maxLeases)",
@@ -537,8 +559,8 @@ spec:
                     request_uid: "req-1",
                     namespace: "team-a",
                     namespace_labels: &self.labels,
-                    boundaries: &self.boundaries,
-                    identities: &self.identities,
+                    boundaries: &self.boundaries.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
+                    identities: &self.identities.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
                     leases: &self.leases,
                     aws: &self.aws,
                     now: "2026-11-23T10:00:00Z".parse().unwrap(),

@@ -23,7 +23,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client, ResourceExt,
     core::{GroupVersionKind, admission::Operation},
-    runtime::reflector::Store,
+    runtime::reflector::{ObjectRef, Store},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -263,18 +263,15 @@ async fn admit_pod(state: &AppState, req: Request<'_>) -> Verdict {
         Ok(labels) => labels,
         Err(e) => return allow.deny(format!("cannot read namespace {namespace}: {e}")),
     };
-    let boundaries: Vec<IdentityBoundary> = state.stores.boundaries.state().iter().map(|b| (**b).clone()).collect();
-    let in_namespace = |ns: Option<String>| ns.as_deref() == Some(namespace.as_str());
-    let identities: Vec<WorkloadIdentity> = state
+    let boundaries = state.stores.boundaries.state();
+    let identities: Vec<Arc<WorkloadIdentity>> = state
         .stores
         .identities
         .state()
-        .iter()
-        .filter(|wi| in_namespace(wi.namespace()))
-        .map(|wi| (**wi).clone())
+        .into_iter()
+        .filter(|wi| wi.namespace().as_deref() == Some(namespace.as_str()))
         .collect();
-    let leases: Vec<String> =
-        state.stores.leases.state().iter().filter(|l| in_namespace(l.namespace())).map(|l| l.name_any()).collect();
+    let leases = CachedLeases { store: &state.stores.leases, namespace: &namespace };
     let env = pods::Environment {
         request_uid: &req.uid,
         namespace: &namespace,
@@ -344,6 +341,24 @@ async fn admit_pod(state: &AppState, req: Request<'_>) -> Verdict {
     verdict.with_warnings(warnings)
 }
 
+/// A namespace's leases in the webhook's cache: a lookup by name costs one
+/// hash-map read, whatever the cluster holds.
+#[derive(Debug)]
+struct CachedLeases<'a> {
+    store: &'a Store<IdentityLease>,
+    namespace: &'a str,
+}
+
+impl pods::NamespaceLeases for CachedLeases<'_> {
+    fn contains(&self, name: &str) -> bool {
+        self.store.get(&ObjectRef::new(name).within(self.namespace)).is_some()
+    }
+
+    fn count(&self) -> usize {
+        self.store.state().iter().filter(|l| l.metadata.namespace.as_deref() == Some(self.namespace)).count()
+    }
+}
+
 /// The namespace's labels, from the cache or (for a namespace created a
 /// moment ago) from the apiserver.
 async fn namespace_labels(state: &AppState, namespace: &str) -> Result<BTreeMap<String, String>, Error> {
@@ -376,7 +391,7 @@ async fn validate_identity(state: &AppState, req: Request<'_>) -> Verdict {
         Ok(labels) => labels,
         Err(e) => return allow.deny(format!("cannot read namespace {namespace}: {e}")),
     };
-    let boundaries: Vec<IdentityBoundary> = state.stores.boundaries.state().iter().map(|b| (**b).clone()).collect();
+    let boundaries = state.stores.boundaries.state();
     let warnings = match identities::check_boundaries(&identity.spec, &namespace, &labels, &boundaries) {
         Ok(warnings) => warnings,
         Err(reason) => return allow.deny(reason),
@@ -415,6 +430,29 @@ async fn escalation(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_namespaces_leases_are_looked_up_in_the_cache_by_name() {
+        use pods::NamespaceLeases;
+        let (store, mut writer) = kube::runtime::reflector::store::<IdentityLease>();
+        let lease = |namespace: &str, name: &str| -> IdentityLease {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"holder": {"kind": "Pod", "name": name}, "workloadIdentity": "report",
+                         "serviceAccount": name, "expiresAt": "2026-12-06T10:00:00Z"},
+            }))
+            .unwrap()
+        };
+        for (ns, name) in [("team-a", "one"), ("team-a", "two"), ("team-b", "three")] {
+            writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(lease(ns, name)));
+        }
+        let team_a = CachedLeases { store: &store, namespace: "team-a" };
+        assert!(team_a.contains("one") && team_a.contains("two"));
+        assert!(!team_a.contains("three"), "another namespace's lease is not this one's");
+        assert_eq!(team_a.count(), 2);
+        assert_eq!(CachedLeases { store: &store, namespace: "team-c" }.count(), 0);
+    }
 
     #[test]
     fn malformed_reviews_are_refused_with_a_reason() {

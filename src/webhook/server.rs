@@ -216,7 +216,7 @@ fn encode(api_version: &str, uid: &str, verdict: Verdict) -> Response {
         #[serde(skip_serializing_if = "Option::is_none")]
         status: Option<Denial>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        patch: Option<String>,
+        patch: Option<Box<RawValue>>,
         #[serde(skip_serializing_if = "Option::is_none")]
         patch_type: Option<&'static str>,
         #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -227,7 +227,21 @@ fn encode(api_version: &str, uid: &str, verdict: Verdict) -> Response {
         code: u16,
         message: String,
     }
-    let patch = verdict.patch.map(|p| base64::engine::general_purpose::STANDARD.encode(p));
+    // Base64 needs no escaping: the string goes out as it is, quoted,
+    // instead of through the serialiser's per-byte escape check.
+    let patch = match verdict.patch.map(|p| {
+        let mut quoted = String::with_capacity(p.len().div_ceil(3) * 4 + 2);
+        quoted.push('"');
+        base64::engine::general_purpose::STANDARD.encode_string(p, &mut quoted);
+        quoted.push('"');
+        RawValue::from_string(quoted)
+    }) {
+        None => None,
+        Some(Ok(raw)) => Some(raw),
+        Some(Err(e)) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode the patch: {e}")).into_response();
+        }
+    };
     let answer = Answer {
         api_version,
         kind: "AdmissionReview",
@@ -269,7 +283,7 @@ async fn admit_pod(state: &AppState, req: Request<'_>) -> Verdict {
         .identities
         .state()
         .into_iter()
-        .filter(|wi| wi.namespace().as_deref() == Some(namespace.as_str()))
+        .filter(|wi| wi.metadata.namespace.as_deref() == Some(namespace.as_str()))
         .collect();
     let leases = CachedLeases { store: &state.stores.leases, namespace: &namespace };
     let env = pods::Environment {

@@ -31,13 +31,16 @@ pub fn short_id(seed: &str, len: usize) -> String {
 /// Hex digest prefix of `seed` (`len` hex chars, at most 64).
 #[must_use]
 pub fn hex_digest(seed: &str, len: usize) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(seed.as_bytes());
-    let hex: String = digest.iter().fold(String::with_capacity(64), |mut out, b| {
-        use std::fmt::Write;
-        let _ = write!(out, "{b:02x}"); // writing to a String cannot fail
-        out
-    });
-    hex[..len.min(hex.len())].to_owned()
+    // Only the digits asked for, from a table (this runs on every admission).
+    let mut hex = String::with_capacity(len.min(64));
+    for b in digest.iter().take(len.div_ceil(2)) {
+        hex.push(char::from(HEX[usize::from(b >> 4)]));
+        hex.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    hex.truncate(len);
+    hex
 }
 
 /// Name of the lease and ServiceAccount made for one workload:
@@ -151,6 +154,16 @@ fn truncate_dns(s: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hex_digest_is_sha256s_leading_hex_digits() {
+        // SHA-256("abc"), FIPS 180-2's example; role names depend on these digits.
+        let full = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(hex_digest("abc", 64), full);
+        assert_eq!(hex_digest("abc", 100), full);
+        assert_eq!(hex_digest("abc", 11), &full[..11]);
+        assert_eq!(hex_digest("abc", 0), "");
+    }
 
     #[test]
     fn ids_are_deterministic_and_use_the_kubernetes_alphabet() {

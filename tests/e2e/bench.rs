@@ -377,12 +377,14 @@ impl CpuUse {
                 stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default().split_whitespace().collect();
             fields.get(11..13).map_or(0, |t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
         };
-        // `cpu` line: user nice system idle iowait irq softirq steal (guest time is already in user).
+        // `cpu` line: user nice system idle iowait irq softirq, then steal
+        // (time the hypervisor gave elsewhere: not work done here, left out;
+        // guest time is already in user).
         let machine = std::fs::read_to_string("/proc/stat")
             .ok()
             .and_then(|s| {
                 let f: Vec<u64> =
-                    s.lines().next()?.split_whitespace().skip(1).take(8).filter_map(|v| v.parse().ok()).collect();
+                    s.lines().next()?.split_whitespace().skip(1).take(7).filter_map(|v| v.parse().ok()).collect();
                 Some(f.iter().sum::<u64>() - f.get(3)? - f.get(4)?)
             })
             .unwrap_or(0);

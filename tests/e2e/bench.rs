@@ -367,8 +367,9 @@ struct CpuUse {
 }
 
 impl CpuUse {
-    /// The machine's busy time, each test-bed process's (from the bed's
-    /// `pids/` beside `$KUBECONFIG`) and each of `extra`'s (name, pids).
+    /// The machine's busy time, each test-bed process's (from the bed's pid
+    /// files, `.ephemera/pids/`, as the soak suite finds the apiserver) and
+    /// each of `extra`'s (name, pids).
     fn sample(extra: &[(&str, &[u32])]) -> CpuUse {
         let ticks_of = |pid: u32| -> u64 {
             let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
@@ -389,10 +390,7 @@ impl CpuUse {
             })
             .unwrap_or(0);
         let mut by_process: Vec<(String, u64)> = Vec::new();
-        let pids = std::env::var("KUBECONFIG")
-            .ok()
-            .and_then(|k| std::path::Path::new(&k).parent().map(|d| d.join("pids")))
-            .and_then(|d| std::fs::read_dir(d).ok());
+        let pids = std::fs::read_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".ephemera/pids"));
         for entry in pids.into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().trim_end_matches(".pid").to_owned();
             let pid = std::fs::read_to_string(entry.path()).ok().and_then(|p| p.trim().parse().ok());

@@ -18,49 +18,71 @@ use crate::api::{AwsStatement, Effect, KubernetesRule};
 /// over `*` and `?`.
 #[must_use]
 pub fn glob_includes(outer: &str, inner: &str) -> bool {
-    let outer: Vec<char> = outer.chars().collect();
-    let inner: Vec<char> = inner.chars().collect();
-    // reach[j]: outer[..j] can cover inner[..i] for the current i.
+    includes_by(outer, inner, |o, i| o == i)
+}
+
+/// [`glob_includes`] with characters compared by `eq`. Patterns are nearly
+/// always ASCII: those are walked as bytes, the rest as `char`s.
+fn includes_by(outer: &str, inner: &str, eq: impl Fn(char, char) -> bool) -> bool {
+    if outer == "*" || outer == inner {
+        // A lone star matches every string; a pattern includes itself.
+        return true;
+    }
+    if outer.is_ascii() && inner.is_ascii() {
+        includes(outer.as_bytes(), inner.as_bytes(), b'*', b'?', |o, i| eq(char::from(o), char::from(i)))
+    } else {
+        let outer: Vec<char> = outer.chars().collect();
+        let inner: Vec<char> = inner.chars().collect();
+        includes(&outer, &inner, '*', '?', eq)
+    }
+}
+
+/// The inclusion automaton over `outer`, run on `inner`.
+fn includes<T: Copy + PartialEq>(outer: &[T], inner: &[T], star: T, any: T, eq: impl Fn(T, T) -> bool) -> bool {
+    // reach[j]: outer[..j] can cover inner[..i] for the current i. Two rows,
+    // reused for every character of `inner` (this runs on every admission).
     let mut reach = vec![false; outer.len() + 1];
+    let mut next = vec![false; outer.len() + 1];
     reach[0] = true;
-    close_over_stars(&outer, &mut reach);
-    for &c in &inner {
-        let mut next = vec![false; outer.len() + 1];
+    close_over_stars(outer, star, &mut reach);
+    for &c in inner {
+        next.fill(false);
         for j in 0..outer.len() {
             if !reach[j] {
                 continue;
             }
             match outer[j] {
                 // A star in `outer` absorbs anything `inner` produces here.
-                '*' => next[j] = true,
+                o if o == star => next[j] = true,
                 // `inner`'s star produces strings of any length: only a star covers it.
-                _ if c == '*' => {}
-                '?' => next[j + 1] = true,
+                _ if c == star => {}
+                o if o == any => next[j + 1] = true,
                 // `inner`'s `?` is any character: only `?` or `*` covers it.
-                _ if c == '?' => {}
-                o if o == c => next[j + 1] = true,
+                _ if c == any => {}
+                o if eq(o, c) => next[j + 1] = true,
                 _ => {}
             }
         }
-        close_over_stars(&outer, &mut next);
-        reach = next;
+        close_over_stars(outer, star, &mut next);
+        std::mem::swap(&mut reach, &mut next);
     }
     reach[outer.len()]
 }
 
 /// A star may also match nothing: whatever reaches it reaches past it.
-fn close_over_stars(outer: &[char], reach: &mut [bool]) {
+fn close_over_stars<T: Copy + PartialEq>(outer: &[T], star: T, reach: &mut [bool]) {
     for j in 0..outer.len() {
-        if reach[j] && outer[j] == '*' {
+        if reach[j] && outer[j] == star {
             reach[j + 1] = true;
         }
     }
 }
 
 /// Does the boundary action pattern admit the identity action pattern?
+/// Case-insensitively, as IAM compares actions.
 #[must_use]
 pub fn action_admits(boundary: &str, identity: &str) -> bool {
-    glob_includes(&boundary.to_ascii_lowercase(), &identity.to_ascii_lowercase())
+    includes_by(boundary, identity, |o, i| o.eq_ignore_ascii_case(&i))
 }
 
 /// Does the boundary resource pattern admit the identity resource pattern?
@@ -312,6 +334,22 @@ mod tests {
         #[test]
         fn a_pattern_includes_itself(p in "[ab*?]{0,8}") {
             prop_assert!(glob_includes(&p, &p));
+            // Not only through the shortcut for equal patterns.
+            prop_assert!(includes(p.as_bytes(), p.as_bytes(), b'*', b'?', |o, i| o == i));
+        }
+
+        #[test]
+        fn bytes_and_chars_agree(outer in "[aAé*?]{0,6}", inner in "[aAé*?]{0,6}") {
+            let chars = |s: &str| s.chars().collect::<Vec<char>>();
+            let by_char = includes(&chars(&outer), &chars(&inner), '*', '?', |o, i| o == i);
+            prop_assert_eq!(glob_includes(&outer, &inner), by_char);
+            let folded = includes(&chars(&outer), &chars(&inner), '*', '?', |o, i| o.eq_ignore_ascii_case(&i));
+            prop_assert_eq!(action_admits(&outer, &inner), folded);
+            // As actions were compared before: both sides lowercased first.
+            prop_assert_eq!(
+                action_admits(&outer, &inner),
+                glob_includes(&outer.to_ascii_lowercase(), &inner.to_ascii_lowercase())
+            );
         }
 
         #[test]

@@ -238,27 +238,41 @@ pub fn evaluate<B: Borrow<IdentityBoundary>>(
     labels: &BTreeMap<String, String>,
     boundaries: &[B],
 ) -> Evaluation {
+    let (governing, invalid) = governing_boundaries(labels, boundaries);
+    let mut eval = evaluate_under(spec, &governing);
+    eval.invalid_selectors = invalid;
+    eval
+}
+
+/// [`evaluate`] for boundaries already known to govern the namespace (as
+/// [`governing_boundaries`] returns them): admission has them in hand.
+#[must_use]
+pub fn evaluate_under(spec: &WorkloadIdentitySpec, governing: &[&IdentityBoundary]) -> Evaluation {
     let mut eval = Evaluation { token_ttl: spec.token.ttl, ..Evaluation::default() };
-    let requested = spec.aws.as_ref().map(|a| a.statements.clone()).unwrap_or_default();
-    eval.statements.clone_from(&requested);
+    let requested = spec.aws.as_ref().map(|a| a.statements.as_slice()).unwrap_or_default();
     eval.managed_policy_arns = spec.aws.as_ref().map(|a| a.managed_policy_arns.clone()).unwrap_or_default();
     let rules = spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default();
-
-    let (governing, invalid) = governing_boundaries(labels, boundaries);
-    eval.invalid_selectors = invalid;
+    if governing.is_empty() {
+        eval.statements = requested.to_vec();
+    }
     let mut boundary_arns: Vec<(String, String)> = Vec::new();
 
-    for boundary in &governing {
+    for (nth, boundary) in governing.iter().enumerate() {
         let name = boundary.name_any();
         let (allowed_actions, allowed_resources, allowed_managed) =
-            boundary.spec.aws.as_ref().map_or_else(Default::default, |a| {
-                (a.allowed_actions.clone(), a.allowed_resources.clone(), a.allowed_managed_policy_arns.clone())
+            boundary.spec.aws.as_ref().map_or((&[][..], &[][..], &[][..]), |a| {
+                (a.allowed_actions.as_slice(), a.allowed_resources.as_slice(), a.allowed_managed_policy_arns.as_slice())
             });
         // Violations are reported against the statements as written, so the
-        // field paths match the user's YAML; the effective set narrows in turn.
-        let (_, violations) = policy::clamp_statements(&requested, &name, &allowed_actions, &allowed_resources);
+        // field paths match the user's YAML; the effective set narrows in turn
+        // (under the first boundary it is the same clamp).
+        let (narrowed, violations) = policy::clamp_statements(requested, &name, allowed_actions, allowed_resources);
         eval.violations.extend(violations);
-        eval.statements = policy::clamp_statements(&eval.statements, &name, &allowed_actions, &allowed_resources).0;
+        eval.statements = if nth == 0 {
+            narrowed
+        } else {
+            policy::clamp_statements(&eval.statements, &name, allowed_actions, allowed_resources).0
+        };
 
         let requested_managed = spec.aws.as_ref().map(|a| a.managed_policy_arns.as_slice()).unwrap_or_default();
         for (i, arn) in requested_managed.iter().enumerate() {

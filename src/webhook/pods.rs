@@ -31,7 +31,7 @@ use crate::{
         },
     },
     cloud::naming,
-    controller::workload_identity::{evaluate, governing_boundaries},
+    controller::workload_identity::{evaluate_under, governing_boundaries},
 };
 
 /// What the webhook knows besides the pod.
@@ -153,7 +153,7 @@ pub fn decide(pod: &Pod, env: &Environment<'_>) -> Decision {
         Err(reason) => return Decision::Deny(reason),
     };
 
-    let eval = evaluate(&identity.spec, env.namespace_labels, env.boundaries);
+    let eval = evaluate_under(&identity.spec, &governing);
     if let Some(conflict) = eval.permissions_boundary_conflict {
         return Decision::Deny(format!("WorkloadIdentity {} can get no role: {conflict}", identity.name_any()));
     }

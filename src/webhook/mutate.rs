@@ -313,9 +313,10 @@ pub fn token_conflict(pod: &Pod, identity: &ResolvedIdentity) -> Option<String> 
         let (path, dir) = (path.trim_end_matches('/'), dir.trim_end_matches('/'));
         path == dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
     };
-    let kinds = [("initContainers", &spec.init_containers), ("containers", &Some(spec.containers.clone()))];
+    let kinds =
+        [("initContainers", spec.init_containers.as_deref().unwrap_or_default()), ("containers", &spec.containers)];
     for (kind, containers) in kinds {
-        for (j, c) in containers.iter().flatten().enumerate() {
+        for (j, c) in containers.iter().enumerate() {
             for (k, m) in c.volume_mounts.iter().flatten().enumerate() {
                 for (volume, dir) in &ours {
                     let here = inside(&m.mount_path, dir);

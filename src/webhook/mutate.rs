@@ -92,8 +92,44 @@ pub struct ResolvedIdentity {
 /// # Errors
 /// Only if a part of the pod cannot be serialised, which a decoded pod's
 /// parts always can.
-pub fn mutate(pod: &Pod, admission: &Admission, settings: &Settings) -> Result<json_patch::Patch> {
+pub fn mutate(pod: &Pod, admission: &Admission, settings: &Settings) -> Result<Patch> {
     patch_between(pod, &mutated(pod, admission, settings))
+}
+
+/// A JSON patch (RFC 6902), as the JSON text the apiserver receives:
+/// written straight from the pod's parts, without a JSON tree in between.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Patch {
+    json: Vec<u8>,
+    operations: usize,
+}
+
+impl Patch {
+    /// No operation: the pod is admitted as it is.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.operations == 0
+    }
+
+    /// The patch as JSON text (an array of operations).
+    #[must_use]
+    pub fn json(&self) -> &[u8] {
+        &self.json
+    }
+
+    /// [`Patch::json`], owned.
+    #[must_use]
+    pub fn into_json(self) -> Vec<u8> {
+        self.json
+    }
+
+    /// The operations, decoded (tests and tools apply them with `json_patch`).
+    ///
+    /// # Errors
+    /// Never for a patch [`mutate`] made: it writes well-formed operations.
+    pub fn operations(&self) -> serde_json::Result<json_patch::Patch> {
+        serde_json::from_slice(&self.json)
+    }
 }
 
 /// `pod` as ephemera admits it.
@@ -148,7 +184,7 @@ fn mutated(pod: &Pod, admission: &Admission, settings: &Settings) -> Pod {
 /// [`mutated`] changes. Arrays there only lose elements (the default
 /// token) and gain some at the end (ours), so each is patched by removals
 /// (highest index first) and appends; maps by key.
-fn patch_between(before: &Pod, after: &Pod) -> Result<json_patch::Patch> {
+fn patch_between(before: &Pod, after: &Pod) -> Result<Patch> {
     let mut ops = Ops::default();
     let (b, a) = (&before.metadata, &after.metadata);
     ops.value(&["metadata", "name"], b.name.as_ref(), a.name.as_ref())?;
@@ -158,7 +194,7 @@ fn patch_between(before: &Pod, after: &Pod) -> Result<json_patch::Patch> {
         (Some(b), Some(a)) => spec_ops(&mut ops, b, a)?,
         (b, a) => ops.value(&["spec"], b, a)?,
     }
-    Ok(json_patch::Patch(ops.0))
+    Ok(ops.finish())
 }
 
 fn spec_ops(ops: &mut Ops, b: &PodSpec, a: &PodSpec) -> Result<()> {
@@ -198,20 +234,62 @@ fn spec_ops(ops: &mut Ops, b: &PodSpec, a: &PodSpec) -> Result<()> {
     Ok(())
 }
 
-/// JSON patch operations, in the order they apply.
+/// JSON patch operations, in the order they apply, written as JSON text
+/// as they come.
 #[derive(Default)]
-struct Ops(Vec<json_patch::PatchOperation>);
+struct Ops {
+    json: Vec<u8>,
+    operations: usize,
+    /// The JSON pointer being written (reused).
+    pointer: String,
+}
 
 impl Ops {
     fn add<T: Serialize + ?Sized>(&mut self, path: &[&str], value: &T) -> Result<()> {
-        let value = serde_json::to_value(value)
+        self.begin("add", path);
+        self.json.extend_from_slice(br#","value":"#);
+        serde_json::to_writer(&mut self.json, value)
             .map_err(|e| Error::Serialization { what: "pod field", message: e.to_string() })?;
-        self.0.push(json_patch::PatchOperation::Add(json_patch::AddOperation { path: pointer(path), value }));
+        self.json.push(b'}');
         Ok(())
     }
 
     fn remove(&mut self, path: &[&str]) {
-        self.0.push(json_patch::PatchOperation::Remove(json_patch::RemoveOperation { path: pointer(path) }));
+        self.begin("remove", path);
+        self.json.push(b'}');
+    }
+
+    /// `[` or `,`, then `{"op":<op>,"path":<path>`, the path a JSON pointer
+    /// (RFC 6901: `~` written `~0`, `/` written `~1`, so the label
+    /// `ephemera.dev/lease` is the token `ephemera.dev~1lease`).
+    fn begin(&mut self, op: &str, path: &[&str]) {
+        self.json.push(if self.operations == 0 { b'[' } else { b',' });
+        self.operations += 1;
+        self.json.extend_from_slice(br#"{"op":""#);
+        self.json.extend_from_slice(op.as_bytes());
+        self.json.extend_from_slice(br#"","path":"#);
+        self.pointer.clear();
+        for token in path {
+            self.pointer.push('/');
+            for c in token.chars() {
+                match c {
+                    '~' => self.pointer.push_str("~0"),
+                    '/' => self.pointer.push_str("~1"),
+                    c => self.pointer.push(c),
+                }
+            }
+        }
+        // A string always serialises (JSON escapes whatever it holds).
+        let _ = serde_json::to_writer(&mut self.json, self.pointer.as_str());
+    }
+
+    fn finish(mut self) -> Patch {
+        if self.operations == 0 {
+            self.json.extend_from_slice(b"[]");
+        } else {
+            self.json.push(b']');
+        }
+        Patch { json: self.json, operations: self.operations }
     }
 
     /// `add` (which replaces a member that is there) or `remove`.
@@ -271,12 +349,6 @@ impl Ops {
         }
         Ok(())
     }
-}
-
-/// A JSON pointer from unescaped tokens (`ephemera.dev/lease` becomes
-/// `ephemera.dev~1lease`).
-fn pointer(tokens: &[&str]) -> json_patch::jsonptr::PointerBuf {
-    json_patch::jsonptr::PointerBuf::from_tokens(tokens.iter().copied())
 }
 
 /// A field of `pod` that would take the place of the token ephemera
@@ -510,6 +582,7 @@ mod tests {
             serde_yaml::from_str(&read("admission.yaml")?).map_err(|e| format!("admission.yaml: {e}"))?;
         let settings = Settings { aws_region: "eu-west-1".into() };
         let patch = mutate(&pod, &admission, &settings).map_err(|e| e.to_string())?;
+        let patch = patch.operations().map_err(|e| format!("the patch is not JSON patch: {e}"))?;
         let rendered = serde_json::to_string_pretty(&patch).unwrap() + "\n";
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(dir.join("expected-patch.json"), &rendered).unwrap();
@@ -531,10 +604,33 @@ mod tests {
         }
         let mutated: Pod = serde_json::from_value(doc).map_err(|e| format!("patched pod: {e}"))?;
         let again = mutate(&mutated, &admission, &settings).map_err(|e| e.to_string())?;
-        if !again.0.is_empty() {
-            return Err(format!("second call is not a no-op: {}", serde_json::to_string(&again).unwrap()));
+        if !again.is_empty() {
+            return Err(format!("second call is not a no-op: {}", String::from_utf8_lossy(again.json())));
         }
         Ok(())
+    }
+
+    #[test]
+    fn patch_paths_are_escaped_json_pointers_in_json_strings() {
+        let mut ops = Ops::default();
+        ops.add(&["metadata", "labels", "a~b/c\"d"], "x\"y").unwrap();
+        ops.remove(&["spec", "volumes", "0"]);
+        let patch = ops.finish();
+        assert!(!patch.is_empty());
+        let parsed: Value = serde_json::from_slice(patch.json()).unwrap();
+        assert_eq!(
+            parsed,
+            json!([
+                {"op": "add", "path": "/metadata/labels/a~0b~1c\"d", "value": "x\"y"},
+                {"op": "remove", "path": "/spec/volumes/0"},
+            ])
+        );
+        let mut doc = json!({"metadata": {"labels": {}}, "spec": {"volumes": [1]}});
+        json_patch::patch(&mut doc, &patch.operations().unwrap()).unwrap();
+        assert_eq!(doc, json!({"metadata": {"labels": {"a~b/c\"d": "x\"y"}}, "spec": {"volumes": []}}));
+        let empty = Ops::default().finish();
+        assert!(empty.is_empty());
+        assert_eq!(empty.json(), b"[]");
     }
 
     #[test]
@@ -749,13 +845,13 @@ mod tests {
             let settings = Settings { aws_region: "eu-west-1".into() };
             let patch = mutate(&pod, &admission, &settings).unwrap();
             let mut doc = serde_json::to_value(&pod).unwrap();
-            json_patch::patch(&mut doc, &patch).unwrap();
+            json_patch::patch(&mut doc, &patch.operations().unwrap()).unwrap();
             // The patch, built from the touched fields, makes exactly the
             // pod the mutation made (whole pods compared as JSON).
             prop_assert_eq!(&doc, &serde_json::to_value(super::mutated(&pod, &admission, &settings)).unwrap());
             let mutated: Pod = serde_json::from_value(doc).unwrap();
             let again = mutate(&mutated, &admission, &settings).unwrap();
-            prop_assert!(again.0.is_empty(), "second call patches again: {}", serde_json::to_string(&again).unwrap());
+            prop_assert!(again.is_empty(), "second call patches again: {}", String::from_utf8_lossy(again.json()));
 
             let spec = mutated.spec.as_ref().unwrap();
             let volumes: Vec<&Volume> = spec.volumes.iter().flatten().collect();

@@ -25,7 +25,7 @@ use kube::{
     core::{GroupVersionKind, admission::Operation},
     runtime::reflector::{ObjectRef, Store},
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
@@ -111,7 +111,7 @@ where
     } else {
         "allowed"
     };
-    let response = encode(&api_version, &uid, verdict);
+    let response = encode(&api_version, &uid, &verdict);
     state.metrics.admission_done(webhook, outcome, start.elapsed());
     response
 }
@@ -200,64 +200,45 @@ impl Verdict {
 /// The answer as `admission.k8s.io/v1` specifies it. kube-core's
 /// `AdmissionResponse` writes the patch's bytes as a JSON array of numbers
 /// (kube-rs#1781); the API's `patch` is a base64 string (a third of the size).
-fn encode(api_version: &str, uid: &str, verdict: Verdict) -> Response {
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Answer<'a> {
-        api_version: &'a str,
-        kind: &'static str,
-        response: Body<'a>,
-    }
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Body<'a> {
-        uid: &'a str,
-        allowed: bool,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        status: Option<Denial>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        patch: Option<Box<RawValue>>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        patch_type: Option<&'static str>,
-        #[serde(skip_serializing_if = "Vec::is_empty")]
-        warnings: Vec<String>,
-    }
-    #[derive(Serialize)]
-    struct Denial {
-        code: u16,
-        message: String,
-    }
-    // Base64 needs no escaping: the string goes out as it is, quoted,
-    // instead of through the serialiser's per-byte escape check.
-    let patch = match verdict.patch.map(|p| {
-        let mut quoted = String::with_capacity(p.len().div_ceil(3) * 4 + 2);
-        quoted.push('"');
-        base64::engine::general_purpose::STANDARD.encode_string(p, &mut quoted);
-        quoted.push('"');
-        RawValue::from_string(quoted)
-    }) {
-        None => None,
-        Some(Ok(raw)) => Some(raw),
-        Some(Err(e)) => {
-            return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode the patch: {e}")).into_response();
-        }
-    };
-    let answer = Answer {
-        api_version,
-        kind: "AdmissionReview",
-        response: Body {
-            uid,
-            allowed: verdict.allowed,
-            status: (!verdict.allowed).then(|| Denial { code: 403, message: verdict.reason.unwrap_or_default() }),
-            patch_type: patch.is_some().then_some("JSONPatch"),
-            patch,
-            warnings: verdict.warnings,
-        },
-    };
-    match serde_json::to_vec(&answer) {
+fn encode(api_version: &str, uid: &str, verdict: &Verdict) -> Response {
+    match answer(api_version, uid, verdict) {
         Ok(body) => ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode the answer: {e}")).into_response(),
     }
+}
+
+/// The AdmissionReview answer's JSON text, written in one pass: strings
+/// through `serde_json` (which escapes them), the base64 patch as it is
+/// (base64 has nothing to escape). Members in the order the API lists them:
+/// `uid`, `allowed`, `status`, `patch`, `patchType`, `warnings`.
+fn answer(api_version: &str, uid: &str, verdict: &Verdict) -> serde_json::Result<Vec<u8>> {
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let patch_len = verdict.patch.as_ref().map_or(0, |p| p.len().div_ceil(3) * 4);
+    let mut out = Vec::with_capacity(128 + api_version.len() + uid.len() + patch_len);
+    out.extend_from_slice(br#"{"apiVersion":"#);
+    serde_json::to_writer(&mut out, api_version)?;
+    out.extend_from_slice(br#","kind":"AdmissionReview","response":{"uid":"#);
+    serde_json::to_writer(&mut out, uid)?;
+    out.extend_from_slice(if verdict.allowed { br#","allowed":true"# } else { br#","allowed":false"# });
+    if !verdict.allowed {
+        out.extend_from_slice(br#","status":{"code":403,"message":"#);
+        serde_json::to_writer(&mut out, verdict.reason.as_deref().unwrap_or_default())?;
+        out.push(b'}');
+    }
+    if let Some(patch) = &verdict.patch {
+        out.extend_from_slice(br#","patch":""#);
+        let at = out.len();
+        out.resize(at + patch_len, 0);
+        let written = engine.encode_slice(patch, &mut out[at..]).map_err(serde::ser::Error::custom)?;
+        out.truncate(at + written);
+        out.extend_from_slice(br#"","patchType":"JSONPatch""#);
+    }
+    if !verdict.warnings.is_empty() {
+        out.extend_from_slice(br#","warnings":"#);
+        serde_json::to_writer(&mut out, &verdict.warnings)?;
+    }
+    out.extend_from_slice(b"}}");
+    Ok(out)
 }
 
 async fn admit_pod(state: &AppState, req: Request<'_>) -> Verdict {
@@ -344,14 +325,7 @@ async fn admit_pod(state: &AppState, req: Request<'_>) -> Verdict {
     if let Some(identity) = &admission.identity {
         tracing::info!(namespace, lease = %identity.lease, dry_run = req.dry_run, "admitted a pod with its own identity");
     }
-    let verdict = if patch.0.is_empty() {
-        allow
-    } else {
-        match serde_json::to_vec(&patch) {
-            Ok(bytes) => Verdict { patch: Some(bytes), ..allow },
-            Err(e) => return allow.deny(format!("cannot encode the patch: {e}")),
-        }
-    };
+    let verdict = if patch.is_empty() { allow } else { Verdict { patch: Some(patch.into_json()), ..allow } };
     verdict.with_warnings(warnings)
 }
 
@@ -485,7 +459,7 @@ mod tests {
     #[test]
     fn a_patch_goes_out_as_base64_as_the_api_specifies() {
         let verdict = Verdict { patch: Some(br#"[{"op":"add","path":"/a","value":1}]"#.to_vec()), ..Verdict::allow() };
-        let response = encode("admission.k8s.io/v1", "u1", verdict);
+        let response = encode("admission.k8s.io/v1", "u1", &verdict);
         let body = futures::executor::block_on(axum::body::to_bytes(response.into_body(), usize::MAX)).unwrap();
         let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
@@ -496,12 +470,34 @@ mod tests {
         assert_eq!(answer["response"]["patch"], "W3sib3AiOiJhZGQiLCJwYXRoIjoiL2EiLCJ2YWx1ZSI6MX1d");
         assert!(answer["response"].get("status").is_none(), "{answer}");
 
-        let denied = encode("admission.k8s.io/v1", "u2", Verdict::allow().deny("spec.volumes[0]: no"));
+        let denied = encode("admission.k8s.io/v1", "u2", &Verdict::allow().deny("spec.volumes[0]: no"));
         let body = futures::executor::block_on(axum::body::to_bytes(denied.into_body(), usize::MAX)).unwrap();
         let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(answer["response"]["allowed"], false);
         assert_eq!(answer["response"]["status"]["code"], 403);
         assert_eq!(answer["response"]["status"]["message"], "spec.volumes[0]: no");
         assert!(answer["response"].get("patch").is_none(), "{answer}");
+
+        // Whatever a request's uid or a warning holds comes back as the same
+        // string, escaped, in JSON that parses.
+        let odd = "u\"3\\\n\u{1}é";
+        let verdict = Verdict {
+            patch: Some(b"[]".to_vec()),
+            warnings: vec!["a \"quoted\" warning".into(), "ünïcode\t".into()],
+            ..Verdict::allow()
+        };
+        let body = super::answer("admission.k8s.io/v1", odd, &verdict).unwrap();
+        let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(parsed["response"]["uid"], odd);
+        assert_eq!(parsed["response"]["patch"], "W10=");
+        assert_eq!(parsed["response"]["warnings"], serde_json::json!(["a \"quoted\" warning", "ünïcode\t"]));
+        let denied = Verdict::allow().with_warnings(vec!["w".into()]).deny("no \"way\"");
+        let parsed: serde_json::Value =
+            serde_json::from_slice(&super::answer("admission.k8s.io/v1", "u4", &denied).unwrap()).unwrap();
+        assert_eq!(
+            parsed,
+            serde_json::json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": {
+                "uid": "u4", "allowed": false, "status": {"code": 403, "message": "no \"way\""}, "warnings": ["w"]}})
+        );
     }
 }

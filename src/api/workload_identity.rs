@@ -158,7 +158,9 @@ pub struct EffectiveIdentity {
     /// Permissions boundaries attached to each role.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub permissions_boundary_arns: Vec<String>,
-    /// SHA-256 of the effective IAM policy document, to see when it changed.
+    /// SHA-256 of the effective permissions (IAM statements, managed
+    /// policies and Kubernetes rules), to see when they changed: live leases
+    /// follow a change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_digest: Option<String>,
 }

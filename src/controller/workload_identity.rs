@@ -26,8 +26,8 @@ use super::{Context, RESYNC, condition, drain, is_true, retry};
 use crate::{
     Error, Result,
     api::{
-        AwsStatement, Duration, EffectiveIdentity, IdentityBoundary, WorkloadIdentity, WorkloadIdentitySpec,
-        WorkloadIdentityStatus,
+        AwsStatement, Duration, EffectiveIdentity, IdentityBoundary, KubernetesRule, WorkloadIdentity,
+        WorkloadIdentitySpec, WorkloadIdentityStatus,
         well_known::{FIELD_MANAGER, condition as cond, reason},
     },
     policy::{self, Violation},
@@ -215,6 +215,9 @@ pub struct Evaluation {
     pub statements: Vec<AwsStatement>,
     /// Managed policies every governing boundary allows.
     pub managed_policy_arns: Vec<String>,
+    /// The Kubernetes rules every governing boundary admits (a rule is kept
+    /// or dropped whole), as the lease's Role grants them.
+    pub kubernetes_rules: Vec<KubernetesRule>,
     /// Token lifetime after every boundary's cap.
     pub token_ttl: Duration,
     /// Permissions boundaries the governing boundaries name (distinct). A
@@ -252,6 +255,7 @@ pub fn evaluate_under(spec: &WorkloadIdentitySpec, governing: &[&IdentityBoundar
     let requested = spec.aws.as_ref().map(|a| a.statements.as_slice()).unwrap_or_default();
     eval.managed_policy_arns = spec.aws.as_ref().map(|a| a.managed_policy_arns.clone()).unwrap_or_default();
     let rules = spec.kubernetes.as_ref().map(|k| k.rules.as_slice()).unwrap_or_default();
+    eval.kubernetes_rules = rules.to_vec();
     if governing.is_empty() {
         eval.statements = requested.to_vec();
     }
@@ -287,6 +291,7 @@ pub fn evaluate_under(spec: &WorkloadIdentitySpec, governing: &[&IdentityBoundar
         eval.managed_policy_arns.retain(|arn| allowed_managed.contains(arn));
 
         let allowed_rules = boundary.spec.kubernetes.as_ref().map(|k| k.allowed_rules.as_slice()).unwrap_or_default();
+        eval.kubernetes_rules.retain(|rule| policy::rule_admitted(rule, allowed_rules));
         for (i, rule) in rules.iter().enumerate() {
             if !policy::rule_admitted(rule, allowed_rules) {
                 eval.violations.push(Violation {
@@ -408,7 +413,7 @@ fn status_for(
             boundaries: eval.governing.clone(),
             token_ttl: Some(eval.token_ttl),
             permissions_boundary_arns: eval.permissions_boundary_arns.clone(),
-            policy_digest: Some(policy_digest(&eval.statements, &eval.managed_policy_arns)),
+            policy_digest: Some(policy_digest(eval)),
         }),
     }
 }
@@ -422,10 +427,19 @@ fn violation_message(violations: &[Violation]) -> String {
     format!("narrowed to what the boundaries allow: {}", shown.join("; "))
 }
 
-/// SHA-256 of the effective policy, hex: a short way to see it changed.
+/// SHA-256 of the effective permissions, hex: a short way to see they
+/// changed, and the signal that makes live leases follow. It covers the AWS
+/// statements, the managed policies and the Kubernetes rules. (Identities
+/// without Kubernetes rules digest the same document as before the rules
+/// were covered, so upgrading re-applies nothing for them.)
 #[must_use]
-pub fn policy_digest(statements: &[AwsStatement], managed: &[String]) -> String {
-    let document = json!({ "statements": statements, "managedPolicyArns": managed });
+pub fn policy_digest(eval: &Evaluation) -> String {
+    let (statements, managed) = (&eval.statements, &eval.managed_policy_arns);
+    let document = if eval.kubernetes_rules.is_empty() {
+        json!({ "statements": statements, "managedPolicyArns": managed })
+    } else {
+        json!({ "statements": statements, "managedPolicyArns": managed, "kubernetesRules": eval.kubernetes_rules })
+    };
     let digest = Sha256::digest(document.to_string().as_bytes());
     digest.iter().fold(String::with_capacity(64), |mut hex, b| {
         use std::fmt::Write;
@@ -473,6 +487,40 @@ mod tests {
         assert!(eval.violations.is_empty(), "{:?}", eval.violations);
         assert_eq!(eval.statements[0].actions, ["s3:GetObject"]);
         assert_eq!(eval.token_ttl.to_string(), "30m");
+    }
+
+    #[test]
+    fn kubernetes_rules_are_kept_whole_only_where_every_boundary_admits_them_and_move_the_digest() {
+        let with_rules = |name: &str, allowed: serde_json::Value| -> IdentityBoundary {
+            let mut b = boundary(name, "a", &["s3:*"], &["*"], "1h");
+            b.spec.kubernetes = serde_json::from_value(json!({"allowedRules": allowed})).unwrap();
+            b
+        };
+        let configmaps = json!({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]});
+        let secrets = json!({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]});
+        let mut spec = identity(&["s3:GetObject"], &["*"], "15m");
+        spec.kubernetes = serde_json::from_value(json!({"rules": [configmaps, secrets]})).unwrap();
+
+        let both = evaluate(&spec, &labels("a"), &[with_rules("x", json!([configmaps, secrets]))]);
+        assert_eq!(both.kubernetes_rules.len(), 2);
+        let narrowed = evaluate(
+            &spec,
+            &labels("a"),
+            &[with_rules("x", json!([configmaps, secrets])), with_rules("y", json!([configmaps]))],
+        );
+        assert_eq!(narrowed.kubernetes_rules.len(), 1);
+        assert_eq!(narrowed.kubernetes_rules[0].resources, ["configmaps"]);
+        let none = evaluate(&spec, &labels("a"), &[with_rules("x", json!([]))]);
+        assert!(none.kubernetes_rules.is_empty());
+        assert_eq!(none.violations.len(), 2, "{:?}", none.violations);
+
+        // Narrowing the rules alone changes the digest, so live leases follow.
+        let digests = [policy_digest(&both), policy_digest(&narrowed), policy_digest(&none)];
+        assert!(digests[0] != digests[1] && digests[1] != digests[2] && digests[0] != digests[2], "{digests:?}");
+        // Without rules the digest is the document digested before rules
+        // were covered: an upgrade re-applies nothing to those leases.
+        let old = json!({"statements": none.statements, "managedPolicyArns": none.managed_policy_arns});
+        assert_eq!(digests[2], crate::cloud::naming::hex_digest(&old.to_string(), 64));
     }
 
     #[test]

@@ -671,6 +671,84 @@ async fn a_tightened_boundary_reaches_a_live_role_within_seconds() {
     wait_until("the role to be reaped", WAIT, || async { (!role_exists(&bed, &role).await).then_some(()) }).await;
 }
 
+/// The same for Kubernetes rules: a boundary that stops admitting one of a
+/// live lease's rules takes it from the running pod's ServiceAccount (its
+/// Role is rewritten), and one that admits none takes the Role and its
+/// binding away. Before, the Role kept what it was made with until the pod
+/// ended: the policy digest that makes live leases follow covered only the
+/// AWS side.
+#[tokio::test]
+async fn a_tightened_boundary_takes_kubernetes_rules_from_a_live_lease() {
+    use k8s_openapi::api::{
+        authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
+        rbac::v1::{Role, RoleBinding},
+    };
+    let _turn = controller_turn().await;
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    let mut controller = ControllerProcess::start_with(&["--cluster-name", "e2e"]);
+    let rule = |resource: &str| json!({"apiGroups": [""], "resources": [resource], "verbs": ["get"]});
+    let reader = identity(
+        "reader",
+        json!({"aws": {"statements": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::team-a-x/*"]}]},
+               "kubernetes": {"rules": [rule("configmaps"), rule("secrets")]}}),
+    );
+    let gov = governed(&bed, &webhook, "e2e-follow-rbac", json!({}), &reader).await;
+    let ns = gov.ns.name.clone();
+    controller.wait_synced().await;
+    let worker = Worker::running(&bed, &gov).await;
+    let lease_name = worker.pod.labels()["ephemera.dev/lease"].clone();
+    let account = worker.pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap();
+    let may_get = |resource: &'static str| {
+        let (client, ns, user) = (bed.client.clone(), ns.clone(), format!("system:serviceaccount:{ns}:{account}"));
+        async move {
+            let review = SubjectAccessReview {
+                spec: SubjectAccessReviewSpec {
+                    user: Some(user),
+                    resource_attributes: Some(ResourceAttributes {
+                        namespace: Some(ns),
+                        verb: Some("get".into()),
+                        resource: Some(resource.into()),
+                        ..ResourceAttributes::default()
+                    }),
+                    ..SubjectAccessReviewSpec::default()
+                },
+                ..SubjectAccessReview::default()
+            };
+            let answer = Api::<SubjectAccessReview>::all(client).create(&PostParams::default(), &review).await;
+            answer.expect("a SubjectAccessReview").status.is_some_and(|s| s.allowed)
+        }
+    };
+    assert!(may_get("configmaps").await && may_get("secrets").await, "the live lease's account holds both rules");
+
+    // The platform team stops admitting secrets.
+    let boundaries = Api::<ephemera::api::IdentityBoundary>::all(bed.client.clone());
+    let narrow = json!({"spec": {"kubernetes": {"allowedRules": [rule("configmaps")]}}});
+    boundaries.patch(gov.boundary(), &PatchParams::default(), &Patch::Merge(&narrow)).await.unwrap();
+    let tightened = Instant::now();
+    wait_until("the live account to lose secrets", WAIT, || async { (!may_get("secrets").await).then_some(()) }).await;
+    let took = tightened.elapsed();
+    assert!(may_get("configmaps").await, "the account lost the rule the boundary still admits");
+
+    // And then every rule.
+    let none = json!({"spec": {"kubernetes": {"allowedRules": []}}});
+    boundaries.patch(gov.boundary(), &PatchParams::default(), &Patch::Merge(&none)).await.unwrap();
+    let (roles, bindings) =
+        (Api::<Role>::namespaced(bed.client.clone(), &ns), Api::<RoleBinding>::namespaced(bed.client.clone(), &ns));
+    wait_until("the lease's Role and RoleBinding to go", WAIT, || async {
+        let gone =
+            roles.get_opt(&lease_name).await.ok()?.is_none() && bindings.get_opt(&lease_name).await.ok()?.is_none();
+        gone.then_some(())
+    })
+    .await;
+    assert!(!may_get("configmaps").await, "the account kept a rule no boundary admits");
+    eprintln!("boundary narrowed -> the live account lost the rule after {took:?}");
+    gov.pods.delete("worker", &kube::api::DeleteParams::default()).await.unwrap();
+    wait_until("the role to be reaped", WAIT, || async { (!role_exists(&bed, &worker.role).await).then_some(()) })
+        .await;
+}
+
 /// The commonest setup mistake on a new account, the IAM OIDC provider of
 /// the cluster's issuer missing, is named at once (not left as "waiting for
 /// IAM propagation" with pods gated forever): the lease's condition says

@@ -366,7 +366,14 @@ pub(super) async fn follow_policy(
         // (A lease made before digests were recorded adopts the current one:
         // its role was made from it.)
         ctx.cloud.provider.update_permissions(&spec).await?;
-        ensure_rbac(lease, &ctx.base.client, &rules).await?;
+        if rules.is_empty() {
+            // Every rule was taken away (from the identity, or by a
+            // boundary): the Role and its binding go, not just stay as
+            // they were.
+            remove_rbac(lease, &ctx.base.client).await?;
+        } else {
+            ensure_rbac(lease, &ctx.base.client, &rules).await?;
+        }
     }
     let note = format!(
         "the role's permissions follow WorkloadIdentity {} as its boundaries allow now (policy digest {})",
@@ -504,21 +511,9 @@ pub(super) async fn role_spec(
         max_session,
         tags,
     };
-    let rules = identity.spec.kubernetes.as_ref().map(|k| k.rules.clone()).unwrap_or_default();
     // Kubernetes rules outside a boundary are dropped, as AWS statements are.
-    let rules = rules
-        .into_iter()
-        .filter(|r| {
-            governing.iter().all(|b| {
-                crate::policy::rule_admitted(
-                    r,
-                    b.spec.kubernetes.as_ref().map(|k| k.allowed_rules.as_slice()).unwrap_or_default(),
-                )
-            })
-        })
-        .collect();
-    let digest =
-        digest_of(identity).map_or_else(|| policy_digest(&eval.statements, &eval.managed_policy_arns), str::to_owned);
+    let digest = digest_of(identity).map_or_else(|| policy_digest(&eval), str::to_owned);
+    let rules = eval.kubernetes_rules;
     Ok((spec, rules, digest))
 }
 
@@ -582,6 +577,14 @@ pub(super) async fn ensure_rbac(
         .await
         .map_err(Error::kube(format!("applying RoleBinding {namespace}/{name}")))?;
     Ok(())
+}
+
+/// Deletes the lease's RoleBinding and Role, if it has them (owned by the
+/// lease: checked by uid before each delete).
+pub(super) async fn remove_rbac(lease: &IdentityLease, client: &Client) -> Result<()> {
+    let name = lease.name_any();
+    super::reap::delete_if_owned::<RoleBinding>(client, lease, &name, false).await?;
+    super::reap::delete_if_owned::<Role>(client, lease, &name, false).await
 }
 
 /// A short-lived token of the pod's ServiceAccount, as the kubelet projects it.

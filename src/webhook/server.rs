@@ -417,7 +417,51 @@ async fn escalation(
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// Whatever a verdict holds, the hand-written answer is JSON that
+        /// says exactly that: the strings as they were, the patch's bytes
+        /// back from base64.
+        #[test]
+        fn any_verdict_is_answered_as_what_it_says(
+            api_version in ".{0,20}",
+            uid in ".{0,40}",
+            allowed in any::<bool>(),
+            reason in ".{0,60}",
+            patch in prop::option::of(prop::collection::vec(any::<u8>(), 0..200)),
+            warnings in prop::collection::vec(".{0,30}", 0..3),
+        ) {
+            let verdict = Verdict { allowed, reason: Some(reason.clone()), patch: patch.clone(), warnings: warnings.clone() };
+            let body = super::answer(&api_version, &uid, &verdict).unwrap();
+            let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            prop_assert_eq!(&parsed["apiVersion"], &serde_json::json!(api_version));
+            prop_assert_eq!(&parsed["kind"], "AdmissionReview");
+            let response = &parsed["response"];
+            prop_assert_eq!(&response["uid"], &serde_json::json!(uid));
+            prop_assert_eq!(&response["allowed"], &serde_json::json!(allowed));
+            if allowed {
+                prop_assert!(response.get("status").is_none());
+            } else {
+                prop_assert_eq!(&response["status"], &serde_json::json!({"code": 403, "message": reason}));
+            }
+            match &patch {
+                Some(bytes) => {
+                    let encoded = response["patch"].as_str().unwrap();
+                    prop_assert_eq!(&base64::engine::general_purpose::STANDARD.decode(encoded).unwrap(), bytes);
+                    prop_assert_eq!(&response["patchType"], "JSONPatch");
+                }
+                None => prop_assert!(response.get("patch").is_none() && response.get("patchType").is_none()),
+            }
+            if warnings.is_empty() {
+                prop_assert!(response.get("warnings").is_none());
+            } else {
+                prop_assert_eq!(&response["warnings"], &serde_json::json!(warnings));
+            }
+        }
+    }
 
     #[test]
     fn a_namespaces_leases_are_looked_up_in_the_cache_by_name() {

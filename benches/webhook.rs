@@ -116,6 +116,7 @@ fn stores() -> Stores {
         boundaries: filled(vec![boundary]),
         identities: filled(vec![identity]),
         leases: filled(vec![]),
+        lease_counts: Arc::default(),
     }
 }
 

@@ -26,7 +26,7 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt, reflector, watcher},
@@ -252,7 +252,12 @@ fn start_stores(client: &Client) -> (Stores, impl Future<Output = ()> + use<>) {
     let ns = reflector(ns_writer, watcher(Api::all(client.clone()), cfg())).default_backoff().touched_objects();
     let b = reflector(b_writer, watcher(Api::all(client.clone()), cfg())).default_backoff().touched_objects();
     let i = reflector(i_writer, watcher(Api::all(client.clone()), cfg())).default_backoff().touched_objects();
-    let l = reflector(l_writer, watcher(Api::all(client.clone()), cfg())).default_backoff().touched_objects();
+    let lease_counts = Arc::new(server::LeaseCounts::default());
+    let l = {
+        let (counts, store) = (lease_counts.clone(), leases.clone());
+        let events = watcher(Api::all(client.clone()), cfg()).inspect_ok(move |event| counts.observe(event, &store));
+        reflector(l_writer, events).default_backoff().touched_objects()
+    };
     let drive = async move {
         tokio::join!(
             drain_watch("Namespace", ns),
@@ -261,7 +266,7 @@ fn start_stores(client: &Client) -> (Stores, impl Future<Output = ()> + use<>) {
             drain_watch("IdentityLease", l),
         );
     };
-    (Stores { namespaces, boundaries, identities, leases }, drive)
+    (Stores { namespaces, boundaries, identities, leases, lease_counts }, drive)
 }
 
 /// Polls a reflector's stream (which fills its store) until it ends.

@@ -69,6 +69,69 @@ pub struct Stores {
     pub identities: Store<WorkloadIdentity>,
     /// Every `IdentityLease`.
     pub leases: Store<IdentityLease>,
+    /// How many of them each namespace holds (kept from the same watch).
+    pub lease_counts: Arc<LeaseCounts>,
+}
+
+/// How many `IdentityLease`s each namespace holds, kept up to date from the
+/// lease watch as it fills [`Stores::leases`], so that a boundary's
+/// `maxLeases` costs admission one map read instead of a scan of every
+/// lease in the cluster.
+///
+/// [`LeaseCounts::observe`] sees each event just before the store applies
+/// it: an object the store does not hold yet is new, one it holds that is
+/// deleted is gone. A relist (`Init` .. `InitDone`) counts afresh and takes
+/// the place of the old counts when the store swaps its contents.
+#[derive(Debug, Default)]
+pub struct LeaseCounts {
+    counts: std::sync::Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    live: std::collections::HashMap<String, usize>,
+    relisting: Option<std::collections::HashMap<String, usize>>,
+}
+
+impl LeaseCounts {
+    /// Leases of `namespace`.
+    #[must_use]
+    pub fn of(&self, namespace: &str) -> usize {
+        self.lock().live.get(namespace).copied().unwrap_or(0)
+    }
+
+    /// Counts `event`, before `store` applies it.
+    pub fn observe(&self, event: &kube::runtime::watcher::Event<IdentityLease>, store: &Store<IdentityLease>) {
+        use kube::runtime::watcher::Event;
+        let namespace = |lease: &IdentityLease| lease.metadata.namespace.clone().unwrap_or_default();
+        let mut counts = self.lock();
+        match event {
+            Event::Apply(lease) if store.get(&ObjectRef::from_obj(lease)).is_none() => {
+                *counts.live.entry(namespace(lease)).or_default() += 1;
+            }
+            Event::Delete(lease) if store.get(&ObjectRef::from_obj(lease)).is_some() => {
+                let key = namespace(lease);
+                if let Some(n) = counts.live.get_mut(&key) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        counts.live.remove(&key);
+                    }
+                }
+            }
+            Event::Apply(_) | Event::Delete(_) => {}
+            Event::Init => counts.relisting = Some(std::collections::HashMap::new()),
+            Event::InitApply(lease) => {
+                *counts.relisting.get_or_insert_with(Default::default).entry(namespace(lease)).or_default() += 1;
+            }
+            Event::InitDone => {
+                counts.live = counts.relisting.take().unwrap_or_default();
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// The webhook's routes.
@@ -266,7 +329,8 @@ async fn admit_pod(state: &AppState, req: Request<'_>) -> Verdict {
         .into_iter()
         .filter(|wi| wi.metadata.namespace.as_deref() == Some(namespace.as_str()))
         .collect();
-    let leases = CachedLeases { store: &state.stores.leases, namespace: &namespace };
+    let leases =
+        CachedLeases { store: &state.stores.leases, counts: &state.stores.lease_counts, namespace: &namespace };
     let env = pods::Environment {
         request_uid: &req.uid,
         namespace: &namespace,
@@ -334,6 +398,7 @@ async fn admit_pod(state: &AppState, req: Request<'_>) -> Verdict {
 #[derive(Debug)]
 struct CachedLeases<'a> {
     store: &'a Store<IdentityLease>,
+    counts: &'a LeaseCounts,
     namespace: &'a str,
 }
 
@@ -343,7 +408,7 @@ impl pods::NamespaceLeases for CachedLeases<'_> {
     }
 
     fn count(&self) -> usize {
-        self.store.state().iter().filter(|l| l.metadata.namespace.as_deref() == Some(self.namespace)).count()
+        self.counts.of(self.namespace)
     }
 }
 
@@ -463,27 +528,75 @@ mod tests {
         }
     }
 
+    fn lease(namespace: &str, name: &str) -> IdentityLease {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"holder": {"kind": "Pod", "name": name}, "workloadIdentity": "report",
+                     "serviceAccount": name, "expiresAt": "2026-12-06T10:00:00Z"},
+        }))
+        .unwrap()
+    }
+
     #[test]
     fn a_namespaces_leases_are_looked_up_in_the_cache_by_name() {
         use pods::NamespaceLeases;
         let (store, mut writer) = kube::runtime::reflector::store::<IdentityLease>();
-        let lease = |namespace: &str, name: &str| -> IdentityLease {
-            serde_json::from_value(serde_json::json!({
-                "apiVersion": "ephemera.dev/v1alpha1", "kind": "IdentityLease",
-                "metadata": {"name": name, "namespace": namespace},
-                "spec": {"holder": {"kind": "Pod", "name": name}, "workloadIdentity": "report",
-                         "serviceAccount": name, "expiresAt": "2026-12-06T10:00:00Z"},
-            }))
-            .unwrap()
-        };
+        let counts = LeaseCounts::default();
         for (ns, name) in [("team-a", "one"), ("team-a", "two"), ("team-b", "three")] {
-            writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(lease(ns, name)));
+            let event = kube::runtime::watcher::Event::Apply(lease(ns, name));
+            counts.observe(&event, &store);
+            writer.apply_watcher_event(&event);
         }
-        let team_a = CachedLeases { store: &store, namespace: "team-a" };
+        let team_a = CachedLeases { store: &store, counts: &counts, namespace: "team-a" };
         assert!(team_a.contains("one") && team_a.contains("two"));
         assert!(!team_a.contains("three"), "another namespace's lease is not this one's");
         assert_eq!(team_a.count(), 2);
-        assert_eq!(CachedLeases { store: &store, namespace: "team-c" }.count(), 0);
+        assert_eq!(CachedLeases { store: &store, counts: &counts, namespace: "team-c" }.count(), 0);
+    }
+
+    /// A watch event: 0-2 apply, 3 delete, 4 a relist of the listed leases.
+    fn watch_step() -> impl Strategy<Value = (u8, Vec<(u8, u8)>)> {
+        (0u8..5, prop::collection::vec((0u8..3, 0u8..4), 0..6))
+    }
+
+    proptest! {
+        /// The counts kept from the watch are what scanning the store says,
+        /// after every event of any sequence (updates, deletes of leases
+        /// never seen, relists that drop and add).
+        #[test]
+        fn lease_counts_kept_from_the_watch_match_a_scan(steps in prop::collection::vec(watch_step(), 1..40)) {
+            use kube::runtime::watcher::Event;
+            let (store, mut writer) = kube::runtime::reflector::store::<IdentityLease>();
+            let counts = LeaseCounts::default();
+            let name = |(ns, n): (u8, u8)| lease(&format!("ns-{ns}"), &format!("l-{n}"));
+            let mut apply = |event: Event<IdentityLease>| {
+                counts.observe(&event, &store);
+                writer.apply_watcher_event(&event);
+            };
+            for (kind, leases) in steps {
+                match kind {
+                    0..=2 => leases.iter().for_each(|l| apply(Event::Apply(name(*l)))),
+                    3 => leases.iter().for_each(|l| apply(Event::Delete(name(*l)))),
+                    _ => {
+                        apply(Event::Init);
+                        let mut listed = leases.clone();
+                        listed.sort_unstable();
+                        listed.dedup();
+                        for l in listed {
+                            apply(Event::InitApply(name(l)));
+                        }
+                        apply(Event::InitDone);
+                    }
+                }
+                for ns in 0..3 {
+                    let ns = format!("ns-{ns}");
+                    let scanned =
+                        store.state().iter().filter(|l| l.metadata.namespace.as_deref() == Some(ns.as_str())).count();
+                    prop_assert_eq!(counts.of(&ns), scanned, "namespace {}", ns);
+                }
+            }
+        }
     }
 
     #[test]

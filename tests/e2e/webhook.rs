@@ -240,6 +240,47 @@ async fn pods_get_their_own_identity_and_lose_the_default_token() {
     assert_eq!(untouched.spec.unwrap().automount_service_account_token, None);
 }
 
+/// A boundary's `maxLeases` refuses the pod that would make one lease too
+/// many, naming the field, and admits again once a lease is gone: the
+/// webhook counts each namespace's leases from its lease watch (an
+/// admission reads one number, not every lease in the cluster).
+#[tokio::test]
+async fn max_leases_refuses_one_lease_too_many_and_frees_up_when_one_goes() {
+    let bed = TestBed::connect().await;
+    ensure_crds(&bed.client).await;
+    let webhook = Webhook::start(&bed.client).await;
+    let ns = bed.namespace("e2e-webhook-quota").await;
+    let team = unique_name("team");
+    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
+    let _boundary = boundary(&bed.client, &team, json!({"maxLeases": 2})).await;
+    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
+        .create(&PostParams::default(), &identity("capped", json!({})))
+        .await
+        .expect("create the identity");
+    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    let labelled = |name: &str| pod(json!({"name": name, "labels": {"ephemera.dev/identity": "capped"}}));
+    admitted_with_identity(&pods, &labelled("one")).await;
+    pods.create(&PostParams::default(), &labelled("two")).await.expect("the second lease is within maxLeases");
+    // The webhook learns of leases from its watch (milliseconds); give it
+    // ample time before asking for a third.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let refused = pods.create(&PostParams::default(), &labelled("three")).await.expect_err("a third lease");
+    let message = refused.to_string();
+    assert!(message.contains("holds 2 IdentityLeases") && message.contains("spec.maxLeases"), "{message}");
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name);
+    assert_eq!(leases.list(&ListParams::default()).await.unwrap().items.len(), 2, "the refused pod made no lease");
+
+    // One lease goes (no controller runs here: its finalizer is taken off by hand).
+    let two = pods.get("two").await.unwrap().labels()["ephemera.dev/lease"].clone();
+    let no_finalizer = json!({"metadata": {"finalizers": null}});
+    leases.patch(&two, &PatchParams::default(), &Patch::Merge(&no_finalizer)).await.unwrap();
+    leases.delete(&two, &kube::api::DeleteParams::default()).await.unwrap();
+    wait_until("the webhook to admit a pod again", WAIT, || async {
+        pods.create(&PostParams::default(), &labelled("three")).await.ok()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn pods_of_one_job_run_share_one_identity() {
     let bed = TestBed::connect().await;

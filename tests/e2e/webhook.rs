@@ -249,15 +249,9 @@ async fn max_leases_refuses_one_lease_too_many_and_frees_up_when_one_goes() {
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;
     let webhook = Webhook::start(&bed.client).await;
-    let ns = bed.namespace("e2e-webhook-quota").await;
-    let team = unique_name("team");
-    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
-    let _boundary = boundary(&bed.client, &team, json!({"maxLeases": 2})).await;
-    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
-        .create(&PostParams::default(), &identity("capped", json!({})))
-        .await
-        .expect("create the identity");
-    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    let gov =
+        governed(&bed, &webhook, "e2e-webhook-quota", json!({"maxLeases": 2}), &identity("capped", json!({}))).await;
+    let pods = gov.pods.clone();
     let labelled = |name: &str| pod(json!({"name": name, "labels": {"ephemera.dev/identity": "capped"}}));
     admitted_with_identity(&pods, &labelled("one")).await;
     pods.create(&PostParams::default(), &labelled("two")).await.expect("the second lease is within maxLeases");
@@ -267,7 +261,7 @@ async fn max_leases_refuses_one_lease_too_many_and_frees_up_when_one_goes() {
     let refused = pods.create(&PostParams::default(), &labelled("three")).await.expect_err("a third lease");
     let message = refused.to_string();
     assert!(message.contains("holds 2 IdentityLeases") && message.contains("spec.maxLeases"), "{message}");
-    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &ns.name);
+    let leases = Api::<IdentityLease>::namespaced(bed.client.clone(), &gov.ns.name);
     assert_eq!(leases.list(&ListParams::default()).await.unwrap().items.len(), 2, "the refused pod made no lease");
 
     // One lease goes (no controller runs here: its finalizer is taken off by hand).
@@ -286,17 +280,11 @@ async fn pods_of_one_job_run_share_one_identity() {
     let bed = TestBed::connect().await;
     ensure_crds(&bed.client).await;
     let webhook = Webhook::start(&bed.client).await;
-    let ns = bed.namespace("e2e-webhook-job").await;
-    let team = unique_name("team");
-    webhook.watch_namespace(&bed.client, &ns.name, json!({"e2e-team": team})).await;
-    let _boundary = boundary(&bed.client, &team, json!({})).await;
-    Api::<WorkloadIdentity>::namespaced(bed.client.clone(), &ns.name)
-        .create(&PostParams::default(), &identity("batch", json!({"scope": "Job"})))
-        .await
-        .expect("create the identity");
+    let gov = governed(&bed, &webhook, "e2e-webhook-job", json!({}), &identity("batch", json!({"scope": "Job"}))).await;
+    let ns = &gov.ns;
     // The webhook's cache must know the identity before the Job controller
     // makes pods: wait for a labelled probe pod to be mutated.
-    let pods = Api::<Pod>::namespaced(bed.client.clone(), &ns.name);
+    let pods = gov.pods.clone();
     let probe =
         admitted_with_identity(&pods, &pod(json!({"name": "probe", "labels": {"ephemera.dev/identity": "batch"}})))
             .await;
